@@ -1,0 +1,205 @@
+"""One error tree for the whole gateway.
+
+Every error knows its stable machine ``code``, its HTTP status and its JSON-RPC error code,
+and carries a human ``message`` that says what was wrong and a ``hint`` that says what to do.
+They are mapped to responses in exactly one place per surface (``gateway.proxy`` for MCP
+traffic, ``gateway.service_api`` for the HTTP APIs) and to one line by the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+# JSON-RPC 2.0 codes
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Gateway codes (documented in the README)
+UNAUTHORIZED = -32001
+FORBIDDEN = -32003
+UPSTREAM_FAILED = -32010
+HEADER_MISMATCH = -32020
+PAYMENT_REQUIRED = -32402  # as in the draft MCP payment proposal
+
+
+class GatewayError(Exception):
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    jsonrpc_code: ClassVar[int] = INTERNAL_ERROR
+    default_hint: ClassVar[str] = ""
+
+    def __init__(self, message: str, *, hint: str | None = None, data: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+        self.data: dict[str, Any] = data or {}
+
+    def text(self) -> str:
+        """The message and the hint as one sentence pair, for error bodies and the CLI."""
+        return f"{self.message}. {self.hint}" if self.hint else self.message
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.hint:
+            body["hint"] = self.hint
+        if self.data:
+            body["details"] = self.data
+        return body
+
+
+# --- operator / configuration ---------------------------------------------------------------
+class ConfigError(GatewayError):
+    code = "config_error"
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None):
+        where = file or ""
+        if file and line:
+            where = f"{file}:{line}"
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file = file
+        self.line = line
+
+
+class InvalidInput(GatewayError):
+    code = "invalid_input"
+    http_status = 400
+    jsonrpc_code = INVALID_PARAMS
+
+
+class NotFound(GatewayError):
+    code = "not_found"
+    http_status = 404
+    jsonrpc_code = INVALID_PARAMS
+
+
+class AlreadyExists(GatewayError):
+    code = "already_exists"
+    http_status = 409
+
+
+class Conflict(GatewayError):
+    code = "conflict"
+    http_status = 409
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+    default_hint = "Use a new idempotency key for a different request"
+
+
+# --- MCP transport --------------------------------------------------------------------------
+class BadRequest(GatewayError):
+    code = "bad_request"
+    http_status = 400
+    jsonrpc_code = INVALID_REQUEST
+
+
+class ParseError(BadRequest):
+    code = "parse_error"
+    jsonrpc_code = PARSE_ERROR
+    default_hint = "Send a JSON-RPC 2.0 message as UTF-8 JSON"
+
+
+class HeaderMismatch(BadRequest):
+    code = "header_mismatch"
+    jsonrpc_code = HEADER_MISMATCH
+
+
+class BodyTooLarge(GatewayError):
+    code = "body_too_large"
+    http_status = 413
+    jsonrpc_code = INVALID_REQUEST
+
+
+class UnknownServer(GatewayError):
+    # 404 on an unknown path is what any HTTP server says; the body explains it.
+    code = "unknown_server"
+    http_status = 404
+    jsonrpc_code = INVALID_REQUEST
+    default_hint = "Check the gateway URL: servers are reached at /<server>/mcp"
+
+
+class OriginForbidden(GatewayError):
+    code = "origin_forbidden"
+    http_status = 403
+    jsonrpc_code = FORBIDDEN
+
+
+# --- authentication -------------------------------------------------------------------------
+class AuthError(GatewayError):
+    code = "unauthorized"
+    http_status = 401
+    jsonrpc_code = UNAUTHORIZED
+    default_hint = (
+        "Send your AgentPay API key as 'Authorization: Bearer ap_...' or 'X-API-Key'; "
+        "ask the gateway operator for a key for this server"
+    )
+
+
+class MissingKey(AuthError):
+    code = "missing_key"
+
+
+class InvalidKey(AuthError):
+    code = "invalid_key"
+
+
+class ExpiredKey(AuthError):
+    code = "expired_key"
+    default_hint = "Ask the gateway operator for a new key"
+
+
+class RevokedKey(AuthError):
+    code = "revoked_key"
+    default_hint = "This key was revoked; ask the gateway operator for a new key"
+
+
+class WrongServer(AuthError):
+    code = "wrong_server"
+    http_status = 403
+    jsonrpc_code = FORBIDDEN
+    default_hint = "Each API key works for one server only; use the key issued for this server"
+
+
+class Forbidden(GatewayError):
+    code = "forbidden"
+    http_status = 403
+    jsonrpc_code = FORBIDDEN
+
+
+# --- money ----------------------------------------------------------------------------------
+class PaymentRequired(GatewayError):
+    code = "payment_required"
+    http_status = 402
+    jsonrpc_code = PAYMENT_REQUIRED
+    default_hint = "Ask the gateway operator to top up your AgentPay balance"
+
+
+class InsufficientFunds(PaymentRequired):
+    code = "insufficient_funds"
+
+
+class SpendLimitReached(PaymentRequired):
+    code = "spend_limit_reached"
+    default_hint = "This key reached its spending limit; ask the gateway operator to raise it or issue a new key"
+
+
+# --- upstream -------------------------------------------------------------------------------
+class UpstreamError(GatewayError):
+    code = "upstream_unavailable"
+    http_status = 502
+    jsonrpc_code = UPSTREAM_FAILED
+    default_hint = "Nothing was charged; try again later or tell the server's developer"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "upstream_timeout"
+    http_status = 504
+
+
+class Unavailable(GatewayError):
+    code = "unavailable"
+    http_status = 503
+    default_hint = "The gateway is shutting down or not ready; retry shortly"

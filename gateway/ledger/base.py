@@ -1,0 +1,230 @@
+"""The ledger interface: every store (SQLite, PostgreSQL) implements ``Ledger``.
+
+All amounts are integers in millicents (see ``gateway.money``). Balances are the sum of an
+account's postings; every transfer's postings sum to zero.
+
+Accounts and sign convention (balance = sum of postings):
+  user             money the user can spend (top-ups credit it, charges debit it); never below held
+  developer        earnings not yet paid out (charges credit it, payouts debit it)
+  world            the outside world: top-ups debit it, settled payouts credit it (may be negative)
+  platform_fee     the operator's fee income
+  payout_clearing  earnings on their way out (pending payouts)
+
+A *hold* is a pending two-phase transfer keyed by a ``call_id``: it reserves ``amount`` of the
+user's available balance (and of the key's spending cap) until it is captured (posted as a
+charge transfer) or voided. Holds are leases owned by one gateway process (``owner``) that renews
+them while the call runs; the sweeper voids holds whose lease has lapsed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class AccountKind(enum.StrEnum):
+    USER = "user"
+    DEVELOPER = "developer"
+    WORLD = "world"
+    PLATFORM_FEE = "platform_fee"
+    PAYOUT_CLEARING = "payout_clearing"
+
+
+class HoldState(enum.StrEnum):
+    PENDING = "pending"
+    CAPTURED = "captured"
+    VOIDED = "voided"
+
+
+class HoldStatus(enum.StrEnum):
+    OK = "ok"
+    REPLAYED = "replayed"  # a hold with this call_id already exists; nothing new reserved
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    SPEND_LIMIT = "spend_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    kind: AccountKind
+    name: str
+    balance: int
+    held: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str  # public identifier, e.g. "key_3f9a..."
+    user: str
+    server: str
+    prefix: str  # the first characters of the secret, safe to show ("ap_3xK9q2")
+    created_at: float  # unix seconds
+    expires_at: float | None
+    revoked_at: float | None
+    spend_limit: int | None  # millicents; None = unlimited
+    spent: int  # millicents captured through this key, net of refunds
+    held: int  # millicents in pending holds through this key
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    call_id: str  # unique per call; a second hold with the same id is a replay
+    key_id: str | None  # None for holds not tied to a key (never in this issue)
+    user: str
+    developer: str
+    server: str
+    method: str  # "tools/call" | "resources/read" | "prompts/get" | "service"
+    name: str  # tool name, resource URI or prompt name (or feature for the service API)
+    amount: int  # millicents, > 0
+    fee: int  # platform fee part of amount, 0 <= fee <= amount
+    lease_s: float  # lease length; renewed by ``renew``
+    owner: str  # id of the gateway process holding the lease
+
+
+@dataclass(frozen=True, slots=True)
+class HoldOutcome:
+    status: HoldStatus
+    available: int  # user's available balance after the hold (or now, if refused)
+    spend_remaining: int | None = None  # key's remaining cap after the hold (None = no cap)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (HoldStatus.OK, HoldStatus.REPLAYED)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    id: str  # transfer id of the capture, e.g. "ch_..."; what receipts and refunds name
+    call_id: str
+    user: str
+    developer: str
+    server: str
+    method: str
+    name: str
+    amount: int
+    fee: int
+    refunded: int
+    created_at: float
+    balance_after: int  # user's available balance right after the capture
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    id: str
+    kind: str  # topup | charge | refund | payout | payout_settle | payout_fail
+    amount: int
+    reference: str | None
+    created_at: float
+    replayed: bool = False  # True when an idempotent call returned an earlier transfer
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    user: str
+    balance: int
+    held: int
+    available: int
+    keys: list[KeyRecord] = field(default_factory=list)
+    recent_charges: list[Charge] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    user: str
+    server: str
+    method: str
+    name: str
+    calls: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Earnings:
+    developer: str
+    earnings: int  # current balance of the developer account (not yet paid out)
+    lifetime: int  # everything ever credited by charges, net of refunds
+
+
+class Ledger(Protocol):
+    """What every ledger store provides. Methods raise ``gateway.errors`` types."""
+
+    async def open(self) -> None:
+        """Connect, create the schema / apply migrations, create system accounts."""
+
+    async def close(self) -> None: ...
+
+    # accounts
+    async def create_user(self, name: str) -> Account:
+        """Raises AlreadyExists."""
+
+    async def create_developer(self, name: str) -> Account:
+        """Raises AlreadyExists."""
+
+    async def get_account(self, kind: AccountKind, name: str) -> Account:
+        """Raises NotFound."""
+
+    async def developer_names(self) -> set[str]: ...
+
+    async def topup(self, user: str, amount: int, reference: str | None = None) -> Transfer:
+        """Credit a user from the world account. A repeated non-None reference returns the original
+        transfer with ``replayed=True``; the same reference for another user/amount raises
+        IdempotencyConflict. Raises NotFound for an unknown user, InvalidInput for amount <= 0."""
+
+    # keys
+    async def create_key(
+        self,
+        *,
+        user: str,
+        server: str,
+        key_hash: str,
+        prefix: str,
+        expires_at: float | None,
+        spend_limit: int | None,
+    ) -> KeyRecord: ...
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None: ...
+
+    async def list_keys(self, user: str | None = None) -> list[KeyRecord]: ...
+
+    async def revoke_key(self, id_or_prefix: str) -> KeyRecord:
+        """Raises NotFound, or InvalidInput when a prefix matches several keys."""
+
+    async def revoked_since(self, since: float) -> list[str]:
+        """Ids of keys revoked at or after ``since`` (for cache invalidation)."""
+
+    # two-phase money movement
+    async def hold(self, req: HoldRequest) -> HoldOutcome:
+        """Reserve ``req.amount``: in one transaction, guarded by the database, so concurrent holds
+        can never make available balance (or the key's remaining cap) negative."""
+
+    async def capture(self, call_id: str, amount: int | None = None) -> Charge:
+        """Post a pending hold as a charge (user -amount, developer +amount-fee, platform +fee) and
+        release the rest of the hold. Idempotent: capturing a captured hold returns the same Charge.
+        Raises NotFound for an unknown call_id, Conflict if the hold was voided,
+        InvalidInput if amount > held amount."""
+
+    async def void(self, call_id: str) -> bool:
+        """Release a pending hold. Returns False if it was not pending (already captured/voided)."""
+
+    async def renew(self, call_ids: Sequence[str], lease_s: float) -> None:
+        """Extend the lease of these pending holds to now + lease_s."""
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Void every pending hold whose lease has lapsed; returns how many."""
+
+    # reporting
+    async def user_summary(self, user: str, recent: int = 10) -> UserSummary: ...
+
+    async def usage(self, user: str | None = None, server: str | None = None) -> list[UsageRow]: ...
+
+    async def earnings(self, developer: str) -> Earnings: ...
+
+    async def verify(self) -> list[str]:
+        """Check every invariant on one consistent snapshot; return human-readable violations
+        (empty list = clean)."""
