@@ -26,10 +26,8 @@ def parse_cents(value: object, *, allow_negative: bool = False) -> int:
     >>> parse_cents(5)
     5000
     """
-    if isinstance(value, bool) or isinstance(value, float):
-        raise AmountError(
-            f"amount {value!r} must be written as an exact decimal (e.g. \"0.25\"), not a float"
-        )
+    if isinstance(value, (bool, float)):
+        raise AmountError(f'amount {value!r} must be written as an exact decimal (e.g. "0.25"), not a float')
     if isinstance(value, int):
         text = str(value)
     elif isinstance(value, Decimal):

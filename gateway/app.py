@@ -1,0 +1,206 @@
+"""Wiring: build the aiohttp application from a config. No logic of its own beyond lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway import jsonrpc, proxy
+from gateway.auth import Authenticator
+from gateway.billing import Billing, spawn
+from gateway.config import GatewayConfig
+from gateway.errors import AuthError, ConfigError, GatewayError, MissingKey
+from gateway.ledger import open_ledger
+from gateway.ledger.base import Ledger
+from gateway.metrics import Metrics
+from gateway.reload import PriceBook
+from gateway.routing import redact_path
+from gateway.runtime import RUNTIME, Runtime
+from gateway.upstream import new_session
+
+log = structlog.get_logger("gateway")
+_KNOWN_METHODS = frozenset(
+    {
+        "initialize",
+        "server/discover",
+        "tools/call",
+        "tools/list",
+        "resources/read",
+        "resources/list",
+        "prompts/get",
+        "prompts/list",
+        "ping",
+        "batch",
+        "GET",
+        "DELETE",
+        "notifications/initialized",
+    }
+)
+
+
+def error_response(exc: GatewayError, request_id: jsonrpc.RequestId | None = None) -> web.Response:
+    """The one mapping from a GatewayError to an HTTP response on MCP endpoints."""
+    data = {"code": exc.code, **exc.data}
+    if exc.hint:
+        data["hint"] = exc.hint
+    body = jsonrpc.error_body(request_id, exc.jsonrpc_code, exc.text(), data)
+    headers = {}
+    if isinstance(exc, AuthError) and exc.http_status == 401:
+        if isinstance(exc, MissingKey):
+            headers["WWW-Authenticate"] = 'Bearer realm="agentpay"'
+        else:
+            headers["WWW-Authenticate"] = 'Bearer realm="agentpay", error="invalid_token"'
+    return web.Response(
+        body=jsonrpc.dumps(body), status=exc.http_status, content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def canonical_log(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """One structured line per request, and GatewayError → response in one place."""
+    fields: dict[str, Any] = {"http": request.method, "path": redact_path(request.rel_url.raw_path)}
+    request[proxy.LOG_FIELDS] = fields
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except GatewayError as exc:
+        fields["error"] = exc.code
+        fields.setdefault("outcome", "error")
+        response = error_response(exc, fields.get("rpc_id"))
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        fields["outcome"] = "client_gone"
+        status = 499
+        raise
+    finally:
+        fields["status"] = status
+        fields["ms"] = round((time.perf_counter() - started) * 1000, 2)
+        rt = request.app[RUNTIME]
+        if "server" in fields:
+            method = fields.get("method", request.method)
+            rt.metrics.requests.labels(
+                server=fields["server"],
+                method=method if method in _KNOWN_METHODS else "other",
+                outcome=fields.get("outcome", "error"),
+            ).inc()
+        log.info("request", **fields)
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"error": "not_found", "message": "This gateway does not offer OAuth; send your API key as a header"},
+        status=404,
+    )
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if rt.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready", "prices": rt.prices.table.digest})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    rt.metrics.set_price_digest(rt.prices.table.digest)
+    body = rt.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def check_owners(config: GatewayConfig, ledger: Ledger) -> None:
+    """Every server's owner must exist as a developer account before the gateway serves."""
+    known = await ledger.developer_names()
+    for server in config.servers.values():
+        if server.owner not in known:
+            raise ConfigError(
+                f"server {server.name!r}: owner {server.owner!r} does not exist; "
+                f"create it with `agentpay developers create {server.owner}`",
+                file=str(config.path),
+            )
+
+
+def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Application:
+    """The gateway application. The ledger is opened (and closed) with the app."""
+    app = web.Application(middlewares=[canonical_log], client_max_size=config.max_body_bytes)
+    the_ledger = ledger if ledger is not None else open_ledger(config.database)
+    metrics = Metrics()
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    billing = Billing(the_ledger, owner=owner, lease_s=config.hold_lease_s, sweep_interval_s=config.sweep_interval_s)
+    rt = Runtime(
+        config=config,
+        ledger=the_ledger,
+        prices=PriceBook(config.prices_path, config.servers.keys()),
+        billing=billing,
+        auth=Authenticator(the_ledger, cache_s=config.key_cache_s),
+        metrics=metrics,
+    )
+    metrics.track_pending(lambda: billing.inflight)
+    app[RUNTIME] = rt
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_start_draining)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_route("*", "/.well-known/{tail:.*}", _not_found)
+    app.router.add_route("*", "/register", _not_found)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+async def _start_draining(app: web.Application) -> None:
+    app[RUNTIME].draining = True
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    rt = app[RUNTIME]
+    config = rt.config
+    await rt.ledger.open()
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        await check_owners(config, rt.ledger)
+        for server in config.servers.values():
+            if server.upstream is not None:
+                rt.upstreams[server.name] = new_session(
+                    connect_timeout_s=server.connect_timeout_s, max_connections=server.max_connections
+                )
+        spawn(rt.prices.watch(), tasks)
+        spawn(rt.billing.renew_forever(), tasks)
+        spawn(rt.billing.sweep_forever(), tasks)
+        loop = asyncio.get_running_loop()
+        rt.prices.install_sighup(loop)
+        yield
+        rt.prices.remove_sighup(loop)
+    finally:
+        rt.draining = True
+        try:
+            async with asyncio.timeout(config.drain_grace_s):
+                await rt.billing.wait_settled()
+        except TimeoutError:
+            log.warning("drain_timeout", pending=rt.billing.inflight)
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for session in rt.upstreams.values():
+            await session.close()
+        await rt.ledger.close()

@@ -1,0 +1,165 @@
+"""The operator CLI: `agentpay [--config PATH] COMMAND ... [--json]`.
+
+Every command is a thin wrapper over ``gateway.operations``; errors are one line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import GatewayError
+from gateway.ledger import open_ledger
+from gateway.operations import Operations
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    default: Any = None if top else argparse.SUPPRESS
+    parser.add_argument(
+        "--config",
+        default=default,
+        help=f"gateway config file (default: $AGENTPAY_CONFIG, else ./{DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=False if top else argparse.SUPPRESS, help="print one JSON document"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentpay", description="AgentPay: the payments gateway for MCP servers")
+    _common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, parent: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        _common(sub, top=False)
+        return sub
+
+    command("serve", "run the gateway")
+    demo = command("demo", "run the gateway in front of a built-in demo MCP server, with a ready user and key")
+    demo.add_argument("--upstream-port", type=int, default=9000)
+    command("check-config", "validate the config and price table; exit non-zero on any problem")
+
+    developers = command("developers", "developer accounts").add_subparsers(dest="action", required=True)
+    command("create", "create a developer account", developers).add_argument("name")
+
+    users = command("users", "user accounts").add_subparsers(dest="action", required=True)
+    create = command("create", "create a user", users)
+    create.add_argument("name")
+    create.add_argument("--balance-cents", help="initial balance in cents, e.g. 500 or 2.5")
+    topup = command("topup", "add money to a user's balance", users)
+    topup.add_argument("name")
+    topup.add_argument("cents", help="amount in cents, e.g. 500 or 2.5")
+    topup.add_argument("--reference", help="idempotency reference: a repeated reference is applied once")
+    command("show", "a user's balance, keys and recent charges", users).add_argument("name")
+
+    keys = command("keys", "API keys").add_subparsers(dest="action", required=True)
+    kcreate = command("create", "issue an API key for one user and one server (shown once)", keys)
+    kcreate.add_argument("--user", required=True)
+    kcreate.add_argument("--server", required=True)
+    kcreate.add_argument("--expires", help="a duration (30d, 12h) or an ISO date")
+    kcreate.add_argument("--spend-limit-cents", help="most this key may ever spend, in cents")
+    command("list", "list keys (prefixes only)", keys).add_argument("--user")
+    command("revoke", "revoke a key by id or unique prefix", keys).add_argument("id_or_prefix")
+
+    usage = command("usage", "calls and amounts by user, server and tool")
+    usage.add_argument("--user")
+    usage.add_argument("--server")
+    command("earnings", "a developer's earnings").add_argument("developer")
+
+    ledger = command("ledger", "ledger maintenance").add_subparsers(dest="action", required=True)
+    command("verify", "check every ledger invariant; exit non-zero on a violation", ledger)
+    return parser
+
+
+def config_path(arg: str | None) -> Path:
+    return Path(arg or os.environ.get("AGENTPAY_CONFIG") or DEFAULT_CONFIG)
+
+
+def _print(value: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(value, indent=2, ensure_ascii=False))
+        return
+    if isinstance(value, list):
+        if not value:
+            print("(none)")
+        for item in value:
+            print("  ".join(f"{k}={v}" for k, v in item.items() if v is not None))
+        return
+    for name, item in value.items():
+        if isinstance(item, list):
+            print(f"{name}:")
+            for entry in item:
+                print("  - " + "  ".join(f"{k}={v}" for k, v in entry.items() if v is not None))
+        elif item is not None:
+            print(f"{name}: {item}")
+
+
+async def _with_ops(config: GatewayConfig, fn: Callable[[Operations], Awaitable[Any]]) -> Any:
+    ledger = open_ledger(config.database)
+    await ledger.open()
+    try:
+        return await fn(Operations(ledger, config))
+    finally:
+        await ledger.close()
+
+
+def _action(args: argparse.Namespace) -> Callable[[Operations], Awaitable[Any]] | None:
+    cmd, action = args.command, getattr(args, "action", None)
+    table: dict[tuple[str, str | None], Callable[[Operations], Awaitable[Any]]] = {
+        ("developers", "create"): lambda o: o.create_developer(args.name),
+        ("users", "create"): lambda o: o.create_user(args.name, getattr(args, "balance_cents", None)),
+        ("users", "topup"): lambda o: o.topup(args.name, args.cents, args.reference),
+        ("users", "show"): lambda o: o.show_user(args.name),
+        ("keys", "create"): lambda o: o.create_key(
+            user=args.user, server=args.server, expires=args.expires, spend_limit_cents=args.spend_limit_cents
+        ),
+        ("keys", "list"): lambda o: o.list_keys(args.user),
+        ("keys", "revoke"): lambda o: o.revoke_key(args.id_or_prefix),
+        ("usage", None): lambda o: o.usage(args.user, args.server),
+        ("earnings", None): lambda o: o.earnings(args.developer),
+        ("ledger", "verify"): lambda o: o.verify(),
+    }
+    return table.get((cmd, action))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(config_path(args.config))
+        if args.command == "serve":
+            from gateway.serve import serve
+
+            return serve(config)
+        if args.command == "demo":
+            from gateway.demo import run_demo
+
+            return run_demo(config, upstream_port=args.upstream_port)
+        if args.command == "check-config":
+            from gateway.serve import check
+
+            result = asyncio.run(check(config))
+            _print(result, args.json)
+            return 0
+        action = _action(args)
+        if action is None:  # pragma: no cover - argparse rejects unknown commands first
+            raise GatewayError(f"unknown command {args.command}")
+        result = asyncio.run(_with_ops(config, action))
+        _print(result, args.json)
+        if args.command == "ledger" and not result["ok"]:
+            return 1
+        return 0
+    except GatewayError as exc:
+        print(f"agentpay: error: {exc.text()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

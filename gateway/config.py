@@ -1,0 +1,678 @@
+"""The gateway configuration file: YAML in, frozen dataclasses out.
+
+Every error names the file and the line of the offending node, unknown keys are rejected (with a
+"did you mean" when a key looks like a typo) and nothing is guessed: a value of the wrong type is
+an error, not a coercion. The file is composed with PyYAML's node API (``yaml.compose``) so that
+each value keeps its ``start_mark`` and its source text.
+
+    listen: "127.0.0.1:8080"
+    database: "sqlite:///agentpay.db"      # relative paths are relative to this file
+    prices: "prices.yaml"
+    servers:
+      weather:
+        upstream: "http://127.0.0.1:9000/mcp"
+        owner: acme                        # developer account credited with earnings
+        hosts: ["weather.example.com"]     # Host-header routing
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "ADMIN_TOKEN_ENV",
+    "RESERVED_SERVER_NAMES",
+    "SERVER_NAME_RE",
+    "GatewayConfig",
+    "LogFormat",
+    "ServerConfig",
+    "default_sse_upstream",
+    "expand_env",
+    "load_config",
+    "parse_listen",
+]
+
+LogFormat = Literal["auto", "json", "console"]
+
+#: Path segments the gateway itself uses; a server called like one would shadow a route.
+RESERVED_SERVER_NAMES: frozenset[str] = frozenset(
+    {
+        "k", "v1", "metrics", "healthz", "readyz", "sse", "mcp", "messages", "admin",
+        ".well-known", "register", "static", "openapi.json",
+    }
+)  # fmt: skip
+SERVER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+#: When set (and not empty), overrides ``admin_token`` from the file.
+ADMIN_TOKEN_ENV = "AGENTPAY_ADMIN_TOKEN"
+
+_MIB = 1024 * 1024
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$", re.IGNORECASE)
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_ENV_REF_RE = re.compile(r"\$\{([^}]*)\}")
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PERCENT_RE = re.compile(r"^(?P<int>\d+)(?:\.(?P<frac>\d+))?\s*%?$")
+# Headers the proxy owns: injecting them would break framing or routing.
+_FORBIDDEN_UPSTREAM_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer"}
+)
+
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_STR_TAG = "tag:yaml.org,2002:str"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+
+# --------------------------------------------------------------------------------------------
+# The dataclasses
+# --------------------------------------------------------------------------------------------
+def default_sse_upstream(upstream: str) -> str:
+    """The ``/sse`` URL beside an upstream URL: the last path segment is replaced by ``sse``.
+
+    >>> default_sse_upstream("http://127.0.0.1:9000/mcp")
+    'http://127.0.0.1:9000/sse'
+    """
+    parts = urlsplit(upstream)
+    path = parts.path.rstrip("/")
+    head = path.rsplit("/", 1)[0] if "/" in path else ""
+    return urlunsplit((parts.scheme, parts.netloc, f"{head}/sse", parts.query, ""))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """One MCP server behind the gateway."""
+
+    name: str
+    owner: str  # developer account credited with earnings
+    upstream: str | None = None  # None: the server is only used through the SDK
+    hosts: tuple[str, ...] = ()  # lower-case Host-header names routed to this server
+    sse_upstream: str | None = None  # None with an upstream: derived, see default_sse_upstream
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 300.0  # to the upstream's response headers / JSON body; not SSE streams
+    max_connections: int = 100
+    fee_basis_points: int = 0  # platform fee, 250 = 2.5 %
+    # may hold secrets: kept out of repr() so a logged config does not leak them
+    upstream_headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sse_upstream is None and self.upstream is not None:
+            object.__setattr__(self, "sse_upstream", default_sse_upstream(self.upstream))
+        object.__setattr__(self, "hosts", tuple(self.hosts))
+        if not isinstance(self.upstream_headers, MappingProxyType):
+            object.__setattr__(self, "upstream_headers", MappingProxyType(dict(self.upstream_headers)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """The whole gateway configuration, as loaded from one file."""
+
+    path: Path  # absolute path of the configuration file
+    listen_host: str  # without brackets for IPv6 ("::1")
+    listen_port: int
+    database: str  # sqlite:////abs/path.db or a postgresql:// URL
+    prices_path: Path
+    servers: Mapping[str, ServerConfig]
+    max_body_bytes: int = 4 * _MIB
+    max_batch_items: int = 100
+    hold_lease_s: float = 30.0
+    sweep_interval_s: float = 5.0
+    drain_grace_s: float = 30.0
+    topup_url: str | None = None
+    price_in_description: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    log_format: LogFormat = "auto"
+    admin_listen: str | None = "127.0.0.1:8081"
+    admin_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
+    key_cache_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.servers, MappingProxyType):
+            object.__setattr__(self, "servers", MappingProxyType(dict(self.servers)))
+        object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+
+    @property
+    def listen(self) -> str:
+        """``host:port`` as written in the file (IPv6 hosts in brackets)."""
+        return _join_host_port(self.listen_host, self.listen_port)
+
+    def server_for_host(self, host: str) -> ServerConfig | None:
+        """The server a ``Host`` header routes to (case-insensitive; the port is optional)."""
+        wanted = host.strip().lower().rstrip(".")
+        candidates = [wanted]
+        plain_with_port = not wanted.startswith("[") and wanted.count(":") == 1
+        if plain_with_port or (wanted.startswith("[") and "]:" in wanted):
+            candidates.append(wanted.rsplit(":", 1)[0])
+        for candidate in candidates:
+            for server in self.servers.values():
+                if candidate in server.hosts:
+                    return server
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Small public helpers
+# --------------------------------------------------------------------------------------------
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) into host and port; ValueError when invalid."""
+    text = text.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ValueError(f"{text!r} is not [ipv6]:port")
+        host, port_text = text[1:close], text[close + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not host:port")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:8080")
+        if not _HOST_RE.match(host):
+            raise ValueError(f"{host!r} is not a valid host name or address")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def expand_env(text: str, env: Mapping[str, str] | None = None) -> str:
+    """Replace ``${NAME}`` references with environment variables; KeyError/ValueError otherwise."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if not _ENV_NAME_RE.match(name):
+            raise ValueError(f"${{{name}}} is not a valid environment variable reference")
+        if name not in environ:
+            raise KeyError(name)
+        return environ[name]
+
+    expanded = _ENV_REF_RE.sub(substitute, text)
+    # "${" without a closing brace is a typo, not a value.
+    if "${" in _ENV_REF_RE.sub("", text):
+        raise ValueError("unterminated ${...} reference")
+    return expanded
+
+
+# --------------------------------------------------------------------------------------------
+# Node walking
+# --------------------------------------------------------------------------------------------
+def line_of(node: Node) -> int:
+    """1-based line of a node."""
+    return int(node.start_mark.line) + 1
+
+
+class _Reader:
+    """Validation helpers that all know the file name, so every error has file and line."""
+
+    def __init__(self, file: str, env: Mapping[str, str]):
+        self.file = file
+        self.env = env
+        self._constructor = SafeConstructor()
+
+    def error(self, message: str, node: Node | int | None) -> ConfigError:
+        line = node if isinstance(node, int) or node is None else line_of(node)
+        return ConfigError(message, file=self.file, line=line)
+
+    def mapping(self, node: Node, where: str) -> dict[str, tuple[ScalarNode, Node]]:
+        """The entries of a mapping node, by key text; duplicate and non-scalar keys rejected."""
+        if not isinstance(node, MappingNode):
+            raise self.error(f"{where} must be a mapping (key: value lines), got {_describe(node)}", node)
+        entries: dict[str, tuple[ScalarNode, Node]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                raise self.error(f"keys in {where} must be plain names", key_node)
+            key = key_node.value
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise self.error(f"merge keys (<<) are not supported in {where}", key_node)
+            if key in entries:
+                first = line_of(entries[key][0])
+                raise self.error(f"duplicate key {key!r} in {where} (first given on line {first})", key_node)
+            entries[key] = (key_node, value_node)
+        return entries
+
+    def check_keys(self, entries: Mapping[str, tuple[ScalarNode, Node]], allowed: Iterable[str], where: str) -> None:
+        allowed = tuple(allowed)
+        for key, (key_node, _) in entries.items():
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise self.error(
+                    f"unknown key {key!r} in {where} (expected one of: {', '.join(allowed)}){hint}", key_node
+                )
+
+    def require(self, entries: Mapping[str, tuple[ScalarNode, Node]], key: str, where: str, line: int) -> Node:
+        if key not in entries or _is_null(entries[key][1]):
+            raise self.error(f"{where}.{key} is required" if where else f"{key!r} is required", line)
+        return entries[key][1]
+
+    def scalar(self, node: Node) -> Any:
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except ConstructorError as exc:  # e.g. an invalid timestamp
+            raise self.error(f"invalid value: {exc.problem}", node) from None
+
+    def string(self, node: Node, where: str, *, allow_empty: bool = False) -> str:
+        if not isinstance(node, ScalarNode) or node.tag != _STR_TAG:
+            hint = " (put it in quotes)" if isinstance(node, ScalarNode) else ""
+            raise self.error(f"{where} must be a string, got {_describe(node)}{hint}", node)
+        value = str(node.value)
+        if not allow_empty and not value.strip():
+            raise self.error(f"{where} must not be empty", node)
+        return value
+
+    def env_string(self, node: Node, where: str) -> str:
+        text = self.string(node, where)
+        try:
+            value = expand_env(text, self.env)
+        except KeyError as exc:
+            raise self.error(f"{where}: environment variable {exc.args[0]} is not set", node) from None
+        except ValueError as exc:
+            raise self.error(f"{where}: {exc}", node) from None
+        if not value:
+            raise self.error(f"{where} is empty after expanding environment variables", node)
+        return value
+
+    def integer(self, node: Node, where: str, *, minimum: int) -> int:
+        if not isinstance(node, ScalarNode) or node.tag != _INT_TAG:
+            raise self.error(f"{where} must be a whole number, got {_describe(node)}", node)
+        value = self.scalar(node)
+        assert isinstance(value, int)
+        if value < minimum:
+            raise self.error(f"{where} must be at least {minimum}, got {value}", node)
+        return value
+
+    def number(self, node: Node, where: str, *, positive: bool) -> float:
+        if not isinstance(node, ScalarNode) or node.tag not in (_INT_TAG, _FLOAT_TAG):
+            raise self.error(f"{where} must be a number of seconds, got {_describe(node)}", node)
+        value = float(self.scalar(node))
+        if not math.isfinite(value):
+            raise self.error(f"{where} must be a finite number, got {node.value}", node)
+        if value < 0 or (positive and value == 0):
+            bound = "greater than 0" if positive else "0 or more"
+            raise self.error(f"{where} must be {bound}, got {node.value}", node)
+        return value
+
+    def boolean(self, node: Node, where: str) -> bool:
+        if not isinstance(node, ScalarNode) or node.tag != _BOOL_TAG:
+            raise self.error(f"{where} must be true or false, got {_describe(node)}", node)
+        return bool(self.scalar(node))
+
+    def string_list(self, node: Node, where: str) -> list[tuple[str, Node]]:
+        if _is_null(node):
+            return []
+        if not isinstance(node, SequenceNode):
+            raise self.error(f'{where} must be a list of strings, e.g. ["a", "b"]', node)
+        return [(self.string(item, f"{where}[{i}]"), item) for i, item in enumerate(node.value)]
+
+    def http_url(self, node: Node, where: str) -> str:
+        text = self.string(node, where).strip()
+        problem = _http_url_problem(text)
+        if problem:
+            raise self.error(f"{where}: {problem}", node)
+        return text
+
+
+def _http_url_problem(text: str) -> str | None:
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        return f"{text!r} is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"{text!r} must start with http:// or https://"
+    if not parts.hostname:
+        return f"{text!r} has no host"
+    if port == 0:
+        return f"{text!r} has port 0"
+    if parts.fragment:
+        return f"{text!r} must not have a #fragment"
+    if any(c.isspace() for c in text):
+        return f"{text!r} contains whitespace"
+    return None
+
+
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if isinstance(node, ScalarNode):
+        kinds = {_INT_TAG: "a number", _FLOAT_TAG: "a number", _BOOL_TAG: "a boolean", _NULL_TAG: "nothing"}
+        kind = kinds.get(node.tag, "a string")
+        return f"{kind} ({node.value!r})" if node.tag != _NULL_TAG else kind
+    return "an unknown node"
+
+
+def compose_yaml(text: str, file: str) -> Node | None:
+    """Compose one YAML document into nodes; YAML errors become ConfigError with their line."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=file, line=1) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+_TOP_KEYS = (
+    "listen", "database", "prices", "servers", "max_body_bytes", "max_batch_items", "hold_lease_s",
+    "sweep_interval_s", "drain_grace_s", "topup_url", "price_in_description", "allowed_origins",
+    "trusted_proxies", "log_format", "admin_listen", "admin_token", "key_cache_s",
+)  # fmt: skip
+_SERVER_KEYS = (
+    "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
+    "max_connections", "platform_fee_percent", "upstream_headers",
+)  # fmt: skip
+_LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
+
+_T = TypeVar("_T")
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate a gateway configuration file.
+
+    ``env`` replaces ``os.environ`` for ``${VAR}`` expansion and ``AGENTPAY_ADMIN_TOKEN``.
+    Raises ConfigError (with file and line) for anything wrong.
+    """
+    abs_path = Path(os.path.abspath(os.fspath(path)))  # abspath: symlinks are not resolved
+    file = str(path)
+    try:
+        text = abs_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("configuration file not found", file=file) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration file is not UTF-8 ({exc.reason})", file=file) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file: {exc.strerror or exc}", file=file) from None
+    return parse_config(text, path=abs_path, file=file, env=env)
+
+
+def parse_config(
+    text: str, *, path: Path, file: str | None = None, env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Validate configuration text as if read from ``path`` (relative paths resolve beside it)."""
+    environ: Mapping[str, str] = os.environ if env is None else env
+    r = _Reader(file or str(path), environ)
+    root = compose_yaml(text, r.file)
+    if root is None:
+        raise r.error("the configuration file is empty; see config/gateway.yaml for an example", 1)
+    top = r.mapping(root, "the configuration file")
+    r.check_keys(top, _TOP_KEYS, "the configuration file")
+    base = path.parent
+
+    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
+        if key not in top or _is_null(top[key][1]):
+            return default
+        return parse(top[key][1], key)
+
+    # listen
+    listen_host, listen_port = opt("listen", lambda n, w: _listen(r, n, w), ("127.0.0.1", 8080))
+    database = _database(r, r.require(top, "database", "", 1), base)
+    prices_node = r.require(top, "prices", "", 1)
+    prices_path = _resolve(base, r.string(prices_node, "prices").strip())
+    servers = _servers(r, r.require(top, "servers", "", 1) if "servers" not in top else top["servers"][1])
+
+    admin_listen: str | None = "127.0.0.1:8081"
+    if "admin_listen" in top:
+        node = top["admin_listen"][1]
+        if _is_null(node):
+            admin_listen = None
+        else:
+            host, port = _listen(r, node, "admin_listen")
+            admin_listen = _join_host_port(host, port)
+            if port != 0 and (host, port) == (listen_host, listen_port):
+                raise r.error("admin_listen must differ from listen", node)
+
+    admin_token = opt("admin_token", r.env_string, None)
+    override = environ.get(ADMIN_TOKEN_ENV)
+    if override:
+        admin_token = override
+
+    log_format: LogFormat = "auto"
+    if "log_format" in top:
+        node = top["log_format"][1]
+        value = r.string(node, "log_format")
+        if value not in _LOG_FORMATS:
+            raise r.error(f"log_format must be one of {', '.join(_LOG_FORMATS)}, got {value!r}", node)
+        log_format = value
+
+    no_items: list[tuple[str, Node]] = []
+    origins: list[str] = []
+    for text_value, node in opt("allowed_origins", r.string_list, no_items):
+        origins.append(_origin(r, text_value, node))
+    proxies: list[str] = []
+    for text_value, node in opt("trusted_proxies", r.string_list, no_items):
+        try:
+            ipaddress.ip_network(text_value.strip(), strict=False)
+        except ValueError:
+            raise r.error(f"trusted_proxies: {text_value!r} is not an IP address or CIDR network", node) from None
+        proxies.append(text_value.strip())
+
+    return GatewayConfig(
+        path=path,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        database=database,
+        prices_path=prices_path,
+        servers=MappingProxyType(servers),
+        max_body_bytes=opt("max_body_bytes", lambda n, w: r.integer(n, w, minimum=1), 4 * _MIB),
+        max_batch_items=opt("max_batch_items", lambda n, w: r.integer(n, w, minimum=1), 100),
+        hold_lease_s=opt("hold_lease_s", lambda n, w: r.number(n, w, positive=True), 30.0),
+        sweep_interval_s=opt("sweep_interval_s", lambda n, w: r.number(n, w, positive=True), 5.0),
+        drain_grace_s=opt("drain_grace_s", lambda n, w: r.number(n, w, positive=False), 30.0),
+        topup_url=opt("topup_url", r.http_url, None),
+        price_in_description=opt("price_in_description", r.boolean, False),
+        allowed_origins=tuple(origins),
+        trusted_proxies=tuple(proxies),
+        log_format=log_format,
+        admin_listen=admin_listen,
+        admin_token=admin_token,
+        key_cache_s=opt("key_cache_s", lambda n, w: r.number(n, w, positive=False), 1.0),
+    )
+
+
+def _listen(r: _Reader, node: Node, where: str) -> tuple[str, int]:
+    if not isinstance(node, ScalarNode) or node.tag != _STR_TAG:
+        raise r.error(f'{where} must be "host:port", e.g. "127.0.0.1:8080", got {_describe(node)}', node)
+    try:
+        return parse_listen(node.value)
+    except ValueError as exc:
+        raise r.error(f'{where}: {exc} (write "host:port", e.g. "127.0.0.1:8080" or "[::1]:8080")', node) from None
+
+
+def _resolve(base: Path, text: str) -> Path:
+    """An absolute path; relative ones are taken relative to ``base``. Symlinks are kept as they are
+    (a Kubernetes ConfigMap swaps a ``..data`` symlink, so resolving it would pin an old version)."""
+    path = Path(os.path.expanduser(text))
+    return Path(os.path.abspath(path if path.is_absolute() else base / path))
+
+
+def _database(r: _Reader, node: Node, base: Path) -> str:
+    url = r.env_string(node, "database").strip()
+    if url.startswith(("postgresql://", "postgres://")):
+        return url
+    if url.startswith("sqlite://"):
+        rest = url[len("sqlite://") :]
+        if not rest.startswith("/") or rest == "/":
+            raise r.error(f"database: {url!r} has no path; write sqlite:///relative.db or sqlite:////absolute.db", node)
+        location, sep, query = rest[1:].partition("?")
+        if location == ":memory:":
+            return url
+        db_path = _resolve(base, location)
+        return f"sqlite:///{db_path.as_posix()}" + (f"?{query}" if sep else "")
+    raise r.error(f"database: {url!r} is not supported; use sqlite:///path.db or postgresql://user:pass@host/db", node)
+
+
+def _origin(r: _Reader, text: str, node: Node) -> str:
+    value = text.strip().rstrip("/").lower()
+    if value == "null":
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+        raise r.error(f"allowed_origins: {text!r} is not an origin like https://app.example.com (no path)", node)
+    return value
+
+
+def _servers(r: _Reader, node: Node) -> dict[str, ServerConfig]:
+    if _is_null(node):
+        return {}
+    entries = r.mapping(node, "servers")
+    servers: dict[str, ServerConfig] = {}
+    host_owner: dict[str, tuple[str, int]] = {}
+    for name, (key_node, value_node) in entries.items():
+        if not SERVER_NAME_RE.match(name):
+            raise r.error(
+                f"server name {name!r} is not allowed: use 1-63 lower-case letters, digits, '-' or '_', "
+                "starting with a letter or digit",
+                key_node,
+            )
+        if name in RESERVED_SERVER_NAMES:
+            raise r.error(
+                f"server name {name!r} is reserved (the gateway uses /{name} itself); choose another name",
+                key_node,
+            )
+        server, host_lines = _server(r, name, key_node, value_node)
+        for host in server.hosts:
+            if host in host_owner:
+                other, other_line = host_owner[host]
+                raise r.error(
+                    f"host {host!r} of servers.{name} is already routed to servers.{other} "
+                    f"(line {other_line}); a host can route to one server only",
+                    host_lines[host],
+                )
+            host_owner[host] = (name, host_lines[host])
+        servers[name] = server
+    return servers
+
+
+def _server(r: _Reader, name: str, key_node: Node, node: Node) -> tuple[ServerConfig, dict[str, int]]:
+    where = f"servers.{name}"
+    entries = r.mapping(node, where)
+    r.check_keys(entries, _SERVER_KEYS, where)
+
+    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
+        if key not in entries or _is_null(entries[key][1]):
+            return default
+        return parse(entries[key][1], f"{where}.{key}")
+
+    owner = r.string(r.require(entries, "owner", where, line_of(key_node)), f"{where}.owner").strip()
+    upstream = opt("upstream", r.http_url, None)
+    sse_upstream = opt("sse_upstream", r.http_url, None)
+    if sse_upstream is not None and upstream is None:
+        raise r.error(f"{where}.sse_upstream needs an upstream as well", entries["sse_upstream"][1])
+
+    hosts: list[str] = []
+    host_lines: dict[str, int] = {}
+    no_items: list[tuple[str, Node]] = []
+    for host_text, host_node in opt("hosts", r.string_list, no_items):
+        host = host_text.strip().lower().rstrip(".")
+        if not _valid_host(host):
+            raise r.error(f"{where}.hosts: {host_text!r} is not a host name such as api.example.com", host_node)
+        if host in hosts:
+            raise r.error(f"{where}.hosts lists {host!r} twice", host_node)
+        hosts.append(host)
+        host_lines[host] = line_of(host_node)
+
+    fee = 0
+    if "platform_fee_percent" in entries and not _is_null(entries["platform_fee_percent"][1]):
+        fee = _fee_basis_points(r, entries["platform_fee_percent"][1], f"{where}.platform_fee_percent")
+
+    headers: dict[str, str] = {}
+    if "upstream_headers" in entries and not _is_null(entries["upstream_headers"][1]):
+        header_entries = r.mapping(entries["upstream_headers"][1], f"{where}.upstream_headers")
+        for header, (h_key, h_value) in header_entries.items():
+            if not _HEADER_NAME_RE.match(header):
+                raise r.error(f"{where}.upstream_headers: {header!r} is not a valid header name", h_key)
+            if header.lower() in _FORBIDDEN_UPSTREAM_HEADERS:
+                raise r.error(f"{where}.upstream_headers: {header!r} is set by the gateway itself", h_key)
+            if any(existing.lower() == header.lower() for existing in headers):
+                raise r.error(f"{where}.upstream_headers: {header!r} is given twice", h_key)
+            if isinstance(h_value, ScalarNode) and h_value.tag in (_INT_TAG, _FLOAT_TAG):
+                value = str(h_value.value)  # X-Api-Version: 2 is meant as text
+            else:
+                value = r.env_string(h_value, f"{where}.upstream_headers.{header}")
+            if "\r" in value or "\n" in value:
+                raise r.error(f"{where}.upstream_headers.{header} must be a single line", h_value)
+            headers[header] = value
+
+    server = ServerConfig(
+        name=name,
+        owner=owner,
+        upstream=upstream,
+        hosts=tuple(hosts),
+        sse_upstream=sse_upstream,
+        connect_timeout_s=opt("connect_timeout_s", lambda n, w: r.number(n, w, positive=True), 5.0),
+        read_timeout_s=opt("read_timeout_s", lambda n, w: r.number(n, w, positive=True), 300.0),
+        max_connections=opt("max_connections", lambda n, w: r.integer(n, w, minimum=1), 100),
+        fee_basis_points=fee,
+        upstream_headers=MappingProxyType(headers),
+    )
+    return server, host_lines
+
+
+def _valid_host(host: str) -> bool:
+    """A host name or address, optionally with a port ("api.example.com", "[::1]:8080")."""
+    if host.startswith("["):
+        close = host.find("]")
+        if close < 0:
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:close])
+        except ValueError:
+            return False
+        rest = host[close + 1 :]
+        return rest == "" or (rest.startswith(":") and rest[1:].isdigit() and int(rest[1:]) <= 65535)
+    name, sep, port = host.partition(":")
+    if sep and not (port.isdigit() and int(port) <= 65535):
+        return False
+    return bool(_HOST_RE.match(name)) and len(name) <= 253
+
+
+def _fee_basis_points(r: _Reader, node: Node, where: str) -> int:
+    """Percent text ("2.5") to basis points (250), exactly: no float ever sees the value."""
+    if not isinstance(node, ScalarNode) or node.tag not in (_INT_TAG, _FLOAT_TAG, _STR_TAG):
+        raise r.error(f"{where} must be a percentage such as 2.5, got {_describe(node)}", node)
+    match = _PERCENT_RE.match(str(node.value).strip())
+    if match is None:
+        raise r.error(f"{where} must be a percentage such as 2.5, got {node.value!r}", node)
+    frac = (match.group("frac") or "").rstrip("0")
+    if len(frac) > 2:
+        raise r.error(f"{where} has more than 2 decimal places (the unit is 0.01 %), got {node.value!r}", node)
+    basis_points = int(match.group("int")) * 100 + int(frac.ljust(2, "0"))
+    if basis_points > 10_000:
+        raise r.error(f"{where} must be between 0 and 100, got {node.value!r}", node)
+    return basis_points

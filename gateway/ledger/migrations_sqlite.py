@@ -1,0 +1,122 @@
+"""The SQLite ledger schema, as named migrations applied in order.
+
+Each migration runs in the same ``BEGIN IMMEDIATE`` transaction as the ``schema_migrations`` row
+that records it, so a crash (or a second process opening the same file) never leaves a schema
+half-applied. Never edit a migration that has shipped: append a new one.
+
+Guards live in the database: ``CHECK`` constraints make an overdraft impossible even for a buggy
+caller, and the conditional ``UPDATE``s in ``sqlite.py`` turn "would overdraw" into zero rows.
+"""
+
+from __future__ import annotations
+
+SCHEMA_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name       TEXT PRIMARY KEY,
+    applied_at REAL NOT NULL
+)
+"""
+
+_INITIAL = """
+CREATE TABLE accounts (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL
+               CHECK (kind IN ('user', 'developer', 'world', 'platform_fee', 'payout_clearing')),
+    name       TEXT NOT NULL,
+    balance    INTEGER NOT NULL DEFAULT 0,
+    held       INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    UNIQUE (kind, name),
+    CHECK (held >= 0),
+    CHECK (kind <> 'user' OR balance - held >= 0),
+    CHECK (kind = 'world' OR balance >= 0)
+);
+
+CREATE TABLE transfers (
+    id         TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL
+               CHECK (kind IN ('topup', 'charge', 'refund', 'payout', 'payout_settle', 'payout_fail')),
+    amount     INTEGER NOT NULL CHECK (amount > 0),
+    reference  TEXT,
+    account_id INTEGER REFERENCES accounts (id),  -- the user (top-ups, charges, refunds)
+    charge_id  TEXT REFERENCES transfers (id),    -- refunds: the charge they reverse
+    created_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX transfers_kind_reference ON transfers (kind, reference) WHERE reference IS NOT NULL;
+CREATE INDEX transfers_charge ON transfers (charge_id) WHERE charge_id IS NOT NULL;
+
+CREATE TABLE postings (
+    id          INTEGER PRIMARY KEY,
+    transfer_id TEXT NOT NULL REFERENCES transfers (id),
+    account_id  INTEGER NOT NULL REFERENCES accounts (id),
+    amount      INTEGER NOT NULL CHECK (amount <> 0)
+);
+CREATE INDEX postings_transfer ON postings (transfer_id);
+CREATE INDEX postings_account ON postings (account_id);
+
+CREATE TRIGGER postings_are_immutable_update BEFORE UPDATE ON postings
+BEGIN
+    SELECT RAISE(ABORT, 'postings are immutable');
+END;
+CREATE TRIGGER postings_are_immutable_delete BEFORE DELETE ON postings
+BEGIN
+    SELECT RAISE(ABORT, 'postings are immutable');
+END;
+
+CREATE TABLE keys (
+    id              TEXT PRIMARY KEY,
+    user_account_id INTEGER NOT NULL REFERENCES accounts (id),
+    server          TEXT NOT NULL,
+    key_hash        TEXT NOT NULL UNIQUE,
+    prefix          TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    expires_at      REAL,
+    revoked_at      REAL,
+    spend_limit     INTEGER CHECK (spend_limit IS NULL OR spend_limit >= 0),
+    spent           INTEGER NOT NULL DEFAULT 0 CHECK (spent >= 0),
+    held            INTEGER NOT NULL DEFAULT 0 CHECK (held >= 0)
+);
+CREATE INDEX keys_user ON keys (user_account_id);
+CREATE INDEX keys_prefix ON keys (prefix);
+CREATE INDEX keys_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
+
+CREATE TABLE holds (
+    call_id              TEXT PRIMARY KEY,
+    key_id               TEXT REFERENCES keys (id),
+    user_account_id      INTEGER NOT NULL REFERENCES accounts (id),
+    developer_account_id INTEGER NOT NULL REFERENCES accounts (id),
+    server               TEXT NOT NULL,
+    method               TEXT NOT NULL,
+    name                 TEXT NOT NULL,
+    amount               INTEGER NOT NULL CHECK (amount > 0),
+    fee                  INTEGER NOT NULL CHECK (fee >= 0 AND fee <= amount),
+    state                TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'captured', 'voided')),
+    owner                TEXT NOT NULL,
+    created_at           REAL NOT NULL,
+    lease_expires_at     REAL NOT NULL,
+    settled_at           REAL,
+    charge_id            TEXT REFERENCES transfers (id),
+    CHECK ((state = 'captured') = (charge_id IS NOT NULL))
+);
+CREATE INDEX holds_pending_lease ON holds (lease_expires_at) WHERE state = 'pending';
+CREATE INDEX holds_user_pending ON holds (user_account_id) WHERE state = 'pending';
+CREATE INDEX holds_key_pending ON holds (key_id) WHERE state = 'pending';
+
+-- A charge is the capture transfer plus what the hold said about the call.
+CREATE TABLE charges (
+    id                   TEXT PRIMARY KEY REFERENCES transfers (id),
+    call_id              TEXT NOT NULL UNIQUE REFERENCES holds (call_id),
+    user_account_id      INTEGER NOT NULL REFERENCES accounts (id),
+    developer_account_id INTEGER NOT NULL REFERENCES accounts (id),
+    amount               INTEGER NOT NULL CHECK (amount > 0),
+    fee                  INTEGER NOT NULL CHECK (fee >= 0 AND fee <= amount),
+    refunded             INTEGER NOT NULL DEFAULT 0 CHECK (refunded >= 0 AND refunded <= amount),
+    balance_after        INTEGER NOT NULL,
+    created_at           REAL NOT NULL
+);
+CREATE INDEX charges_user_recent ON charges (user_account_id, created_at);
+CREATE INDEX charges_developer ON charges (developer_account_id);
+"""
+
+# (name, SQL script). Statements are separated by ';' at the end of a line.
+MIGRATIONS: tuple[tuple[str, str], ...] = (("0001_initial", _INITIAL),)

@@ -1,0 +1,945 @@
+"""The SQLite ledger.
+
+One dedicated writer thread owns the only write connection. Every money operation is *one*
+Python function run on that thread, inside ``BEGIN IMMEDIATE`` … ``COMMIT``: one thread hop per
+transaction, not per statement. Reads run on a second thread with its own connection (WAL lets
+readers proceed while the writer writes).
+
+Correctness never depends on a Python read-then-write: overdrafts and spending caps are refused by
+conditional ``UPDATE``s (zero rows updated = refused) and backed by ``CHECK`` constraints, so it
+also holds when several processes (the gateway and the CLI) open the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from gateway.errors import (
+    AlreadyExists,
+    Conflict,
+    IdempotencyConflict,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from gateway.ledger.base import (
+    Account,
+    AccountKind,
+    Charge,
+    Earnings,
+    HoldOutcome,
+    HoldRequest,
+    HoldState,
+    HoldStatus,
+    KeyRecord,
+    Transfer,
+    UsageRow,
+    UserSummary,
+)
+from gateway.ledger.migrations_sqlite import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.money import format_cents
+
+T = TypeVar("T")
+Conn = sqlite3.Connection
+
+SYSTEM_NAME = "system"
+_SYSTEM_KINDS = (AccountKind.WORLD, AccountKind.PLATFORM_FEE, AccountKind.PAYOUT_CLEARING)
+BUSY_TIMEOUT_MS = 5000
+
+_KEY_COLUMNS = """
+    k.id, a.name, k.server, k.prefix, k.created_at, k.expires_at, k.revoked_at,
+    k.spend_limit, k.spent, k.held
+    FROM keys k JOIN accounts a ON a.id = k.user_account_id
+"""
+_CHARGE_COLUMNS = """
+    c.id, c.call_id, u.name, d.name, h.server, h.method, h.name, c.amount, c.fee, c.refunded,
+    c.created_at, c.balance_after
+    FROM charges c
+    JOIN holds h ON h.call_id = c.call_id
+    JOIN accounts u ON u.id = c.user_account_id
+    JOIN accounts d ON d.id = c.developer_account_id
+"""
+
+
+class _Rollback(Exception):
+    """Raised inside a write transaction to roll it back and still return ``result``."""
+
+    def __init__(self, result: object) -> None:
+        super().__init__("rollback")
+        self.result = result
+
+
+class _WouldGoNegative(Exception):
+    def __init__(self, account_id: int) -> None:
+        super().__init__(f"account {account_id} would go negative")
+        self.account_id = account_id
+
+
+def _require_amount(value: object, what: str = "amount") -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"{what} must be an integer number of millicents, got {value!r}")
+    if value <= 0:
+        raise InvalidInput(f"{what} must be positive, got {value}")
+    return value
+
+
+def _require_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{what} must be a non-empty name")
+    return value
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration script into complete statements (triggers included)."""
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            yield buf.strip()
+            buf = ""
+    if buf.strip() and not all(not ln.strip() or ln.strip().startswith("--") for ln in buf.splitlines()):
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {buf.strip()[:80]!r}")
+
+
+def _key_record(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        user=row[1],
+        server=row[2],
+        prefix=row[3],
+        created_at=row[4],
+        expires_at=row[5],
+        revoked_at=row[6],
+        spend_limit=row[7],
+        spent=row[8],
+        held=row[9],
+    )
+
+
+def _charge(row: Sequence[Any]) -> Charge:
+    return Charge(
+        id=row[0],
+        call_id=row[1],
+        user=row[2],
+        developer=row[3],
+        server=row[4],
+        method=row[5],
+        name=row[6],
+        amount=row[7],
+        fee=row[8],
+        refunded=row[9],
+        created_at=row[10],
+        balance_after=row[11],
+    )
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class SqliteLedger:
+    """``Ledger`` on one SQLite file. Safe to open from several processes at once."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._wconn: Conn | None = None
+        self._rconn: Conn | None = None
+        self._system: dict[AccountKind, int] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._wconn is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-reader")
+        try:
+            self._wconn = await loop.run_in_executor(self._writer, self._open_writer)
+            self._rconn = await loop.run_in_executor(self._reader, self._connect)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for executor, conn in ((self._writer, self._wconn), (self._reader, self._rconn)):
+            if executor is None:
+                continue
+            if conn is not None:
+                await loop.run_in_executor(executor, conn.close)
+            executor.shutdown(wait=True)
+        self._writer = self._reader = None
+        self._wconn = self._rconn = None
+
+    async def __aenter__(self) -> SqliteLedger:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _connect(self) -> Conn:
+        conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_writer(self) -> Conn:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            self._migrate(conn)
+            self._system = self._in_txn(conn, "BEGIN IMMEDIATE", self._tx_system_accounts)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: Conn) -> None:
+        for name, script in MIGRATIONS:
+
+            def apply(c: Conn, name: str = name, script: str = script) -> None:
+                c.execute(SCHEMA_MIGRATIONS_TABLE)
+                if c.execute("SELECT 1 FROM schema_migrations WHERE name = ?", (name,)).fetchone():
+                    return  # applied earlier, or by another process that got here first
+                for statement in _statements(script):
+                    c.execute(statement)
+                c.execute(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                    (name, self._clock()),
+                )
+
+            self._in_txn(conn, "BEGIN IMMEDIATE", apply)
+
+    def _tx_system_accounts(self, conn: Conn) -> dict[AccountKind, int]:
+        now = self._clock()
+        ids: dict[AccountKind, int] = {}
+        for kind in _SYSTEM_KINDS:
+            conn.execute(
+                "INSERT INTO accounts (kind, name, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (kind, name) DO NOTHING",
+                (kind.value, SYSTEM_NAME, now),
+            )
+            ids[kind] = conn.execute(
+                "SELECT id FROM accounts WHERE kind = ? AND name = ?", (kind.value, SYSTEM_NAME)
+            ).fetchone()[0]
+        return ids
+
+    # --- transactions ---------------------------------------------------------------------------
+    @staticmethod
+    def _in_txn(conn: Conn, begin: str, fn: Callable[[Conn], T]) -> T:
+        try:
+            conn.execute(begin)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise Unavailable(
+                    f"the ledger database stayed locked for more than {BUSY_TIMEOUT_MS // 1000} s",
+                    hint="Another process holds a long write transaction; retry shortly",
+                ) from exc
+            raise
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except _Rollback as rollback:
+            conn.execute("ROLLBACK")
+            return rollback.result  # type: ignore[return-value]
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def _write(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn`` as one ``BEGIN IMMEDIATE`` transaction on the writer thread."""
+        if self._writer is None or self._wconn is None:
+            raise Unavailable("the ledger is not open")
+        conn = self._wconn
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._in_txn, conn, "BEGIN IMMEDIATE", fn)
+
+    async def _read(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn`` in one read transaction (one consistent snapshot) on the reader thread."""
+        if self._reader is None or self._rconn is None:
+            raise Unavailable("the ledger is not open")
+        conn = self._rconn
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._in_txn, conn, "BEGIN", fn)
+
+    # --- helpers (run inside a transaction) -----------------------------------------------------
+    @staticmethod
+    def _account_id(conn: Conn, kind: AccountKind, name: str) -> int:
+        row = conn.execute(
+            "SELECT id FROM accounts WHERE kind = ? AND name = ?", (kind.value, name)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no {kind.value} named {name!r}")
+        return int(row[0])
+
+    @staticmethod
+    def _available(conn: Conn, account_id: int) -> int:
+        return int(
+            conn.execute("SELECT balance - held FROM accounts WHERE id = ?", (account_id,)).fetchone()[0]
+        )
+
+    @staticmethod
+    def _spend_remaining(conn: Conn, key_id: str | None) -> int | None:
+        if key_id is None:
+            return None
+        row = conn.execute("SELECT spend_limit - spent - held FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    @staticmethod
+    def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]]) -> None:
+        """Write balanced postings and apply them to balances. A leg that would take a
+        non-world account's available balance below zero raises ``_WouldGoNegative``."""
+        legs = [(account, amount) for account, amount in legs if amount != 0]
+        if sum(amount for _, amount in legs) != 0:
+            raise AssertionError(f"unbalanced transfer {transfer_id}: {legs}")
+        for account, amount in legs:
+            conn.execute(
+                "INSERT INTO postings (transfer_id, account_id, amount) VALUES (?, ?, ?)",
+                (transfer_id, account, amount),
+            )
+            updated = conn.execute(
+                "UPDATE accounts SET balance = balance + ? "
+                "WHERE id = ? AND (kind = 'world' OR balance - held + ? >= 0)",
+                (amount, account, amount),
+            ).rowcount
+            if updated != 1:
+                raise _WouldGoNegative(account)
+
+    def _charge_by_id(self, conn: Conn, charge_id: str) -> Charge:
+        row = conn.execute(f"SELECT {_CHARGE_COLUMNS} WHERE c.id = ?", (charge_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no charge {charge_id!r}")
+        return _charge(row)
+
+    @staticmethod
+    def _key_by_id(conn: Conn, key_id: str) -> KeyRecord:
+        row = conn.execute(f"SELECT {_KEY_COLUMNS} WHERE k.id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no key {key_id!r}")
+        return _key_record(row)
+
+    @staticmethod
+    def _account_row(conn: Conn, kind: AccountKind, name: str) -> Account:
+        row = conn.execute(
+            "SELECT id, kind, name, balance, held FROM accounts WHERE kind = ? AND name = ?",
+            (kind.value, name),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no {kind.value} named {name!r}")
+        return Account(id=row[0], kind=AccountKind(row[1]), name=row[2], balance=row[3], held=row[4])
+
+    # --- accounts -------------------------------------------------------------------------------
+    async def create_user(self, name: str) -> Account:
+        return await self._create_account(AccountKind.USER, name)
+
+    async def create_developer(self, name: str) -> Account:
+        return await self._create_account(AccountKind.DEVELOPER, name)
+
+    async def _create_account(self, kind: AccountKind, name: str) -> Account:
+        _require_name(name, f"{kind.value} name")
+
+        def tx(conn: Conn) -> Account:
+            inserted = conn.execute(
+                "INSERT INTO accounts (kind, name, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (kind, name) DO NOTHING",
+                (kind.value, name, self._clock()),
+            ).rowcount
+            if inserted != 1:
+                raise AlreadyExists(f"{kind.value} {name!r} already exists")
+            return self._account_row(conn, kind, name)
+
+        return await self._write(tx)
+
+    async def get_account(self, kind: AccountKind, name: str) -> Account:
+        return await self._read(lambda conn: self._account_row(conn, kind, name))
+
+    async def developer_names(self) -> set[str]:
+        def tx(conn: Conn) -> set[str]:
+            rows = conn.execute("SELECT name FROM accounts WHERE kind = 'developer'").fetchall()
+            return {row[0] for row in rows}
+
+        return await self._read(tx)
+
+    async def topup(self, user: str, amount: int, reference: str | None = None) -> Transfer:
+        _require_amount(amount)
+
+        def tx(conn: Conn) -> Transfer:
+            user_id = self._account_id(conn, AccountKind.USER, user)
+            if reference is not None:
+                row = conn.execute(
+                    "SELECT id, amount, account_id, created_at FROM transfers "
+                    "WHERE kind = 'topup' AND reference = ?",
+                    (reference,),
+                ).fetchone()
+                if row is not None:
+                    if row[1] != amount or row[2] != user_id:
+                        raise IdempotencyConflict(
+                            f"top-up reference {reference!r} was already used for a different user or amount"
+                        )
+                    return Transfer(row[0], "topup", row[1], reference, row[3], replayed=True)
+            transfer_id = "tr_" + uuid.uuid4().hex
+            now = self._clock()
+            conn.execute(
+                "INSERT INTO transfers (id, kind, amount, reference, account_id, created_at) "
+                "VALUES (?, 'topup', ?, ?, ?, ?)",
+                (transfer_id, amount, reference, user_id, now),
+            )
+            self._post(conn, transfer_id, [(self._system[AccountKind.WORLD], -amount), (user_id, amount)])
+            return Transfer(transfer_id, "topup", amount, reference, now)
+
+        return await self._write(tx)
+
+    # --- keys -----------------------------------------------------------------------------------
+    async def create_key(
+        self,
+        *,
+        user: str,
+        server: str,
+        key_hash: str,
+        prefix: str,
+        expires_at: float | None,
+        spend_limit: int | None,
+    ) -> KeyRecord:
+        _require_name(server, "server")
+        _require_name(key_hash, "key hash")
+        if spend_limit is not None and (
+            not isinstance(spend_limit, int) or isinstance(spend_limit, bool) or spend_limit < 0
+        ):
+            raise InvalidInput(
+                f"spend limit must be a non-negative number of millicents, got {spend_limit!r}"
+            )
+
+        def tx(conn: Conn) -> KeyRecord:
+            user_id = self._account_id(conn, AccountKind.USER, user)
+            if conn.execute("SELECT 1 FROM keys WHERE key_hash = ?", (key_hash,)).fetchone():
+                raise AlreadyExists("a key with this secret already exists")
+            key_id = "key_" + secrets.token_hex(6)
+            conn.execute(
+                "INSERT INTO keys (id, user_account_id, server, key_hash, prefix, created_at, "
+                "expires_at, spend_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_id, user_id, server, key_hash, prefix, self._clock(), expires_at, spend_limit),
+            )
+            return self._key_by_id(conn, key_id)
+
+        return await self._write(tx)
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        def tx(conn: Conn) -> KeyRecord | None:
+            row = conn.execute(f"SELECT {_KEY_COLUMNS} WHERE k.key_hash = ?", (key_hash,)).fetchone()
+            return None if row is None else _key_record(row)
+
+        return await self._read(tx)
+
+    async def list_keys(self, user: str | None = None) -> list[KeyRecord]:
+        def tx(conn: Conn) -> list[KeyRecord]:
+            if user is None:
+                rows = conn.execute(f"SELECT {_KEY_COLUMNS} ORDER BY k.created_at, k.id").fetchall()
+            else:
+                user_id = self._account_id(conn, AccountKind.USER, user)
+                rows = conn.execute(
+                    f"SELECT {_KEY_COLUMNS} WHERE k.user_account_id = ? ORDER BY k.created_at, k.id",
+                    (user_id,),
+                ).fetchall()
+            return [_key_record(row) for row in rows]
+
+        return await self._read(tx)
+
+    async def revoke_key(self, id_or_prefix: str) -> KeyRecord:
+        if not isinstance(id_or_prefix, str) or not id_or_prefix:
+            raise InvalidInput("give the key id or the start of its prefix")
+
+        def tx(conn: Conn) -> KeyRecord:
+            row = conn.execute("SELECT id FROM keys WHERE id = ?", (id_or_prefix,)).fetchone()
+            if row is not None:
+                key_id = row[0]
+            else:
+                n = len(id_or_prefix)
+                matches = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM keys WHERE substr(prefix, 1, ?) = ? OR substr(id, 1, ?) = ? "
+                        "ORDER BY id",
+                        (n, id_or_prefix, n, id_or_prefix),
+                    ).fetchall()
+                ]
+                if not matches:
+                    raise NotFound(f"no key with id or prefix {id_or_prefix!r}")
+                if len(matches) > 1:
+                    raise InvalidInput(
+                        f"{id_or_prefix!r} matches {len(matches)} keys ({', '.join(matches[:5])}"
+                        f"{', …' if len(matches) > 5 else ''})",
+                        hint="Give the key id or more characters of the prefix",
+                    )
+                key_id = matches[0]
+            conn.execute(
+                "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (self._clock(), key_id),
+            )
+            return self._key_by_id(conn, key_id)
+
+        return await self._write(tx)
+
+    async def revoked_since(self, since: float) -> list[str]:
+        def tx(conn: Conn) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM keys WHERE revoked_at >= ? ORDER BY revoked_at, id", (since,)
+            ).fetchall()
+            return [row[0] for row in rows]
+
+        return await self._read(tx)
+
+    # --- two-phase money movement ---------------------------------------------------------------
+    async def hold(self, req: HoldRequest) -> HoldOutcome:
+        _require_amount(req.amount)
+        if not isinstance(req.fee, int) or isinstance(req.fee, bool) or not 0 <= req.fee <= req.amount:
+            raise InvalidInput(f"fee must be between 0 and the amount ({req.amount}), got {req.fee!r}")
+        if not req.call_id:
+            raise InvalidInput("a hold needs a call id")
+        if not req.lease_s > 0:
+            raise InvalidInput(f"lease must be positive, got {req.lease_s!r}")
+        return await self._write(lambda conn: self._tx_hold(conn, req))
+
+    def _tx_hold(self, conn: Conn, req: HoldRequest) -> HoldOutcome:
+        user_id = self._account_id(conn, AccountKind.USER, req.user)
+        developer_id = self._account_id(conn, AccountKind.DEVELOPER, req.developer)
+        if req.key_id is not None:
+            row = conn.execute("SELECT user_account_id FROM keys WHERE id = ?", (req.key_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no key {req.key_id!r}")
+            if row[0] != user_id:
+                raise InvalidInput(f"key {req.key_id} does not belong to user {req.user!r}")
+        now = self._clock()
+        inserted = conn.execute(
+            "INSERT INTO holds (call_id, key_id, user_account_id, developer_account_id, server, method, "
+            "name, amount, fee, owner, created_at, lease_expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO NOTHING",
+            (
+                req.call_id,
+                req.key_id,
+                user_id,
+                developer_id,
+                req.server,
+                req.method,
+                req.name,
+                req.amount,
+                req.fee,
+                req.owner,
+                now,
+                now + req.lease_s,
+            ),
+        ).rowcount
+        if inserted != 1:
+            return HoldOutcome(
+                HoldStatus.REPLAYED,
+                available=self._available(conn, user_id),
+                spend_remaining=self._spend_remaining(conn, req.key_id),
+            )
+        rows = conn.execute(
+            "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ? "
+            "RETURNING balance - held",
+            (req.amount, user_id, req.amount),
+        ).fetchall()
+        if not rows:
+            raise _Rollback(
+                HoldOutcome(
+                    HoldStatus.INSUFFICIENT_FUNDS,
+                    available=self._available(conn, user_id),
+                    spend_remaining=self._spend_remaining(conn, req.key_id),
+                )
+            )
+        available = int(rows[0][0])
+        spend_remaining: int | None = None
+        if req.key_id is not None:
+            rows = conn.execute(
+                "UPDATE keys SET held = held + ? WHERE id = ? "
+                "AND (spend_limit IS NULL OR spent + held + ? <= spend_limit) "
+                "RETURNING spend_limit - spent - held",
+                (req.amount, req.key_id, req.amount),
+            ).fetchall()
+            if not rows:
+                raise _Rollback(
+                    HoldOutcome(
+                        HoldStatus.SPEND_LIMIT,
+                        available=available + req.amount,
+                        spend_remaining=self._spend_remaining(conn, req.key_id),
+                    )
+                )
+            spend_remaining = None if rows[0][0] is None else int(rows[0][0])
+        return HoldOutcome(HoldStatus.OK, available=available, spend_remaining=spend_remaining)
+
+    async def capture(self, call_id: str, amount: int | None = None) -> Charge:
+        if amount is not None:
+            _require_amount(amount, "capture amount")
+        return await self._write(lambda conn: self._tx_capture(conn, call_id, amount))
+
+    def _tx_capture(self, conn: Conn, call_id: str, amount: int | None) -> Charge:
+        row = conn.execute(
+            "SELECT key_id, user_account_id, developer_account_id, amount, fee, state, charge_id "
+            "FROM holds WHERE call_id = ?",
+            (call_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no hold for call {call_id!r}")
+        key_id, user_id, developer_id, held, hold_fee, state, charge_id = row
+        if state == HoldState.CAPTURED:
+            return self._charge_by_id(conn, charge_id)
+        if state == HoldState.VOIDED:
+            raise Conflict(f"the hold for call {call_id!r} was voided; it cannot be captured")
+        if amount is None:
+            amount = int(held)
+        if amount > held:
+            raise InvalidInput(
+                f"cannot capture {format_cents(amount)} cents: the hold for call {call_id!r} "
+                f"reserved only {format_cents(held)}"
+            )
+        fee = hold_fee * amount // held
+        now = self._clock()
+        # Derived from the call id (a uuid4 hex in the gateway), so a receipt can name its charge
+        # before the capture commits; unique because a call is captured at most once.
+        charge_id = "ch_" + call_id
+        conn.execute(
+            "INSERT INTO transfers (id, kind, amount, reference, account_id, created_at) "
+            "VALUES (?, 'charge', ?, ?, ?, ?)",
+            (charge_id, amount, call_id, user_id, now),
+        )
+        updated = conn.execute(
+            "UPDATE holds SET state = 'captured', charge_id = ?, settled_at = ? "
+            "WHERE call_id = ? AND state = 'pending'",
+            (charge_id, now, call_id),
+        ).rowcount
+        if updated != 1:
+            raise Conflict(f"the hold for call {call_id!r} is no longer pending")
+        conn.execute("UPDATE accounts SET held = held - ? WHERE id = ?", (held, user_id))
+        if key_id is not None:
+            conn.execute(
+                "UPDATE keys SET held = held - ?, spent = spent + ? WHERE id = ?", (held, amount, key_id)
+            )
+        self._post(
+            conn,
+            charge_id,
+            [
+                (user_id, -amount),
+                (developer_id, amount - fee),
+                (self._system[AccountKind.PLATFORM_FEE], fee),
+            ],
+        )
+        balance_after = self._available(conn, user_id)
+        conn.execute(
+            "INSERT INTO charges (id, call_id, user_account_id, developer_account_id, amount, fee, "
+            "balance_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (charge_id, call_id, user_id, developer_id, amount, fee, balance_after, now),
+        )
+        return self._charge_by_id(conn, charge_id)
+
+    async def void(self, call_id: str) -> bool:
+        """Release a pending hold. False when it was not pending, or no such hold exists (a hold
+        that was refused leaves no row, and voiding it is harmless)."""
+
+        def tx(conn: Conn) -> bool:
+            rows = conn.execute(
+                "UPDATE holds SET state = 'voided', settled_at = ? WHERE call_id = ? AND state = 'pending' "
+                "RETURNING user_account_id, key_id, amount",
+                (self._clock(), call_id),
+            ).fetchall()
+            self._release(conn, rows)
+            return bool(rows)
+
+        return await self._write(tx)
+
+    @staticmethod
+    def _release(conn: Conn, voided: Sequence[Sequence[Any]]) -> None:
+        """Give back what voided holds (rows of user_account_id, key_id, amount) reserved."""
+        by_account: dict[int, int] = defaultdict(int)
+        by_key: dict[str, int] = defaultdict(int)
+        for user_id, key_id, amount in voided:
+            by_account[user_id] += amount
+            if key_id is not None:
+                by_key[key_id] += amount
+        conn.executemany(
+            "UPDATE accounts SET held = held - ? WHERE id = ?",
+            [(amount, account) for account, amount in by_account.items()],
+        )
+        conn.executemany(
+            "UPDATE keys SET held = held - ? WHERE id = ?", [(amount, key) for key, amount in by_key.items()]
+        )
+
+    async def renew(self, call_ids: Sequence[str], lease_s: float) -> None:
+        if not call_ids:
+            return
+
+        def tx(conn: Conn) -> None:
+            expires = self._clock() + lease_s
+            conn.executemany(
+                "UPDATE holds SET lease_expires_at = ? WHERE call_id = ? AND state = 'pending'",
+                [(expires, call_id) for call_id in call_ids],
+            )
+
+        await self._write(tx)
+
+    async def sweep(self, now: float | None = None) -> int:
+        def tx(conn: Conn) -> int:
+            at = self._clock() if now is None else now
+            rows = conn.execute(
+                "UPDATE holds SET state = 'voided', settled_at = ? "
+                "WHERE state = 'pending' AND lease_expires_at < ? "
+                "RETURNING user_account_id, key_id, amount",
+                (at, at),
+            ).fetchall()
+            self._release(conn, rows)
+            return len(rows)
+
+        return await self._write(tx)
+
+    # --- refunds (beyond the Protocol) ----------------------------------------------------------
+    async def refund(
+        self, charge_id: str, amount: int | None = None, reference: str | None = None
+    ) -> Transfer:
+        """Reverse all or part of a charge: developer -share, platform_fee -fee share, user +amount.
+
+        ``amount`` defaults to what remains refundable. Cumulative refunds never exceed the charge
+        (Conflict). A repeated non-None ``reference`` returns the original refund with
+        ``replayed=True``; the same reference for another charge or amount raises
+        IdempotencyConflict. Raises Conflict when the developer's unpaid earnings cannot cover it.
+        """
+        if amount is not None:
+            _require_amount(amount, "refund amount")
+        return await self._write(lambda conn: self._tx_refund(conn, charge_id, amount, reference))
+
+    def _tx_refund(self, conn: Conn, charge_id: str, amount: int | None, reference: str | None) -> Transfer:
+        row = conn.execute(
+            "SELECT c.amount, c.fee, c.refunded, c.user_account_id, c.developer_account_id, h.key_id "
+            "FROM charges c JOIN holds h ON h.call_id = c.call_id WHERE c.id = ?",
+            (charge_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no charge {charge_id!r}")
+        charged, fee, refunded, user_id, developer_id, key_id = row
+        if reference is not None:
+            prior = conn.execute(
+                "SELECT id, amount, charge_id, created_at FROM transfers "
+                "WHERE kind = 'refund' AND reference = ?",
+                (reference,),
+            ).fetchone()
+            if prior is not None:
+                if prior[2] != charge_id or (amount is not None and amount != prior[1]):
+                    raise IdempotencyConflict(
+                        f"refund reference {reference!r} was already used for a different charge or amount"
+                    )
+                return Transfer(prior[0], "refund", prior[1], reference, prior[3], replayed=True)
+        if amount is None:
+            amount = charged - refunded
+            if amount == 0:
+                raise Conflict(f"charge {charge_id} is already fully refunded")
+        rows = conn.execute(
+            "UPDATE charges SET refunded = refunded + ? WHERE id = ? AND refunded + ? <= amount "
+            "RETURNING refunded",
+            (amount, charge_id, amount),
+        ).fetchall()
+        if not rows:
+            raise Conflict(
+                f"cannot refund {format_cents(amount)} cents of charge {charge_id}: only "
+                f"{format_cents(charged - refunded)} of its {format_cents(charged)} cents remain refundable"
+            )
+        after = int(rows[0][0])
+        before = after - amount
+        # Fee shares computed cumulatively, so partial refunds add up to exactly the fee.
+        fee_share = fee * after // charged - fee * before // charged
+        now = self._clock()
+        transfer_id = "tr_" + uuid.uuid4().hex
+        conn.execute(
+            "INSERT INTO transfers (id, kind, amount, reference, account_id, charge_id, created_at) "
+            "VALUES (?, 'refund', ?, ?, ?, ?, ?)",
+            (transfer_id, amount, reference, user_id, charge_id, now),
+        )
+        try:
+            self._post(
+                conn,
+                transfer_id,
+                [
+                    (developer_id, -(amount - fee_share)),
+                    (self._system[AccountKind.PLATFORM_FEE], -fee_share),
+                    (user_id, amount),
+                ],
+            )
+        except _WouldGoNegative as exc:
+            kind, name, balance = conn.execute(
+                "SELECT kind, name, balance FROM accounts WHERE id = ?", (exc.account_id,)
+            ).fetchone()
+            raise Conflict(
+                f"cannot refund {format_cents(amount)} cents of charge {charge_id}: the {kind} account "
+                f"{name!r} holds only {format_cents(balance)} cents (earnings already paid out)",
+                hint="Refund a smaller amount or settle it outside AgentPay",
+            ) from None
+        if key_id is not None:
+            conn.execute("UPDATE keys SET spent = spent - ? WHERE id = ?", (amount, key_id))
+        return Transfer(transfer_id, "refund", amount, reference, now)
+
+    async def get_charge(self, charge_id: str) -> Charge:
+        return await self._read(lambda conn: self._charge_by_id(conn, charge_id))
+
+    # --- reporting ------------------------------------------------------------------------------
+    async def user_summary(self, user: str, recent: int = 10) -> UserSummary:
+        def tx(conn: Conn) -> UserSummary:
+            account = self._account_row(conn, AccountKind.USER, user)
+            keys = conn.execute(
+                f"SELECT {_KEY_COLUMNS} WHERE k.user_account_id = ? ORDER BY k.created_at, k.id",
+                (account.id,),
+            ).fetchall()
+            charges = conn.execute(
+                f"SELECT {_CHARGE_COLUMNS} WHERE c.user_account_id = ? "
+                "ORDER BY c.created_at DESC, c.rowid DESC LIMIT ?",
+                (account.id, max(recent, 0)),
+            ).fetchall()
+            return UserSummary(
+                user=user,
+                balance=account.balance,
+                held=account.held,
+                available=account.available,
+                keys=[_key_record(row) for row in keys],
+                recent_charges=[_charge(row) for row in charges],
+            )
+
+        return await self._read(tx)
+
+    async def usage(self, user: str | None = None, server: str | None = None) -> list[UsageRow]:
+        def tx(conn: Conn) -> list[UsageRow]:
+            rows = conn.execute(
+                "SELECT u.name, h.server, h.method, h.name, COUNT(*), SUM(c.amount) "
+                "FROM charges c JOIN holds h ON h.call_id = c.call_id "
+                "JOIN accounts u ON u.id = c.user_account_id "
+                "WHERE (?1 IS NULL OR u.name = ?1) AND (?2 IS NULL OR h.server = ?2) "
+                "GROUP BY u.name, h.server, h.method, h.name ORDER BY u.name, h.server, h.method, h.name",
+                (user, server),
+            ).fetchall()
+            return [UsageRow(*row) for row in rows]
+
+        return await self._read(tx)
+
+    async def earnings(self, developer: str) -> Earnings:
+        def tx(conn: Conn) -> Earnings:
+            account = self._account_row(conn, AccountKind.DEVELOPER, developer)
+            lifetime = conn.execute(
+                "SELECT COALESCE(SUM(p.amount), 0) FROM postings p JOIN transfers t ON t.id = p.transfer_id "
+                "WHERE p.account_id = ? AND t.kind IN ('charge', 'refund')",
+                (account.id,),
+            ).fetchone()[0]
+            return Earnings(developer=developer, earnings=account.balance, lifetime=int(lifetime))
+
+        return await self._read(tx)
+
+    async def verify(self) -> list[str]:
+        return await self._read(_verify)
+
+
+def _verify(conn: Conn) -> list[str]:
+    """Every invariant, checked inside the caller's single read transaction."""
+    problems: list[str] = []
+
+    def q(sql: str) -> list[Any]:
+        return conn.execute(sql).fetchall()
+
+    total = q("SELECT COALESCE(SUM(amount), 0) FROM postings")[0][0]
+    if total != 0:
+        problems.append(f"postings sum to {total}, not 0")
+    for transfer_id, s in q(
+        "SELECT transfer_id, SUM(amount) FROM postings GROUP BY transfer_id HAVING SUM(amount) <> 0"
+    ):
+        problems.append(f"transfer {transfer_id}: postings sum to {s}, not 0")
+    for transfer_id, kind, amount, credits in q(
+        "SELECT t.id, t.kind, t.amount, COALESCE(SUM(CASE WHEN p.amount > 0 THEN p.amount END), 0) "
+        "FROM transfers t LEFT JOIN postings p ON p.transfer_id = t.id GROUP BY t.id "
+        "HAVING COALESCE(SUM(CASE WHEN p.amount > 0 THEN p.amount END), 0) <> t.amount"
+    ):
+        problems.append(f"{kind} transfer {transfer_id}: amount {amount} but its credits sum to {credits}")
+    for kind, name, balance, s in q(
+        "SELECT a.kind, a.name, a.balance, COALESCE(p.s, 0) FROM accounts a "
+        "LEFT JOIN (SELECT account_id, SUM(amount) AS s FROM postings GROUP BY account_id) p "
+        "ON p.account_id = a.id WHERE a.balance <> COALESCE(p.s, 0)"
+    ):
+        problems.append(f"{kind} {name!r}: balance {balance} but its postings sum to {s}")
+    for kind, name, held, s in q(
+        "SELECT a.kind, a.name, a.held, COALESCE(h.s, 0) FROM accounts a "
+        "LEFT JOIN (SELECT user_account_id, SUM(amount) AS s FROM holds WHERE state = 'pending' "
+        "GROUP BY user_account_id) h ON h.user_account_id = a.id WHERE a.held <> COALESCE(h.s, 0)"
+    ):
+        problems.append(f"{kind} {name!r}: held {held} but its pending holds sum to {s}")
+    for key_id, held, s in q(
+        "SELECT k.id, k.held, COALESCE(h.s, 0) FROM keys k "
+        "LEFT JOIN (SELECT key_id, SUM(amount) AS s FROM holds WHERE state = 'pending' GROUP BY key_id) h "
+        "ON h.key_id = k.id WHERE k.held <> COALESCE(h.s, 0)"
+    ):
+        problems.append(f"key {key_id}: held {held} but its pending holds sum to {s}")
+    for key_id, spent, s in q(
+        "SELECT k.id, k.spent, COALESCE(c.s, 0) FROM keys k "
+        "LEFT JOIN (SELECT h.key_id, SUM(c.amount - c.refunded) AS s FROM charges c "
+        "JOIN holds h ON h.call_id = c.call_id GROUP BY h.key_id) c "
+        "ON c.key_id = k.id WHERE k.spent <> COALESCE(c.s, 0)"
+    ):
+        problems.append(f"key {key_id}: spent {spent} but its charges net of refunds sum to {s}")
+    for name, balance, held in q(
+        "SELECT name, balance, held FROM accounts WHERE kind = 'user' AND (balance - held < 0 OR held < 0)"
+    ):
+        problems.append(f"user {name!r}: balance {balance} with {held} held leaves a negative available")
+    for kind, name, held in q("SELECT kind, name, held FROM accounts WHERE held < 0 AND kind <> 'user'"):
+        problems.append(f"{kind} {name!r}: negative held {held}")
+    for kind, name, balance in q(
+        "SELECT kind, name, balance FROM accounts "
+        "WHERE kind IN ('developer', 'platform_fee', 'payout_clearing') AND balance < 0"
+    ):
+        problems.append(f"{kind} {name!r}: negative balance {balance}")
+    for call_id, charge_id, hold_amount, charge_amount, transfer_kind, user_posting in q(
+        "SELECT h.call_id, h.charge_id, h.amount, c.amount, t.kind, "
+        "(SELECT SUM(p.amount) FROM postings p "
+        " WHERE p.transfer_id = h.charge_id AND p.account_id = h.user_account_id) "
+        "FROM holds h LEFT JOIN charges c ON c.id = h.charge_id LEFT JOIN transfers t ON t.id = h.charge_id "
+        "WHERE h.state = 'captured'"
+    ):
+        if charge_id is None or charge_amount is None or transfer_kind != "charge":
+            problems.append(f"captured hold {call_id}: no charge transfer")
+        elif user_posting != -charge_amount:
+            problems.append(
+                f"captured hold {call_id}: charge {charge_id} debits the user {user_posting}, "
+                f"not {-charge_amount}"
+            )
+        elif charge_amount > hold_amount:
+            problems.append(f"captured hold {call_id}: charged {charge_amount}, more than held {hold_amount}")
+    for charge_id, refunded, s in q(
+        "SELECT c.id, c.refunded, COALESCE(r.s, 0) FROM charges c "
+        "LEFT JOIN (SELECT charge_id, SUM(amount) AS s FROM transfers WHERE kind = 'refund' "
+        "GROUP BY charge_id) r ON r.charge_id = c.id WHERE c.refunded <> COALESCE(r.s, 0)"
+    ):
+        problems.append(f"charge {charge_id}: refunded {refunded} but its refunds sum to {s}")
+    return problems

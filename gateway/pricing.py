@@ -1,0 +1,311 @@
+"""The price table: what a tool call, a resource read or a prompt costs, per server.
+
+    weather:
+      tools:
+        get_forecast: 5
+        "premium_*": 25        # glob: an exact name wins, then the glob with the most literal characters
+      resources:
+        "weather://alerts/*": 1
+      prompts:
+        daily_brief: 2
+      default: 0               # price of anything not listed
+
+Amounts are cents with up to 3 decimals, parsed from the YAML *source text* of each scalar
+(PyYAML never gets to turn ``0.1`` into a float) into integer millicents. Glob patterns use ``*``
+(any run of characters, ``/`` included) and ``?`` (one character), case-sensitively. Two globs of
+one section with the same number of literal characters that can both match some name are an
+error, because neither would win for that name.
+
+Pure: the standard library and PyYAML only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections import deque
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal, get_args
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode
+
+from gateway.errors import ConfigError
+from gateway.money import AmountError, parse_cents
+
+__all__ = [
+    "Kind",
+    "PriceTable",
+    "ServerPrices",
+    "glob_literal_count",
+    "globs_overlap",
+    "is_glob",
+    "load_prices",
+    "parse_prices",
+]
+
+Kind = Literal["tool", "resource", "prompt"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+_SECTIONS: dict[str, Kind] = {"tools": "tool", "resources": "resource", "prompts": "prompt"}
+_SERVER_KEYS = (*_SECTIONS, "default")
+_WILDCARDS = frozenset("*?")
+
+
+# --------------------------------------------------------------------------------------------
+# Globs
+# --------------------------------------------------------------------------------------------
+def is_glob(name: str) -> bool:
+    return any(c in _WILDCARDS for c in name)
+
+
+def glob_literal_count(pattern: str) -> int:
+    """How many characters of a glob are literal (not ``*`` or ``?``): the glob's specificity."""
+    return sum(1 for c in pattern if c not in _WILDCARDS)
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
+    return re.compile("".join(parts), re.DOTALL)
+
+
+def globs_overlap(a: str, b: str) -> bool:
+    """Whether some string matches both globs (emptiness of the product automaton)."""
+    start = (0, 0)
+    seen = {start}
+    queue: deque[tuple[int, int]] = deque([start])
+
+    def push(state: tuple[int, int]) -> None:
+        if state not in seen:
+            seen.add(state)
+            queue.append(state)
+
+    def steps(pattern: str, i: int) -> list[tuple[int, str | None]]:
+        """Character-consuming moves from position i: (next position, literal char or None=any)."""
+        if i == len(pattern):
+            return []
+        c = pattern[i]
+        if c == "*":
+            return [(i, None)]
+        if c == "?":
+            return [(i + 1, None)]
+        return [(i + 1, c)]
+
+    while queue:
+        i, j = queue.popleft()
+        if i == len(a) and j == len(b):
+            return True
+        # '*' may also match nothing
+        if i < len(a) and a[i] == "*":
+            push((i + 1, j))
+        if j < len(b) and b[j] == "*":
+            push((i, j + 1))
+        for ni, ca in steps(a, i):
+            for nj, cb in steps(b, j):
+                if ca is None or cb is None or ca == cb:
+                    push((ni, nj))
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Glob:
+    pattern: str
+    literal_count: int
+    regex: re.Pattern[str]
+    price: int
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerPrices:
+    """The prices of one server: exact names, globs (most specific first) and the default."""
+
+    exact: Mapping[Kind, Mapping[str, int]]
+    globs: Mapping[Kind, tuple[_Glob, ...]]
+    default: int = 0
+    has_prices: bool = field(init=False)  # whether anything can cost more than 0
+
+    def __post_init__(self) -> None:
+        paid = (
+            self.default > 0
+            or any(p > 0 for names in self.exact.values() for p in names.values())
+            or any(g.price > 0 for globs in self.globs.values() for g in globs)
+        )
+        object.__setattr__(self, "has_prices", paid)
+
+    def lookup(self, kind: Kind, name: str) -> int:
+        price = self.exact.get(kind, _EMPTY).get(name)
+        if price is not None:
+            return price
+        for glob in self.globs.get(kind, ()):
+            if glob.regex.fullmatch(name):
+                return glob.price
+        return self.default
+
+    def listed(self, kind: Kind) -> dict[str, int]:
+        """Every name and glob pattern written for ``kind``, with its price in millicents."""
+        out = dict(self.exact.get(kind, _EMPTY))
+        out.update((g.pattern, g.price) for g in self.globs.get(kind, ()))
+        return out
+
+
+_EMPTY: Mapping[str, int] = MappingProxyType({})
+_FREE = ServerPrices(exact=MappingProxyType({}), globs=MappingProxyType({}), default=0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PriceTable:
+    """All prices, in millicents (int). Servers that are not in the table are free."""
+
+    servers: Mapping[str, ServerPrices] = field(default_factory=lambda: MappingProxyType({}))
+    digest: str = hashlib.sha256(b"").hexdigest()  # sha256 hex of the price file's bytes
+    source: str = "<empty>"  # where the table came from (the file name)
+
+    def lookup(self, server: str, kind: Kind, name: str) -> int:
+        """The price of one call in millicents: exact name, then the most specific glob, then default."""
+        return self.servers.get(server, _FREE).lookup(kind, name)
+
+    def has_prices(self, server: str) -> bool:
+        """Whether anything of ``server`` can cost more than 0 (False: every call is free)."""
+        return self.servers.get(server, _FREE).has_prices
+
+    def default(self, server: str) -> int:
+        return self.servers.get(server, _FREE).default
+
+    def listed(self, server: str) -> dict[Kind, dict[str, int]]:
+        """What the file lists for ``server``: kind -> name or glob -> millicents (for display)."""
+        prices = self.servers.get(server, _FREE)
+        return {kind: prices.listed(kind) for kind in KINDS}
+
+    @classmethod
+    def empty(cls) -> PriceTable:
+        """Everything free."""
+        return cls()
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+def load_prices(path: Path, servers: Collection[str]) -> PriceTable:
+    """Read and validate a price file; ConfigError (with file and line) for anything wrong."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("price file not found", file=source) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read price file: {exc.strerror or exc}", file=source) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"price file is not UTF-8 ({exc.reason})", file=source) from None
+    return parse_prices(text, source=source, servers=servers, digest=hashlib.sha256(data).hexdigest())
+
+
+def parse_prices(text: str, *, source: str, servers: Collection[str], digest: str | None = None) -> PriceTable:
+    """Validate price-file text. ``servers`` are the configured server names.
+
+    ``digest`` defaults to the sha256 of the UTF-8 text (what ``load_prices`` computes from the bytes).
+    """
+    if digest is None:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def error(message: str, node: Node | int) -> ConfigError:
+        line = node if isinstance(node, int) else node.start_mark.line + 1
+        return ConfigError(message, file=source, line=line)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError(
+            f"invalid YAML: {exc.problem or exc.context or 'syntax error'}",
+            file=source,
+            line=mark.line + 1 if mark is not None else 1,
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=source, line=1) from None
+    if root is None:
+        # An empty file is refused rather than read as "everything free": a half-written file seen
+        # during a hot reload must not make every call free. Write `{}` to mean "no prices".
+        raise error("the price file is empty; write {} if nothing has a price", 1)
+
+    def mapping(node: Node, where: str) -> list[tuple[str, ScalarNode, Node]]:
+        if not isinstance(node, MappingNode):
+            raise error(f"{where} must be a mapping (key: value lines)", node)
+        seen: dict[str, int] = {}
+        entries: list[tuple[str, ScalarNode, Node]] = []
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                raise error(f"keys in {where} must be plain names", key_node)
+            key = str(key_node.value)
+            if key in seen:
+                raise error(f"duplicate key {key!r} in {where} (first given on line {seen[key]})", key_node)
+            seen[key] = key_node.start_mark.line + 1
+            entries.append((key, key_node, value_node))
+        return entries
+
+    def amount(node: Node, where: str) -> int:
+        if not isinstance(node, ScalarNode) or node.tag == "tag:yaml.org,2002:null":
+            raise error(f"{where} must be an amount of cents such as 5 or 0.25", node)
+        try:
+            return parse_cents(str(node.value))  # the source text, never a float
+        except AmountError as exc:
+            raise error(f"{where}: {exc}", node) from None
+
+    known = frozenset(servers)
+    configured = sorted(known)
+    table: dict[str, ServerPrices] = {}
+    for server, key_node, server_node in mapping(root, "the price file"):
+        if server not in known:
+            close = difflib.get_close_matches(server, configured, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            listing = ", ".join(configured) or "none"
+            raise error(f"unknown server {server!r} (configured servers: {listing}){hint}", key_node)
+        exact: dict[Kind, Mapping[str, int]] = {}
+        globs: dict[Kind, tuple[_Glob, ...]] = {}
+        default = 0
+        for key, section_key, section_node in mapping(server_node, server):
+            where = f"{server}.{key}"
+            if key == "default":
+                default = amount(section_node, where)
+                continue
+            if key not in _SECTIONS:
+                close = difflib.get_close_matches(key, _SERVER_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise error(
+                    f"unknown key {key!r} in {server} (expected one of: {', '.join(_SERVER_KEYS)}){hint}",
+                    section_key,
+                )
+            kind = _SECTIONS[key]
+            names: dict[str, int] = {}
+            patterns: list[tuple[_Glob, ScalarNode]] = []
+            if not (isinstance(section_node, ScalarNode) and section_node.tag == "tag:yaml.org,2002:null"):
+                for name, name_node, price_node in mapping(section_node, where):
+                    if not name:
+                        raise error(f"empty name in {where}", name_node)
+                    price = amount(price_node, f"{where}.{name}")
+                    if not is_glob(name):
+                        names[name] = price
+                        continue
+                    glob = _Glob(name, glob_literal_count(name), _glob_regex(name), price)
+                    for other, other_node in patterns:
+                        if other.literal_count == glob.literal_count and globs_overlap(other.pattern, name):
+                            raise error(
+                                f"ambiguous globs in {where}: {other.pattern!r} (line "
+                                f"{other_node.start_mark.line + 1}) and {name!r} have the same number of "
+                                f"literal characters ({glob.literal_count}) and can match the same name; "
+                                "make one more specific or list the names exactly",
+                                name_node,
+                            )
+                    patterns.append((glob, name_node))
+            exact[kind] = MappingProxyType(names)
+            ordered = sorted((g for g, _ in patterns), key=lambda g: -g.literal_count)
+            globs[kind] = tuple(ordered)
+        table[server] = ServerPrices(exact=MappingProxyType(exact), globs=MappingProxyType(globs), default=default)
+    return PriceTable(servers=MappingProxyType(table), digest=digest, source=source)

@@ -1,0 +1,83 @@
+"""Pure request routing: (Host, raw path) → which server, which endpoint, which path-embedded key.
+
+Works on the *raw* (still percent-encoded) path so encoded slashes and dot-segments cannot smuggle
+a request to another server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.errors import BadRequest, UnknownServer
+
+Endpoint = Literal["mcp", "sse", "messages"]
+_ENDPOINTS: frozenset[str] = frozenset({"mcp", "sse", "messages"})
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    server: str
+    endpoint: Endpoint
+    path_key: str | None  # an API key embedded as /k/<key>/...
+    tail: str  # path after the endpoint segment ("" for /mcp), for the SSE messages endpoint
+
+
+def host_name(host_header: str | None) -> str | None:
+    """Lower-cased host without port; None when absent."""
+    if not host_header:
+        return None
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def resolve(
+    host_header: str | None,
+    raw_path: str,
+    *,
+    servers: Collection[str],
+    hosts: Mapping[str, str],
+) -> Route:
+    """Map a request to a configured server or raise UnknownServer / BadRequest."""
+    lowered = raw_path.lower()
+    if "%2f" in lowered or "%5c" in lowered or "\\" in raw_path:
+        raise BadRequest("Encoded slashes are not allowed in gateway paths")
+    segments = raw_path.split("/")
+    if not raw_path.startswith("/") or any(s in (".", "..") or "%2e" in s.lower() for s in segments):
+        raise BadRequest("Dot-segments are not allowed in gateway paths")
+    parts = segments[1:]
+    path_key: str | None = None
+    if len(parts) >= 2 and parts[0] == "k":
+        path_key = parts[1] or None
+        parts = parts[2:]
+    host = host_name(host_header)
+    host_server = hosts.get(host) if host else None
+    server: str | None
+    if host_server is not None:
+        if parts and parts[0] == host_server:
+            parts = parts[1:]
+        server = host_server
+    else:
+        if not parts or parts[0] not in servers:
+            name = parts[0] if parts else ""
+            raise UnknownServer(f"No MCP server named {name!r} is served here" if name else "No server in the path")
+        server, parts = parts[0], parts[1:]
+    if not parts or parts[0] not in _ENDPOINTS:
+        raise UnknownServer(f"Unknown endpoint for server {server!r}", hint=f"Use /{server}/mcp")
+    endpoint = parts[0]
+    tail = "/".join(parts[1:])
+    if endpoint != "messages" and tail:
+        raise UnknownServer(f"Unknown endpoint for server {server!r}", hint=f"Use /{server}/mcp")
+    return Route(server=server, endpoint=endpoint, path_key=path_key, tail=tail)  # type: ignore[arg-type]
+
+
+def redact_path(raw_path: str) -> str:
+    """The path with any embedded key replaced, safe to log."""
+    if raw_path.startswith("/k/"):
+        rest = raw_path[3:]
+        _, sep, after = rest.partition("/")
+        return "/k/<redacted>" + (sep + after if sep else "")
+    return raw_path

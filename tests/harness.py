@@ -1,0 +1,152 @@
+"""Test harness: a real gateway (aiohttp test server on an ephemeral loopback port) on a real SQLite
+file, configured through real YAML files, plus an official-SDK MCP client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from gateway.app import create_app
+from gateway.config import load_config
+from gateway.ledger import open_ledger
+from gateway.ledger.base import AccountKind, Ledger
+from gateway.operations import Operations
+from gateway.runtime import RUNTIME, Runtime
+
+DEFAULT_PRICES: dict[str, Any] = {
+    "weather": {
+        "tools": {"get_forecast": "5", "premium_*": "25", "wait_for_release": "5", "boom": "5"},
+        "resources": {"weather://alerts/*": "1", "demo://alerts/*": "1"},
+        "prompts": {"daily_brief": "2"},
+        "default": 0,
+    }
+}
+FAULT_PRICES: dict[str, Any] = {
+    "weather": {"tools": {"*": "5", "echo": 0}, "resources": {"*": "1"}, "prompts": {"*": "2"}, "default": 0}
+}
+
+
+def write_config(
+    tmp: Path,
+    upstreams: dict[str, str | None],
+    prices: dict[str, Any] | None = None,
+    **top: Any,
+) -> Path:
+    servers: dict[str, Any] = {}
+    for name, url in upstreams.items():
+        entry: dict[str, Any] = {"owner": "acme"}
+        if url is not None:
+            entry["upstream"] = url
+        servers[name] = entry
+    for name, extra in top.pop("server_options", {}).items():
+        servers[name].update(extra)
+    config = {"listen": "127.0.0.1:8080", "database": "sqlite:///ledger.db", "prices": "prices.yaml", **top}
+    config["servers"] = servers
+    (tmp / "prices.yaml").write_text(yaml.safe_dump(prices if prices is not None else DEFAULT_PRICES))
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class Gateway:
+    config_path: Path
+    server: TestServer
+
+    @property
+    def rt(self) -> Runtime:
+        return self.server.app[RUNTIME]
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.rt.ledger
+
+    @property
+    def ops(self) -> Operations:
+        return Operations(self.ledger, self.rt.config)
+
+    def url(self, server: str = "weather", path_key: str | None = None) -> str:
+        base = str(self.server.make_url("/")).rstrip("/")
+        prefix = f"/k/{path_key}" if path_key else ""
+        return f"{base}{prefix}/{server}/mcp"
+
+    async def new_user(self, name: str, cents: str, server: str = "weather", **key_opts: Any) -> str:
+        await self.ops.create_user(name, cents)
+        key = await self.ops.create_key(user=name, server=server, **key_opts)
+        return str(key["key"])
+
+    async def balance(self, user: str) -> int:
+        return (await self.ledger.get_account(AccountKind.USER, user)).balance
+
+    async def earnings(self, developer: str = "acme") -> int:
+        return (await self.ledger.get_account(AccountKind.DEVELOPER, developer)).balance
+
+    async def settled(self) -> None:
+        async with asyncio.timeout(10):
+            await self.rt.billing.wait_settled()
+
+    async def verify_clean(self) -> None:
+        await self.settled()
+        assert await self.ledger.verify() == []
+
+
+async def prepare_ledger(config_path: Path, developers: tuple[str, ...] = ("acme",)) -> None:
+    config = load_config(config_path)
+    ledger = open_ledger(config.database)
+    await ledger.open()
+    try:
+        for dev in developers:
+            await ledger.create_developer(dev)
+    finally:
+        await ledger.close()
+
+
+@asynccontextmanager
+async def run_gateway(config_path: Path) -> AsyncIterator[Gateway]:
+    await prepare_ledger(config_path)
+    app: web.Application = create_app(load_config(config_path))
+    server = TestServer(app, host="127.0.0.1", port=None)
+    await server.start_server()  # TestServer always sets handler_cancellation=True
+    try:
+        yield Gateway(config_path, server)
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def mcp_client(url: str, key: str | None, *, mode: str = "auto", header: str = "Authorization") -> AsyncIterator[Client]:
+    headers = {}
+    if key is not None:
+        headers[header] = f"Bearer {key}" if header == "Authorization" else key
+    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0))
+    async with http, Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
+        yield client
+
+
+def rpc(method: str, params: dict[str, Any] | None = None, rid: int | str | None = 1) -> dict[str, Any]:
+    body: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        body["params"] = params
+    if rid is not None:
+        body["id"] = rid
+    return body
+
+
+def tool_call(name: str, arguments: dict[str, Any] | None = None, rid: int | str = 1) -> dict[str, Any]:
+    return rpc("tools/call", {"name": name, "arguments": arguments or {}}, rid)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value)

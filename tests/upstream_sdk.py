@@ -1,0 +1,96 @@
+"""A real MCP server (the official `mcp` SDK's MCPServer) run by uvicorn on a loopback ephemeral port,
+in the test's own event loop. It records every tool execution it completed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+from mcp.server.mcpserver import MCPServer
+
+
+@dataclass
+class UpstreamLog:
+    completed: list[str] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def build_server(log: UpstreamLog) -> MCPServer:
+    srv = MCPServer("weather-fixture")
+
+    @srv.tool()
+    def echo(message: str) -> str:
+        """Echo a message (free)."""
+        log.completed.append("echo")
+        return message
+
+    @srv.tool()
+    def get_forecast(city: str) -> str:
+        """Forecast for a city (priced)."""
+        log.completed.append("get_forecast")
+        return f"Sunny in {city}"
+
+    @srv.tool()
+    def premium_report(city: str) -> str:
+        """A premium report (priced by glob)."""
+        log.completed.append("premium_report")
+        return f"Premium report for {city}"
+
+    @srv.tool()
+    def boom() -> str:
+        """Always fails."""
+        raise ValueError("the tool failed")
+
+    @srv.tool()
+    async def wait_for_release() -> str:
+        """Blocks until the test releases it."""
+        log.started.set()
+        await log.release.wait()
+        log.completed.append("wait_for_release")
+        return "released"
+
+    @srv.resource("weather://alerts/{region}")
+    def alerts(region: str) -> str:
+        log.completed.append(f"alerts:{region}")
+        return f"No alerts in {region}"
+
+    @srv.prompt()
+    def daily_brief(city: str) -> str:
+        log.completed.append("daily_brief")
+        return f"Write the daily weather brief for {city}."
+
+    return srv
+
+
+@dataclass
+class RunningUpstream:
+    url: str
+    log: UpstreamLog
+    server: uvicorn.Server
+
+
+@asynccontextmanager
+async def run_upstream(*, json_response: bool = False, stateless: bool = False) -> AsyncIterator[RunningUpstream]:
+    log = UpstreamLog()
+    app = build_server(log).streamable_http_app(json_response=json_response, stateless_http=stateless)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                await asyncio.sleep(0.005)
+        yield RunningUpstream(url=f"http://127.0.0.1:{port}/mcp", log=log, server=server)
+    finally:
+        log.release.set()
+        server.should_exit = True
+        async with asyncio.timeout(10):
+            await task
+        sock.close()
