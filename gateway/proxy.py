@@ -325,6 +325,8 @@ async def _relay_plain(
                 rt.sessions.pop(sid, None)
         content_type = upstream.headers.get("Content-Type", "")
         if upstream.status >= 300 or not (exchange.needs_parsing or exchange.refusals):
+            if upstream.status >= 500:
+                fields["outcome"] = "upstream_error"
             _void_all(rt, exchange)
             return await _stream_raw(request, upstream)
         if content_type.startswith("text/event-stream"):

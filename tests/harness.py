@@ -90,6 +90,9 @@ class Gateway:
     async def balance(self, user: str) -> int:
         return (await self.ledger.get_account(AccountKind.USER, user)).balance
 
+    async def held(self, user: str) -> int:
+        return (await self.ledger.get_account(AccountKind.USER, user)).held
+
     async def earnings(self, developer: str = "acme") -> int:
         return (await self.ledger.get_account(AccountKind.DEVELOPER, developer)).balance
 
@@ -126,7 +129,9 @@ async def run_gateway(config_path: Path) -> AsyncIterator[Gateway]:
 
 
 @asynccontextmanager
-async def mcp_client(url: str, key: str | None, *, mode: str = "auto", header: str = "Authorization") -> AsyncIterator[Client]:
+async def mcp_client(
+    url: str, key: str | None, *, mode: str = "auto", header: str = "Authorization"
+) -> AsyncIterator[Client]:
     headers = {}
     if key is not None:
         headers[header] = f"Bearer {key}" if header == "Authorization" else key

@@ -67,6 +67,18 @@ def build_server(log: UpstreamLog) -> MCPServer:
     return srv
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, announcing through an event when it is accepting connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
 @dataclass
 class RunningUpstream:
     url: str
@@ -81,12 +93,11 @@ async def run_upstream(*, json_response: bool = False, stateless: bool = False) 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.005)
+            await server.ready.wait()
         yield RunningUpstream(url=f"http://127.0.0.1:{port}/mcp", log=log, server=server)
     finally:
         log.release.set()

@@ -625,7 +625,7 @@ class SqliteLedger:
                 f"cannot capture {format_cents(amount)} cents: the hold for call {call_id!r} "
                 f"reserved only {format_cents(held)}"
             )
-        fee = hold_fee * amount // held
+        fee = hold_fee * amount // held if amount == held else hold_fee
         now = self._clock()
         # Derived from the call id (a uuid4 hex in the gateway), so a receipt can name its charge
         # before the capture commits; unique because a call is captured at most once.
