@@ -39,6 +39,8 @@ class Billing:
         self._settling: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.renewals = 0  # lease renewal rounds that renewed at least one hold
+        self._renewed = asyncio.Event()
 
     @property
     def inflight(self) -> int:
@@ -103,6 +105,16 @@ class Billing:
                     await self.ledger.renew(list(self._inflight), self.lease_s)
                 except (GatewayError, OSError, RuntimeError) as exc:
                     log.error("lease_renew_failed", error=str(exc), holds=len(self._inflight))
+                else:
+                    self.renewals += 1
+                    self._renewed.set()
+                    self._renewed = asyncio.Event()
+
+    async def wait_renewals(self, count: int) -> None:
+        """Wait until ``count`` more lease renewal rounds have completed."""
+        target = self.renewals + count
+        while self.renewals < target:
+            await self._renewed.wait()
 
     async def sweep_forever(self) -> None:
         while True:
