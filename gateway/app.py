@@ -24,6 +24,7 @@ from gateway.metrics import Metrics
 from gateway.reload import PriceBook
 from gateway.routing import redact_path
 from gateway.runtime import RUNTIME, Runtime
+from gateway.sessions import Sessions
 from gateway.upstream import new_session
 
 log = structlog.get_logger("gateway")
@@ -154,6 +155,7 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
         billing=billing,
         auth=Authenticator(the_ledger, cache_s=config.key_cache_s),
         metrics=metrics,
+        sessions=Sessions(window_s=config.resume_window_s),
     )
     metrics.track_pending(lambda: billing.inflight)
     app[RUNTIME] = rt
@@ -166,6 +168,16 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
     app.router.add_route("*", "/register", _not_found)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
+
+
+async def _expire_parked_forever(rt: Runtime) -> None:
+    """Void held calls whose response never came back on a resumed stream or task result."""
+    while True:
+        await asyncio.sleep(rt.config.sweep_interval_s)
+        for call in rt.sessions.expired():
+            if not call.settled:
+                call.settled = True
+                rt.billing.settle(call.call_id, capture=False)
 
 
 async def _start_draining(app: web.Application) -> None:
@@ -187,6 +199,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         spawn(rt.prices.watch(), tasks)
         spawn(rt.billing.renew_forever(), tasks)
         spawn(rt.billing.sweep_forever(), tasks)
+        spawn(_expire_parked_forever(rt), tasks)
         loop = asyncio.get_running_loop()
         rt.prices.install_sighup(loop)
         yield

@@ -141,6 +141,7 @@ class GatewayConfig:
     admin_listen: str | None = "127.0.0.1:8081"
     admin_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
     key_cache_s: float = 1.0
+    resume_window_s: float = 300.0  # how long a call whose client dropped a resumable stream stays held
 
     def __post_init__(self) -> None:
         if not isinstance(self.servers, MappingProxyType):
@@ -392,6 +393,7 @@ _TOP_KEYS = (
     "listen", "database", "prices", "servers", "max_body_bytes", "max_batch_items", "hold_lease_s",
     "sweep_interval_s", "drain_grace_s", "topup_url", "price_in_description", "allowed_origins",
     "trusted_proxies", "log_format", "admin_listen", "admin_token", "key_cache_s",
+    "resume_window_s",
 )  # fmt: skip
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
@@ -502,6 +504,7 @@ def parse_config(
         admin_listen=admin_listen,
         admin_token=admin_token,
         key_cache_s=opt("key_cache_s", lambda n, w: r.number(n, w, positive=False), 1.0),
+        resume_window_s=opt("resume_window_s", lambda n, w: r.number(n, w, positive=True), 300.0),
     )
 
 

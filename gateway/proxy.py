@@ -4,16 +4,20 @@ Requests are forwarded byte-for-byte unless a priced call was refused inside a b
 are relayed untouched unless they answer a held call (a receipt is added to the result's
 ``_meta``) or a list whose items have prices (``io.agentpay/price`` in each item's ``_meta``).
 SSE is relayed event by event. A held call is captured only after the response carrying its
-success was written to the client; anything else voids it.
+success was written to the client; anything else voids it, except that a call whose resumable
+stream (one with event ids) lost its client stays held until its response arrives on another
+stream of the session, and a task-augmented call stays held until its ``tasks/result``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -36,8 +40,9 @@ from gateway.keys import key_from_headers
 from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus, KeyRecord
 from gateway.money import format_cents
 from gateway.pricing import PriceTable
-from gateway.routing import resolve
+from gateway.routing import Route, resolve
 from gateway.runtime import RUNTIME, Runtime
+from gateway.sessions import Call, LegacyChannel
 from gateway.upstream import ForwardedFor, downstream_headers, upstream_headers
 
 LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields", dict)
@@ -45,38 +50,50 @@ PRICE_META = "io.agentpay/price"
 RECEIPT_META = "io.agentpay/receipt"
 PAYMENT_META = "io.agentpay/payment_required"
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 
-@dataclass(slots=True)
-class Call:
-    """One held, priced request inside a POST."""
-
-    call_id: str
-    msg: Message
-    kind: str
-    name: str
-    price: int
-    available_after: int
-    settled: bool = False
+class SessionNotFound(GatewayError):
+    code = "session_not_found"
+    http_status = 404
+    jsonrpc_code = -32001
 
 
 @dataclass(slots=True)
 class Exchange:
-    """What one POST is waiting for in the upstream's answer."""
+    """What one request is waiting for in the upstream's answer."""
 
-    calls: dict[RequestId, Call] = field(default_factory=dict)
+    key: KeyRecord
+    session_id: str | None = None
+    calls: dict[RequestId, Call] = field(default_factory=dict)  # held by this request
+    watched: dict[RequestId, Call] = field(default_factory=dict)  # parked calls of the session
     lists: dict[RequestId, str] = field(default_factory=dict)  # request id -> list method
     refusals: list[dict[str, Any]] = field(default_factory=list)
     charged: int = 0  # millicents captured
+    resumable: bool = False  # the upstream stream carried event ids
+    client_gone: bool = False
+
+    def call_for(self, rid: RequestId) -> Call | None:
+        call = self.calls.get(rid) or self.watched.get(rid)
+        return call if call is not None and not call.settled else None
 
     @property
     def waiting(self) -> bool:
         """Whether any response in the upstream's answer still needs to be looked at."""
-        return bool(self.lists) or any(not call.settled for call in self.calls.values())
+        return bool(self.lists) or any(not c.settled for c in (*self.calls.values(), *self.watched.values()))
+
+
+@dataclass(slots=True)
+class Context:
+    request: web.Request
+    rt: Runtime
+    route: Route
+    server: ServerConfig
+    key: KeyRecord
 
     @property
-    def needs_parsing(self) -> bool:
-        return bool(self.calls or self.lists)
+    def fields(self) -> dict[str, Any]:
+        return self.request[LOG_FIELDS]
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -98,14 +115,30 @@ async def handle(request: web.Request) -> web.StreamResponse:
             f"Server {server.name!r} is integrated through the AgentPay SDK and has no MCP endpoint here",
             hint="Call the developer's own server URL",
         )
-    if route.endpoint != "mcp":
-        raise UnknownServer(f"Endpoint {route.endpoint!r} is not served for {server.name!r}")
-    _check_session(request, rt, key)
+    ctx = Context(request, rt, route, server, key)
+    if route.endpoint == "sse":
+        if request.method != "GET":
+            raise BadRequest("The SSE endpoint takes GET", hint="POST messages to the endpoint the stream announces")
+        return await _legacy_stream(ctx)
+    if route.endpoint == "messages":
+        if request.method != "POST":
+            raise BadRequest("The messages endpoint takes POST")
+        return await _legacy_post(ctx)
+    session_id = request.headers.get("Mcp-Session-Id")
+    if session_id is not None:
+        owner = rt.sessions.owner(session_id)
+        if owner is None:
+            rt.sessions.bind(session_id, key.id, server.name)  # first sight after a gateway restart
+        elif owner != key.id:
+            raise SessionNotFound("Session not found", hint="Start a new session (initialize) with your own key")
     if request.method == "POST":
-        return await _post(request, rt, server, key)
+        return await _post(ctx, session_id)
     if request.method in ("GET", "DELETE"):
         fields["method"] = request.method
-        return await _relay_plain(request, rt, server, key, body=None)
+        exchange = Exchange(key, session_id)
+        if request.method == "GET":
+            exchange.watched = rt.sessions.pending(session_id)
+        return await _forward(ctx, exchange, body=None)
     raise BadRequest(f"Method {request.method} is not supported on an MCP endpoint", hint="Use POST, GET or DELETE")
 
 
@@ -114,7 +147,7 @@ def _hosts(config: GatewayConfig) -> dict[str, str]:
 
 
 def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfig) -> None:
-    if origin is None or origin in config.allowed_origins:
+    if origin is None or origin.lower().rstrip("/") in config.allowed_origins:
         return
     host = urlsplit(origin).hostname
     if host is not None and (host in _LOOPBACK or host in server.hosts):
@@ -125,78 +158,68 @@ def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfi
     )
 
 
-def _check_session(request: web.Request, rt: Runtime, key: KeyRecord) -> None:
-    session = request.headers.get("Mcp-Session-Id")
-    if session is None:
-        return
-    owner = rt.sessions.get(session)
-    if owner is None:
-        rt.sessions[session] = key.id  # first sight after a gateway restart: bind it now
-    elif owner != key.id:
-        raise SessionNotFound("Session not found", hint="Start a new session (initialize) with your own key")
-
-
-class SessionNotFound(GatewayError):
-    code = "session_not_found"
-    http_status = 404
-    jsonrpc_code = -32001
-
-
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    hint = "Send a smaller request"
     if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(
-            f"The request body is {request.content_length} bytes; the limit is {limit}",
-            hint="Send a smaller request",
-        )
+        raise BodyTooLarge(f"The request body is {request.content_length} bytes; the limit is {limit}", hint=hint)
     chunks = bytearray()
     async for chunk in request.content.iter_any():
         chunks += chunk
         if len(chunks) > limit:
-            raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint="Send a smaller request")
+            raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=hint)
     return bytes(chunks)
 
 
-async def _post(request: web.Request, rt: Runtime, server: ServerConfig, key: KeyRecord) -> web.StreamResponse:
-    fields = request[LOG_FIELDS]
-    body = await _read_body(request, rt.config.max_body_bytes)
+async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jsonrpc.Incoming, list[Message]]:
+    """Parse a POSTed body and decide, message by message, what is forwarded (holding priced calls)."""
+    rt, fields = ctx.rt, ctx.fields
     incoming = jsonrpc.parse_body(body, max_batch_items=rt.config.max_batch_items)
     first = incoming.messages[0]
     fields["method"] = "batch" if incoming.is_batch else (first.method or "response")
     if not incoming.is_batch and first.has_id:
         fields["rpc_id"] = first.id
-    jsonrpc.check_routing_headers(incoming, request.headers.get("Mcp-Method"), request.headers.get("Mcp-Name"))
-
+    headers = ctx.request.headers
+    jsonrpc.check_routing_headers(incoming, headers.get("Mcp-Method"), headers.get("Mcp-Name"))
     table = rt.prices.table  # prices in force when the call is held are the ones charged
-    exchange = Exchange()
     forwarded: list[Message] = []
     try:
         for msg in incoming.messages:
-            if await _admit(msg, rt, table, server, key, exchange, fields):
+            if await _admit(ctx, msg, table, exchange):
                 forwarded.append(msg)
     except BaseException:
-        _void_all(rt, exchange)
+        _release(ctx, exchange)
         raise
+    return incoming, forwarded
+
+
+async def _post(ctx: Context, session_id: str | None) -> web.StreamResponse:
+    body = await _read_body(ctx.request, ctx.rt.config.max_body_bytes)
+    exchange = Exchange(ctx.key, session_id, watched=ctx.rt.sessions.pending(session_id))
+    incoming, forwarded = await _admit_all(ctx, body, exchange)
     if not forwarded:
-        fields["outcome"] = "refused"
-        return await _write_json(request, exchange.refusals if incoming.is_batch else exchange.refusals[0], 200)
+        ctx.fields["outcome"] = "refused"
+        value = exchange.refusals if incoming.is_batch else exchange.refusals[0]
+        return web.Response(body=jsonrpc.dumps(value), content_type="application/json")
     if len(forwarded) < len(incoming.messages):
         body = jsonrpc.dumps([m.body for m in forwarded])
-    return await _relay_plain(request, rt, server, key, body=body, exchange=exchange)
+    return await _forward(ctx, exchange, body=body)
 
 
-async def _admit(
-    msg: Message,
-    rt: Runtime,
-    table: PriceTable,
-    server: ServerConfig,
-    key: KeyRecord,
-    exchange: Exchange,
-    fields: dict[str, Any],
-) -> bool:
+async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchange) -> bool:
     """Decide whether one message is forwarded; place the hold of a priced call."""
+    rt, server, key, fields = ctx.rt, ctx.server, ctx.key, ctx.fields
+    method = msg.method
+    if method in ("tasks/result", "tasks/cancel") and msg.id is not None:
+        call = rt.sessions.take_task(key.id, msg.params.get("taskId"))
+        if call is not None:
+            if method == "tasks/result":
+                exchange.calls[msg.id] = call  # its result decides the held call's fate
+            else:
+                call.settled = True
+                rt.billing.settle(call.call_id, capture=False)
+        return True
     target = msg.priced_target()
     if target is None:
-        method = msg.method
         if msg.is_request and method in LIST_METHODS and msg.id is not None:
             exchange.lists[msg.id] = method
         return True
@@ -208,11 +231,10 @@ async def _admit(
         return True
     if msg.id is None:
         raise BadRequest(
-            f"A priced {msg.method} must be a request with an id, not a notification",
+            f"A priced {method} must be a request with an id, not a notification",
             hint="Give the message an id so its result can be returned and billed",
         )
     call_id = new_call_id()
-    fee = price * server.fee_basis_points // 10_000
     outcome = await rt.billing.hold(
         HoldRequest(
             call_id=call_id,
@@ -220,10 +242,10 @@ async def _admit(
             user=key.user,
             developer=server.owner,
             server=server.name,
-            method=msg.method or "",
+            method=method or "",
             name=name,
             amount=price,
-            fee=fee,
+            fee=price * server.fee_basis_points // 10_000,
             lease_s=rt.config.hold_lease_s,
             owner=rt.billing.owner,
         )
@@ -232,7 +254,7 @@ async def _admit(
         rt.metrics.refusals.labels(server=server.name, reason=outcome.status.value).inc()
         exchange.refusals.append(_payment_refusal(msg, kind, name, price, outcome, rt.config))
         return False
-    exchange.calls[msg.id] = Call(call_id, msg, kind, name, price, outcome.available)
+    exchange.calls[msg.id] = Call(call_id, msg.id, server.name, kind, name, price, outcome.available)
     return True
 
 
@@ -241,18 +263,16 @@ def _payment_refusal(
 ) -> dict[str, Any]:
     topup = config.topup_url or "ask the gateway operator to top up your AgentPay balance"
     if outcome.status is HoldStatus.SPEND_LIMIT:
-        remaining = outcome.spend_remaining or 0
-        code, reason = (
-            "spend_limit_reached",
-            (f"this API key has {format_cents(remaining)}¢ left of its spending limit"),
-        )
+        left = format_cents(outcome.spend_remaining or 0)
+        code, reason = "spend_limit_reached", f"this API key has {left}¢ left of its spending limit"
         what_to_do = "Ask the gateway operator to raise the key's limit or issue a new key."
     else:
-        code, reason = "insufficient_funds", f"your available AgentPay balance is {format_cents(outcome.available)}¢"
+        code = "insufficient_funds"
+        reason = f"your available AgentPay balance is {format_cents(outcome.available)}¢"
         what_to_do = f"To continue, top up: {topup}."
     label = {"tool": "Calling tool", "resource": "Reading resource", "prompt": "Getting prompt"}[kind]
     text = f"Payment required: {label} {name!r} costs {format_cents(price)}¢ and {reason}. {what_to_do}"
-    data = {
+    data: dict[str, Any] = {
         "code": code,
         "price_cents": format_cents(price),
         "available_cents": format_cents(outcome.available),
@@ -261,22 +281,29 @@ def _payment_refusal(
     if outcome.spend_remaining is not None:
         data["spend_remaining_cents"] = format_cents(outcome.spend_remaining)
     if kind == "tool":
-        return jsonrpc.result_body(
-            msg.id, {"content": [{"type": "text", "text": text}], "isError": True, "_meta": {PAYMENT_META: data}}
-        )
+        result = {"content": [{"type": "text", "text": text}], "isError": True, "_meta": {PAYMENT_META: data}}
+        return jsonrpc.result_body(msg.id, result)
     return jsonrpc.error_body(msg.id, PAYMENT_REQUIRED, text, data)
 
 
-def _void_all(rt: Runtime, exchange: Exchange) -> None:
+def _release(ctx: Context, exchange: Exchange) -> None:
+    """At the end of a request: void what this request held and did not settle, or park it when
+    its stream can be resumed by the client."""
+    park = exchange.client_gone and exchange.resumable and exchange.session_id is not None
     for call in exchange.calls.values():
-        if not call.settled:
+        if call.settled or call.parked_at is not None:
+            continue
+        if park and exchange.session_id is not None:
+            ctx.rt.sessions.park(exchange.session_id, call)
+            ctx.fields["parked"] = ctx.fields.get("parked", 0) + 1
+        else:
             call.settled = True
-            rt.billing.settle(call.call_id, capture=False)
+            ctx.rt.billing.settle(call.call_id, capture=False)
 
 
-def _forwarded_for(request: web.Request, rt: Runtime) -> ForwardedFor:
+def _forwarded_for(request: web.Request, config: GatewayConfig) -> ForwardedFor:
     peer = request.remote
-    trusted = peer is not None and peer in rt.config.trusted_proxies
+    trusted = peer is not None and _is_trusted(peer, config.trusted_proxies)
     return ForwardedFor(
         client_ip=peer,
         proto=(request.headers.get("X-Forwarded-Proto") if trusted else None) or request.scheme,
@@ -285,97 +312,106 @@ def _forwarded_for(request: web.Request, rt: Runtime) -> ForwardedFor:
     )
 
 
-async def _relay_plain(
-    request: web.Request,
-    rt: Runtime,
-    server: ServerConfig,
-    key: KeyRecord,
-    *,
-    body: bytes | None,
-    exchange: Exchange | None = None,
-) -> web.StreamResponse:
-    exchange = exchange or Exchange()
-    fields = request[LOG_FIELDS]
-    session = rt.upstreams[server.name]
+def _is_trusted(peer: str, proxies: tuple[str, ...]) -> bool:
+    if not proxies:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    for entry in proxies:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+async def _open_upstream(
+    ctx: Context, method: str, url: str, *, body: bytes | None, accept_sse: bool = False
+) -> aiohttp.ClientResponse:
+    server, request = ctx.server, ctx.request
+    headers = upstream_headers(
+        request.headers, forwarded=_forwarded_for(request, ctx.rt.config), extra=server.upstream_headers
+    )
+    if accept_sse:
+        headers["Accept"] = "text/event-stream"
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(server.read_timeout_s):
+            upstream = await ctx.rt.upstreams[server.name].request(
+                method, url, data=body, headers=headers, allow_redirects=False
+            )
+    except TimeoutError:
+        raise UpstreamTimeout(f"Server {server.name!r} did not answer within {server.read_timeout_s:g}s") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError(f"Server {server.name!r} is unreachable ({type(exc).__name__})") from None
+    ctx.rt.metrics.upstream_latency.labels(server=server.name).observe(time.perf_counter() - started)
+    ctx.fields["upstream_status"] = upstream.status
+    return upstream
+
+
+async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> web.StreamResponse:
+    rt, request, server, fields = ctx.rt, ctx.request, ctx.server, ctx.fields
     assert server.upstream is not None
     url = server.upstream
     if request.rel_url.query_string:
         url = f"{url}?{request.rel_url.query_string}"
-    headers = upstream_headers(request.headers, forwarded=_forwarded_for(request, rt), extra=server.upstream_headers)
-    started = time.perf_counter()
     upstream: aiohttp.ClientResponse | None = None
     try:
-        try:
-            async with asyncio.timeout(server.read_timeout_s):
-                upstream = await session.request(request.method, url, data=body, headers=headers, allow_redirects=False)
-        except TimeoutError:
-            raise UpstreamTimeout(f"Server {server.name!r} did not answer within {server.read_timeout_s:g}s") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(f"Server {server.name!r} is unreachable ({type(exc).__name__})") from None
-        rt.metrics.upstream_latency.labels(server=server.name).observe(time.perf_counter() - started)
-        fields["upstream_status"] = upstream.status
-        if exchange.lists and not _has_prices(rt, server):
+        upstream = await _open_upstream(ctx, request.method, url, body=body)
+        if exchange.lists and not rt.prices.table.has_prices(server.name):
             exchange.lists.clear()
-        session_id = upstream.headers.get("Mcp-Session-Id")
-        if session_id is not None and request.method == "POST":
-            rt.sessions.setdefault(session_id, key.id)
-        if request.method == "DELETE" and upstream.status < 300:
-            sid = request.headers.get("Mcp-Session-Id")
-            if sid is not None:
-                rt.sessions.pop(sid, None)
+        new_session = upstream.headers.get("Mcp-Session-Id")
+        if new_session is not None and request.method == "POST" and upstream.status < 300:
+            rt.sessions.bind(new_session, ctx.key.id, server.name)
+        if request.method == "DELETE" and upstream.status < 300 and exchange.session_id is not None:
+            for call in rt.sessions.drop(exchange.session_id):
+                call.settled = True
+                rt.billing.settle(call.call_id, capture=False)
         content_type = upstream.headers.get("Content-Type", "")
-        if upstream.status >= 300 or not (exchange.needs_parsing or exchange.refusals):
+        if upstream.status >= 300 or not (exchange.waiting or exchange.refusals):
             if upstream.status >= 500:
                 fields["outcome"] = "upstream_error"
-            _void_all(rt, exchange)
-            return await _stream_raw(request, upstream)
+            _release(ctx, exchange)
+            return await _stream_raw(ctx, upstream)
         if content_type.startswith("text/event-stream"):
-            return await _relay_sse(request, rt, server, upstream, exchange)
-        return await _relay_json(request, rt, server, upstream, exchange)
+            return await _relay_sse(ctx, upstream, exchange)
+        return await _relay_json(ctx, upstream, exchange)
+    except asyncio.CancelledError:
+        exchange.client_gone = True
+        raise
     finally:
-        _void_all(rt, exchange)
+        _release(ctx, exchange)
         if upstream is not None:
             upstream.release()
-        _count(request, rt, exchange)
+        if exchange.charged:
+            fields["charged_cents"] = format_cents(exchange.charged)
+        if "outcome" not in fields:
+            fields["outcome"] = "charged" if exchange.charged else ("refused" if exchange.refusals else "ok")
 
 
-def _has_prices(rt: Runtime, server: ServerConfig) -> bool:
-    return rt.prices.table.has_prices(server.name)
-
-
-def _count(request: web.Request, rt: Runtime, exchange: Exchange) -> None:
-    fields = request[LOG_FIELDS]
-    if exchange.charged:
-        fields["charged_cents"] = format_cents(exchange.charged)
-    if "outcome" not in fields:
-        fields["outcome"] = "charged" if exchange.charged else ("refused" if exchange.refusals else "ok")
-
-
-async def _stream_raw(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def _stream_raw(ctx: Context, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     """Relay status, headers and body untouched, chunk by chunk as they arrive."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(downstream_headers(upstream.headers.items()))
     content_length = upstream.headers.get("Content-Length")
     if content_length is not None:
         response.content_length = int(content_length)
-    await response.prepare(request)
+    await response.prepare(ctx.request)
     try:
         async for chunk in upstream.content.iter_any():
             await response.write(chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-        request[LOG_FIELDS]["outcome"] = "upstream_broke_stream"
+        ctx.fields["outcome"] = "upstream_broke_stream"
         return response
     await response.write_eof()
     return response
 
 
-async def _relay_json(
-    request: web.Request,
-    rt: Runtime,
-    server: ServerConfig,
-    upstream: aiohttp.ClientResponse,
-    exchange: Exchange,
-) -> web.StreamResponse:
+async def _relay_json(ctx: Context, upstream: aiohttp.ClientResponse, exchange: Exchange) -> web.StreamResponse:
+    server = ctx.server
     try:
         async with asyncio.timeout(server.read_timeout_s):
             raw = await upstream.read()
@@ -392,9 +428,7 @@ async def _relay_json(
         except ValueError:
             value = None  # not JSON: relayed as it is, and nothing is captured
         if value is not None:
-            changed = False
-            for item in jsonrpc.responses_in(value):
-                changed |= _process_response(item, rt, server, exchange, to_capture)
+            changed = _process_value(ctx, value, exchange, to_capture)
             if exchange.refusals:
                 value = (value if isinstance(value, list) else [value]) + exchange.refusals
                 changed = True
@@ -405,56 +439,59 @@ async def _relay_json(
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(downstream_headers(upstream.headers.items()))
     response.content_length = len(raw)
-    await response.prepare(request)
+    await response.prepare(ctx.request)
     await response.write(raw)
     await response.write_eof()
-    await _capture(request, rt, server, exchange, to_capture)
+    await _capture(ctx, exchange, to_capture)
     return response
 
 
 async def _relay_sse(
-    request: web.Request,
-    rt: Runtime,
-    server: ServerConfig,
+    ctx: Context,
     upstream: aiohttp.ClientResponse,
     exchange: Exchange,
+    *,
+    rewrite: Callable[[sse.Event], bytes | None] | None = None,
+    inject: asyncio.Queue[bytes] | None = None,
 ) -> web.StreamResponse:
+    """Relay an SSE stream event by event, settling held calls on the events that answer them.
+    ``rewrite`` may replace an event; ``inject`` carries events the gateway adds (legacy SSE)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(downstream_headers(upstream.headers.items()))
-    await response.prepare(request)
-    for refusal in exchange.refusals:
-        await response.write(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
-    parser: sse.Parser | None = sse.Parser(max_event_bytes=rt.config.max_body_bytes * 4)
+    await response.prepare(ctx.request)
+    max_event = ctx.rt.config.max_body_bytes * 4
+    parser: sse.Parser | None = sse.Parser(max_event_bytes=max_event)
     try:
-        async for chunk in upstream.content.iter_any():
+        for refusal in exchange.refusals:
+            await response.write(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
+        async for chunk in _chunks(upstream, inject):
+            if isinstance(chunk, _Injected):
+                await response.write(chunk.data)
+                continue
             if parser is None:  # nothing left to look at: relay bytes as they come
                 await response.write(chunk)
                 continue
             for event in parser.feed(chunk):
+                if event.id is not None:
+                    exchange.resumable = True
+                out = rewrite(event) if rewrite is not None else None
                 to_capture: list[Call] = []
-                out = event.raw
-                data = event.data
-                if data and data.lstrip()[:1] in ("{", "["):
-                    try:
-                        value = jsonrpc.loads(data)
-                    except ValueError:
-                        value = None
-                    if value is not None:
-                        changed = False
-                        for item in jsonrpc.responses_in(value):
-                            changed |= _process_response(item, rt, server, exchange, to_capture)
-                        if changed:
-                            out = event.with_data(jsonrpc.dumps(value).decode())
+                if out is None:
+                    out = _process_event(ctx, event, exchange, to_capture)
                 await response.write(out)
-                await _capture(request, rt, server, exchange, to_capture)
-            if not exchange.waiting:
+                await _capture(ctx, exchange, to_capture)
+            if not exchange.waiting and rewrite is None and inject is None:
                 tail = parser.pending()
                 parser = None
                 if tail:
                     await response.write(tail)
+    except _CLIENT_GONE:
+        exchange.client_gone = True
+        ctx.fields["outcome"] = "client_gone"
+        return response
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, sse.EventTooLarge) as exc:
-        request[LOG_FIELDS]["outcome"] = "upstream_broke_stream"
-        request[LOG_FIELDS]["error"] = type(exc).__name__
+        ctx.fields["outcome"] = "upstream_broke_stream"
+        ctx.fields["error"] = type(exc).__name__
         return response
     if parser is not None and parser.pending():
         await response.write(parser.pending())
@@ -462,22 +499,69 @@ async def _relay_sse(
     return response
 
 
-def _process_response(
-    item: dict[str, Any], rt: Runtime, server: ServerConfig, exchange: Exchange, to_capture: list[Call]
-) -> bool:
+@dataclass(slots=True, frozen=True)
+class _Injected:
+    data: bytes
+
+
+async def _chunks(upstream: aiohttp.ClientResponse, inject: asyncio.Queue[bytes] | None) -> Any:
+    """Upstream body chunks, merged with injected events when there is an injection queue."""
+    if inject is None:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+        return
+    reader = asyncio.ensure_future(upstream.content.readany())
+    waiter = asyncio.ensure_future(inject.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                yield _Injected(waiter.result())
+                waiter = asyncio.ensure_future(inject.get())
+            if reader in done:
+                chunk = reader.result()
+                if not chunk:
+                    return
+                yield chunk
+                reader = asyncio.ensure_future(upstream.content.readany())
+    finally:
+        reader.cancel()
+        waiter.cancel()
+
+
+def _process_event(ctx: Context, event: sse.Event, exchange: Exchange, to_capture: list[Call]) -> bytes:
+    data = event.data
+    if not data or data.lstrip()[:1] not in ("{", "["):
+        return event.raw
+    try:
+        value = jsonrpc.loads(data)
+    except ValueError:
+        return event.raw
+    if _process_value(ctx, value, exchange, to_capture):
+        return event.with_data(jsonrpc.dumps(value).decode())
+    return event.raw
+
+
+def _process_value(ctx: Context, value: Any, exchange: Exchange, to_capture: list[Call]) -> bool:
+    changed = False
+    for item in jsonrpc.responses_in(value):
+        changed |= _process_response(ctx, item, exchange, to_capture)
+    return changed
+
+
+def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to_capture: list[Call]) -> bool:
     """Annotate or settle one upstream response. Returns True if ``item`` was changed."""
     rid = item.get("id")
-    if not isinstance(rid, str | int):
+    if not isinstance(rid, str | int) or isinstance(rid, bool):
         return False
-    call = exchange.calls.get(rid)
-    if call is not None and not call.settled:
+    call = exchange.call_for(rid)
+    if call is not None:
         outcome = jsonrpc.classify_response(item)
         if outcome is Outcome.SUCCESS:
             result = item["result"]
             meta = result.get("_meta")
             if not isinstance(meta, dict):
-                meta = {}
-                result["_meta"] = meta
+                meta = result["_meta"] = {}
             meta[RECEIPT_META] = {
                 "charge_id": charge_id_for(call.call_id),
                 "amount_cents": format_cents(call.price),
@@ -485,16 +569,23 @@ def _process_response(
             }
             to_capture.append(call)
             return True
+        if outcome is Outcome.TASK_CREATED:
+            task_id = item["result"]["task"].get("taskId")
+            if isinstance(task_id, str):
+                exchange.calls.pop(rid, None)
+                ctx.rt.sessions.park_task(exchange.key.id, task_id, call)
+                return False
         call.settled = True
-        rt.billing.settle(call.call_id, capture=False)
+        ctx.rt.sessions.unpark(exchange.session_id, call)
+        ctx.rt.billing.settle(call.call_id, capture=False)
         return False
     list_method = exchange.lists.pop(rid, None)
     if list_method is not None:
-        return _annotate_list(item, list_method, rt, server)
+        return _annotate_list(ctx, item, list_method)
     return False
 
 
-def _annotate_list(item: dict[str, Any], method: str, rt: Runtime, server: ServerConfig) -> bool:
+def _annotate_list(ctx: Context, item: dict[str, Any], method: str) -> bool:
     result = item.get("result")
     if not isinstance(result, dict):
         return False
@@ -502,20 +593,19 @@ def _annotate_list(item: dict[str, Any], method: str, rt: Runtime, server: Serve
     entries = result.get(list_key)
     if not isinstance(entries, list):
         return False
-    table = rt.prices.table
+    table = ctx.rt.prices.table
     changed = False
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get(name_field), str):
             continue
-        price = table.lookup(server.name, kind, entry[name_field])
+        price = table.lookup(ctx.server.name, kind, entry[name_field])
         if price == 0:
             continue
         meta = entry.get("_meta")
         if not isinstance(meta, dict):
-            meta = {}
-            entry["_meta"] = meta
+            meta = entry["_meta"] = {}
         meta[PRICE_META] = {"amount_cents": format_cents(price), "currency": "USD", "per": "successful call"}
-        if rt.config.price_in_description:
+        if ctx.rt.config.price_in_description:
             note = f"Costs {format_cents(price)}¢ per successful call."
             desc = entry.get("description")
             entry["description"] = f"{desc} ({note})" if isinstance(desc, str) and desc else note
@@ -523,22 +613,117 @@ def _annotate_list(item: dict[str, Any], method: str, rt: Runtime, server: Serve
     return changed
 
 
-async def _capture(
-    request: web.Request, rt: Runtime, server: ServerConfig, exchange: Exchange, calls: list[Call]
-) -> None:
+async def _capture(ctx: Context, exchange: Exchange, calls: list[Call]) -> None:
     """Capture calls whose success has just been written to the client."""
     if not calls:
         return
+    rt, server = ctx.rt, ctx.server
     tasks = []
     for call in calls:
         call.settled = True
+        rt.sessions.unpark(exchange.session_id, call)
         tasks.append(rt.billing.settle(call.call_id, capture=True))
         rt.metrics.charges.labels(server=server.name).inc()
         rt.metrics.charged_millicents.labels(server=server.name).inc(call.price)
         exchange.charged += call.price
-        request[LOG_FIELDS]["charge_id"] = charge_id_for(call.call_id)
+        ctx.fields["charge_id"] = charge_id_for(call.call_id)
     await asyncio.shield(asyncio.gather(*tasks))
 
 
-async def _write_json(request: web.Request, value: Any, status: int) -> web.StreamResponse:
-    return web.Response(body=jsonrpc.dumps(value), status=status, content_type="application/json")
+# --- 2024-11-05 HTTP+SSE ----------------------------------------------------------------------
+
+
+def _gateway_prefix(ctx: Context) -> str:
+    """The path prefix under which the client reached this server (keeps a path-embedded key)."""
+    key_part = f"/k/{ctx.route.path_key}" if ctx.route.path_key else ""
+    host = (ctx.request.headers.get("Host") or "").lower()
+    host_routed = _hosts(ctx.rt.config).get(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+    raw = ctx.request.rel_url.raw_path
+    if host_routed == ctx.server.name and not raw.removeprefix(key_part).startswith(f"/{ctx.server.name}/"):
+        return key_part
+    return f"{key_part}/{ctx.server.name}"
+
+
+async def _legacy_stream(ctx: Context) -> web.StreamResponse:
+    """GET /<server>/sse: relay the upstream's SSE stream, rewriting its ``endpoint`` event so the
+    client's POSTs come back through the gateway, and billing the responses it carries."""
+    rt, server = ctx.rt, ctx.server
+    assert server.sse_upstream is not None
+    ctx.fields["method"] = "sse"
+    exchange = Exchange(ctx.key)
+    channel_id = new_call_id()
+    channel: LegacyChannel | None = None
+    upstream = await _open_upstream(ctx, "GET", server.sse_upstream, body=None, accept_sse=True)
+    if upstream.status >= 300 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        try:
+            return await _stream_raw(ctx, upstream)
+        finally:
+            upstream.release()
+
+    inject: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def rewrite(event: sse.Event) -> bytes | None:
+        nonlocal channel
+        if channel is not None or event.name != "endpoint" or event.data is None:
+            return None
+        target = urljoin(server.sse_upstream or "", event.data.strip())
+        channel = LegacyChannel(ctx.key.id, server.name, target, events=inject)
+        exchange.watched = channel.pending
+        rt.sessions.legacy[channel_id] = channel
+        return event.with_data(f"{_gateway_prefix(ctx)}/messages?channel={channel_id}")
+
+    try:
+        return await _relay_sse(ctx, upstream, exchange, rewrite=rewrite, inject=inject)
+    finally:
+        upstream.release()
+        rt.sessions.legacy.pop(channel_id, None)
+        if channel is not None:
+            for call in channel.pending.values():
+                if not call.settled:
+                    call.settled = True
+                    rt.billing.settle(call.call_id, capture=False)
+        if exchange.charged:
+            ctx.fields["charged_cents"] = format_cents(exchange.charged)
+
+
+async def _legacy_post(ctx: Context) -> web.StreamResponse:
+    """POST to the rewritten endpoint: hold priced calls, forward, and expect the answers on the
+    GET stream. Refusals are delivered on that stream too, as the upstream would."""
+    rt = ctx.rt
+    channel_id = ctx.request.query.get("channel", "")
+    channel = rt.sessions.legacy.get(channel_id)
+    if channel is None or channel.key_id != ctx.key.id or channel.server != ctx.server.name:
+        raise SessionNotFound("Unknown or closed SSE session", hint="Reconnect to the SSE endpoint")
+    body = await _read_body(ctx.request, rt.config.max_body_bytes)
+    exchange = Exchange(ctx.key)
+    incoming, forwarded = await _admit_all(ctx, body, exchange)
+    for refusal in exchange.refusals:
+        channel.events.put_nowait(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
+    if not forwarded:
+        ctx.fields["outcome"] = "refused"
+        return web.Response(status=202, text="Accepted")
+    if len(forwarded) < len(incoming.messages):
+        body = jsonrpc.dumps([m.body for m in forwarded])
+    for rid, call in exchange.calls.items():
+        call.parked_at = time.monotonic()
+        channel.pending[rid] = call
+    exchange.calls = {}
+    try:
+        upstream = await _open_upstream(ctx, "POST", channel.upstream_url, body=body)
+    except BaseException:
+        _void_channel_calls(rt, channel, forwarded)
+        raise
+    try:
+        if upstream.status >= 300:
+            _void_channel_calls(rt, channel, forwarded)
+        return await _stream_raw(ctx, upstream)
+    finally:
+        upstream.release()
+
+
+def _void_channel_calls(rt: Runtime, channel: LegacyChannel, messages: list[Message]) -> None:
+    for msg in messages:
+        call = channel.pending.pop(msg.id, None) if msg.id is not None else None
+        if call is not None and not call.settled:
+            call.settled = True
+            rt.billing.settle(call.call_id, capture=False)

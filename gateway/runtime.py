@@ -13,6 +13,7 @@ from gateway.config import GatewayConfig
 from gateway.ledger.base import Ledger
 from gateway.metrics import Metrics
 from gateway.reload import PriceBook
+from gateway.sessions import Sessions
 
 
 @dataclass(slots=True)
@@ -23,10 +24,8 @@ class Runtime:
     billing: Billing
     auth: Authenticator
     metrics: Metrics
+    sessions: Sessions
     upstreams: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
-    # Mcp-Session-Id -> id of the key that opened it. Sessions are not authentication: a request
-    # presenting a session opened with another key is answered as an unknown session (404).
-    sessions: dict[str, str] = field(default_factory=dict)
     draining: bool = False
 
 

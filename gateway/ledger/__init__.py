@@ -52,9 +52,7 @@ def open_ledger(database_url: str) -> Ledger:
     if database_url.startswith(SQLITE_SCHEME):
         path = database_url[len(SQLITE_SCHEME) :]
         if not path:
-            raise InvalidInput(
-                f"database URL {database_url!r} names no file", hint="Use sqlite:///path/to/agentpay.db"
-            )
+            raise InvalidInput(f"database URL {database_url!r} names no file", hint="Use sqlite:///path/to/agentpay.db")
         from gateway.ledger.sqlite import SqliteLedger
 
         return SqliteLedger(path)

@@ -197,6 +197,23 @@ class SqliteLedger:
     ) -> None:
         await self.close()
 
+    @staticmethod
+    def _enable_wal(conn: Conn) -> None:
+        """Switch the file to WAL. Switching skips the busy handler, so when several processes
+        open a new file at once the losers retry until the winner has switched it."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        delay = 0.001
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                    return
+                conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)  # on the ledger's own thread, never the event loop
+                delay = min(delay * 2, 0.05)
+
     def _connect(self) -> Conn:
         conn = sqlite3.connect(
             self.path,
@@ -206,7 +223,7 @@ class SqliteLedger:
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
@@ -246,8 +263,7 @@ class SqliteLedger:
         ids: dict[AccountKind, int] = {}
         for kind in _SYSTEM_KINDS:
             conn.execute(
-                "INSERT INTO accounts (kind, name, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (kind, name) DO NOTHING",
+                "INSERT INTO accounts (kind, name, created_at) VALUES (?, ?, ?) ON CONFLICT (kind, name) DO NOTHING",
                 (kind.value, SYSTEM_NAME, now),
             )
             ids[kind] = conn.execute(
@@ -298,18 +314,14 @@ class SqliteLedger:
     # --- helpers (run inside a transaction) -----------------------------------------------------
     @staticmethod
     def _account_id(conn: Conn, kind: AccountKind, name: str) -> int:
-        row = conn.execute(
-            "SELECT id FROM accounts WHERE kind = ? AND name = ?", (kind.value, name)
-        ).fetchone()
+        row = conn.execute("SELECT id FROM accounts WHERE kind = ? AND name = ?", (kind.value, name)).fetchone()
         if row is None:
             raise NotFound(f"no {kind.value} named {name!r}")
         return int(row[0])
 
     @staticmethod
     def _available(conn: Conn, account_id: int) -> int:
-        return int(
-            conn.execute("SELECT balance - held FROM accounts WHERE id = ?", (account_id,)).fetchone()[0]
-        )
+        return int(conn.execute("SELECT balance - held FROM accounts WHERE id = ?", (account_id,)).fetchone()[0])
 
     @staticmethod
     def _spend_remaining(conn: Conn, key_id: str | None) -> int | None:
@@ -373,8 +385,7 @@ class SqliteLedger:
 
         def tx(conn: Conn) -> Account:
             inserted = conn.execute(
-                "INSERT INTO accounts (kind, name, created_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (kind, name) DO NOTHING",
+                "INSERT INTO accounts (kind, name, created_at) VALUES (?, ?, ?) ON CONFLICT (kind, name) DO NOTHING",
                 (kind.value, name, self._clock()),
             ).rowcount
             if inserted != 1:
@@ -400,8 +411,7 @@ class SqliteLedger:
             user_id = self._account_id(conn, AccountKind.USER, user)
             if reference is not None:
                 row = conn.execute(
-                    "SELECT id, amount, account_id, created_at FROM transfers "
-                    "WHERE kind = 'topup' AND reference = ?",
+                    "SELECT id, amount, account_id, created_at FROM transfers WHERE kind = 'topup' AND reference = ?",
                     (reference,),
                 ).fetchone()
                 if row is not None:
@@ -438,9 +448,7 @@ class SqliteLedger:
         if spend_limit is not None and (
             not isinstance(spend_limit, int) or isinstance(spend_limit, bool) or spend_limit < 0
         ):
-            raise InvalidInput(
-                f"spend limit must be a non-negative number of millicents, got {spend_limit!r}"
-            )
+            raise InvalidInput(f"spend limit must be a non-negative number of millicents, got {spend_limit!r}")
 
         def tx(conn: Conn) -> KeyRecord:
             user_id = self._account_id(conn, AccountKind.USER, user)
@@ -490,8 +498,7 @@ class SqliteLedger:
                 matches = [
                     r[0]
                     for r in conn.execute(
-                        "SELECT id FROM keys WHERE substr(prefix, 1, ?) = ? OR substr(id, 1, ?) = ? "
-                        "ORDER BY id",
+                        "SELECT id FROM keys WHERE substr(prefix, 1, ?) = ? OR substr(id, 1, ?) = ? ORDER BY id",
                         (n, id_or_prefix, n, id_or_prefix),
                     ).fetchall()
                 ]
@@ -568,8 +575,7 @@ class SqliteLedger:
                 spend_remaining=self._spend_remaining(conn, req.key_id),
             )
         rows = conn.execute(
-            "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ? "
-            "RETURNING balance - held",
+            "UPDATE accounts SET held = held + ? WHERE id = ? AND balance - held >= ? RETURNING balance - held",
             (req.amount, user_id, req.amount),
         ).fetchall()
         if not rows:
@@ -625,7 +631,7 @@ class SqliteLedger:
                 f"cannot capture {format_cents(amount)} cents: the hold for call {call_id!r} "
                 f"reserved only {format_cents(held)}"
             )
-        fee = hold_fee * amount // held if amount == held else hold_fee
+        fee = hold_fee * amount // held
         now = self._clock()
         # Derived from the call id (a uuid4 hex in the gateway), so a receipt can name its charge
         # before the capture commits; unique because a call is captured at most once.
@@ -644,9 +650,7 @@ class SqliteLedger:
             raise Conflict(f"the hold for call {call_id!r} is no longer pending")
         conn.execute("UPDATE accounts SET held = held - ? WHERE id = ?", (held, user_id))
         if key_id is not None:
-            conn.execute(
-                "UPDATE keys SET held = held - ?, spent = spent + ? WHERE id = ?", (held, amount, key_id)
-            )
+            conn.execute("UPDATE keys SET held = held - ?, spent = spent + ? WHERE id = ?", (held, amount, key_id))
         self._post(
             conn,
             charge_id,
@@ -724,9 +728,7 @@ class SqliteLedger:
         return await self._write(tx)
 
     # --- refunds (beyond the Protocol) ----------------------------------------------------------
-    async def refund(
-        self, charge_id: str, amount: int | None = None, reference: str | None = None
-    ) -> Transfer:
+    async def refund(self, charge_id: str, amount: int | None = None, reference: str | None = None) -> Transfer:
         """Reverse all or part of a charge: developer -share, platform_fee -fee share, user +amount.
 
         ``amount`` defaults to what remains refundable. Cumulative refunds never exceed the charge
@@ -749,8 +751,7 @@ class SqliteLedger:
         charged, fee, refunded, user_id, developer_id, key_id = row
         if reference is not None:
             prior = conn.execute(
-                "SELECT id, amount, charge_id, created_at FROM transfers "
-                "WHERE kind = 'refund' AND reference = ?",
+                "SELECT id, amount, charge_id, created_at FROM transfers WHERE kind = 'refund' AND reference = ?",
                 (reference,),
             ).fetchone()
             if prior is not None:
@@ -764,8 +765,7 @@ class SqliteLedger:
             if amount == 0:
                 raise Conflict(f"charge {charge_id} is already fully refunded")
         rows = conn.execute(
-            "UPDATE charges SET refunded = refunded + ? WHERE id = ? AND refunded + ? <= amount "
-            "RETURNING refunded",
+            "UPDATE charges SET refunded = refunded + ? WHERE id = ? AND refunded + ? <= amount RETURNING refunded",
             (amount, charge_id, amount),
         ).fetchall()
         if not rows:
@@ -931,8 +931,7 @@ def _verify(conn: Conn) -> list[str]:
             problems.append(f"captured hold {call_id}: no charge transfer")
         elif user_posting != -charge_amount:
             problems.append(
-                f"captured hold {call_id}: charge {charge_id} debits the user {user_posting}, "
-                f"not {-charge_amount}"
+                f"captured hold {call_id}: charge {charge_id} debits the user {user_posting}, not {-charge_amount}"
             )
         elif charge_amount > hold_amount:
             problems.append(f"captured hold {call_id}: charged {charge_amount}, more than held {hold_amount}")

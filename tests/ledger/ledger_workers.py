@@ -42,3 +42,14 @@ async def _hold_and_capture(path: Path, worker: int, calls: int, price: int, bar
 def hold_and_capture(path: str, worker: int, calls: int, price: int, barrier: Barrier, results: Queue[int]) -> None:
     """Process entry point: attempt ``calls`` holds+captures at ``price``; report the total captured."""
     results.put(asyncio.run(_hold_and_capture(Path(path), worker, calls, price, barrier)))
+
+
+async def _open_and_verify(path: Path, barrier: Barrier) -> list[str]:
+    barrier.wait(timeout=60)
+    async with SqliteLedger(path) as ledger:
+        return await ledger.verify()
+
+
+def open_and_verify(path: str, barrier: Barrier, results: Queue[list[str]]) -> None:
+    """Process entry point: open (creating if need be) the ledger at the same moment as others."""
+    results.put(asyncio.run(_open_and_verify(Path(path), barrier)))

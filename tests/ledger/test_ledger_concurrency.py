@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
 from gateway.ledger.base import AccountKind, HoldStatus
 from gateway.ledger.sqlite import SqliteLedger
 
 from .conftest import HoldFactory
-from .ledger_workers import hold_and_capture
+from .ledger_workers import hold_and_capture, open_and_verify
 
 
 async def test_200_concurrent_holds_of_7_against_100_reserve_exactly_14(
@@ -43,7 +44,7 @@ async def test_verify_sees_a_consistent_snapshot_while_traffic_runs(
     async def audits() -> list[list[str]]:
         return [await ledger.verify() for _ in range(20)]
 
-    *_, reports = await asyncio.gather(*(traffic(i) for i in range(300)), audits())
+    reports, _ = await asyncio.gather(audits(), asyncio.gather(*(traffic(i) for i in range(300))))
     assert all(report == [] for report in reports)
     assert await ledger.verify() == []
 
@@ -83,3 +84,21 @@ def test_holds_from_four_processes_on_one_file_capture_exactly_what_the_balance_
 
     final_balance, held, problems = asyncio.run(audit())
     assert (final_balance, held, problems) == (balance - (balance // price) * price, 0, [])
+
+
+def test_processes_opening_a_new_file_at_once_all_succeed_and_create_the_schema_once(db_path: Path) -> None:
+    processes = 6
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(processes)
+    results = ctx.Queue()
+    workers = [ctx.Process(target=open_and_verify, args=(str(db_path), barrier, results)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    reports = [results.get(timeout=100) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    assert reports == [[]] * processes
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM accounts WHERE name = 'system'").fetchone()[0] == 3

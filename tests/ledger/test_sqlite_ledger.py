@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import AlreadyExists, Conflict, IdempotencyConflict, InvalidInput, NotFound
+from gateway.errors import AlreadyExists, Conflict, IdempotencyConflict, InvalidInput, NotFound, Unavailable
 from gateway.ledger import open_ledger
 from gateway.ledger.base import AccountKind, HoldStatus
 from gateway.ledger.sqlite import SqliteLedger
@@ -259,6 +259,15 @@ async def test_sweep_voids_only_lapsed_leases_and_renewed_ones_stay(
     assert await ledger.verify() == []
 
 
+async def test_a_lease_lapses_only_after_its_expiry_time(
+    ledger: SqliteLedger, hold_req: HoldFactory, clock: FakeClock
+) -> None:
+    await ledger.topup("alice", 1_000)
+    await ledger.hold(hold_req("call-1", amount=100, lease_s=30))
+    assert await ledger.sweep(now=clock.now + 30) == 0
+    assert await ledger.sweep(now=clock.now + 30.001) == 1
+
+
 async def test_sweep_releases_key_holds(ledger: SqliteLedger, hold_req: HoldFactory, clock: FakeClock) -> None:
     await ledger.topup("alice", 10_000)
     key = await ledger.create_key(
@@ -274,9 +283,7 @@ async def test_sweep_releases_key_holds(ledger: SqliteLedger, hold_req: HoldFact
 
 
 # --- verify -----------------------------------------------------------------------------------
-async def test_verify_detects_a_balance_that_does_not_match_its_postings(
-    ledger: SqliteLedger, db_path: Path
-) -> None:
+async def test_verify_detects_a_balance_that_does_not_match_its_postings(ledger: SqliteLedger, db_path: Path) -> None:
     await ledger.topup("alice", 1_000)
     assert await ledger.verify() == []
     with sqlite3.connect(db_path) as conn:
@@ -346,7 +353,7 @@ async def test_partial_refunds_add_up_to_the_charge_and_the_fee_exactly(
 async def test_refund_cannot_exceed_the_charge(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
     charge_id = await _charged(ledger, hold_req)
     await ledger.refund(charge_id, 600)
-    with pytest.raises(Conflict, match="only 0.4 of its 1 cents remain"):
+    with pytest.raises(Conflict, match=r"only 0\.4 of its 1 cents remain"):
         await ledger.refund(charge_id, 401)
     assert (await ledger.get_charge(charge_id)).refunded == 600
     assert await balance(ledger, AccountKind.USER, "alice") == 9_600
@@ -362,9 +369,7 @@ async def test_concurrent_refunds_never_exceed_the_charge(ledger: SqliteLedger, 
     assert await ledger.verify() == []
 
 
-async def test_refund_with_a_repeated_reference_is_applied_once(
-    ledger: SqliteLedger, hold_req: HoldFactory
-) -> None:
+async def test_refund_with_a_repeated_reference_is_applied_once(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
     charge_id = await _charged(ledger, hold_req)
     first = await ledger.refund(charge_id, 200, reference="ticket-7")
     again = await ledger.refund(charge_id, 200, reference="ticket-7")
@@ -568,7 +573,7 @@ async def test_closed_ledger_refuses_work(db_path: Path) -> None:
     await store.open()
     await store.close()
     await store.close()  # idempotent
-    with pytest.raises(Exception, match="not open"):
+    with pytest.raises(Unavailable, match="not open"):
         await store.verify()
 
 
