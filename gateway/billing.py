@@ -39,6 +39,7 @@ class Billing:
         self._settling: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._progress = asyncio.Event()
         self.renewals = 0  # lease renewal rounds that renewed at least one hold
         self._renewed = asyncio.Event()
 
@@ -89,8 +90,18 @@ class Billing:
         self._check_idle()
 
     def _check_idle(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
         if not self._inflight and not self._settling:
             self._idle.set()
+
+    @property
+    def settling(self) -> int:
+        return len(self._settling)
+
+    async def wait_progress(self) -> None:
+        """Wait until some hold is settled or forgotten."""
+        await self._progress.wait()
 
     async def wait_settled(self) -> None:
         """Wait until every call this process held has been captured or voided."""

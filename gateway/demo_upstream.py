@@ -43,7 +43,7 @@ TOOLS: list[dict[str, Any]] = [
     },
     *[
         {"name": name, "description": f"Fault switch: {name}.", "inputSchema": {"type": "object"}}
-        for name in ("fail_500", "garbage", "truncate", "reset", "slow", "rpc_error", "tool_error")
+        for name in ("fail_500", "garbage", "truncate", "reset", "slow", "rpc_error", "tool_error", "ask")
     ],
 ]
 RESOURCES = [{"uri": "demo://alerts/north", "name": "alerts-north", "mimeType": "text/plain"}]
@@ -55,6 +55,7 @@ class DemoUpstream:
     sse: bool = False
     completed: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)  # headers seen, for hygiene tests
+    tasks: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)  # task id -> (tool, args)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -75,13 +76,18 @@ class DemoUpstream:
             message = await request.json()
         except ValueError:
             return web.json_response(_error(None, -32700, "Parse error"), status=400)
-        if isinstance(message, list):
-            return web.json_response(_error(None, -32600, "Batches are not supported"), status=400)
+        if isinstance(message, list):  # a 2025-03-26 batch: answer every request in one array
+            answers = [self._answer(m.get("id"), m.get("method"), m.get("params") or {}) for m in message if "id" in m]
+            return web.json_response(answers) if answers else web.Response(status=202)
         if "id" not in message:
             return web.Response(status=202)
         method = message.get("method")
         params = message.get("params") or {}
         rid = message.get("id")
+        if method == "tools/call" and isinstance(params.get("task"), dict):  # 2025-11-25 task-augmented
+            task_id = uuid.uuid4().hex
+            self.tasks[task_id] = (params.get("name"), params.get("arguments") or {})
+            return await self._send(request, _result(rid, {"task": {"taskId": task_id, "status": "working"}}))
         if method == "tools/call":
             return await self._call(request, rid, params.get("name"), params.get("arguments") or {})
         body = self._answer(rid, method, params)
@@ -104,6 +110,16 @@ class DemoUpstream:
             )
         if method == "ping":
             return _result(rid, {})
+        if method == "tools/call":
+            return self._tool(rid, params.get("name"), params.get("arguments") or {})
+        if method == "tasks/result":
+            name, args = self.tasks.pop(str(params.get("taskId")), (None, {}))
+            if name is None:
+                return _error(rid, -32602, "Unknown task")
+            return self._tool(rid, name, args)
+        if method == "tasks/cancel":
+            self.tasks.pop(str(params.get("taskId")), None)
+            return _result(rid, {"taskId": params.get("taskId"), "status": "cancelled"})
         if method == "tools/list":
             return _result(rid, {"tools": TOOLS})
         if method == "resources/list":
@@ -163,18 +179,31 @@ class DemoUpstream:
             return await self._send(
                 request, _result(rid, {"content": [{"type": "text", "text": "It went wrong"}], "isError": True})
             )
+        return await self._send(request, self._tool(rid, name, args))
+
+    def _tool(self, rid: Any, name: Any, args: dict[str, Any]) -> dict[str, Any]:
+        """The answer of a tool that needs no transport tricks."""
+        if name == "ask" and "answer" not in args:  # 2026-07-28 multi-round: input first, then the result
+            return _result(
+                rid,
+                {
+                    "resultType": "input_required",
+                    "inputRequests": {"answer": {"method": "elicitation/create", "params": {"message": "Which city?"}}},
+                },
+            )
         tools: dict[str, Callable[[], str]] = {
             "echo": lambda: str(args.get("message", "")),
             "get_forecast": lambda: f"Sunny in {args.get('city', 'your city')}",
             "premium_report": lambda: f"Premium report for {args.get('city', 'your city')}: calm.",
             "add": lambda: str(int(args.get("a", 0)) + int(args.get("b", 0))),
             "slow": lambda: "finally",
+            "ask": lambda: f"You answered {args.get('answer')}",
         }
         text = tools.get(str(name))
         if text is None:
-            return await self._send(request, _error(rid, -32602, f"Unknown tool: {name}"))
+            return _error(rid, -32602, f"Unknown tool: {name}")
         self.completed.append(str(name))
-        return await self._send(request, _result(rid, {"content": [{"type": "text", "text": text()}]}))
+        return _result(rid, {"content": [{"type": "text", "text": text()}]})
 
     async def _send(
         self, request: web.Request, body: dict[str, Any], headers: dict[str, str] | None = None

@@ -100,6 +100,12 @@ class Gateway:
         async with asyncio.timeout(10):
             await self.rt.billing.wait_settled()
 
+    async def settled_except(self, held: int) -> None:
+        """Wait until only ``held`` calls remain in flight (the rest captured or voided)."""
+        async with asyncio.timeout(10):
+            while self.rt.billing.inflight > held or self.rt.billing.settling:
+                await self.rt.billing.wait_progress()
+
     async def verify_clean(self) -> None:
         await self.settled()
         assert await self.ledger.verify() == []

@@ -8,9 +8,11 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from mcp.server.streamable_http import EventMessage, EventStore
 
 
 @dataclass
@@ -86,10 +88,45 @@ class RunningUpstream:
     server: uvicorn.Server
 
 
+class MemoryEventStore(EventStore):
+    """Keeps every event so a client can resume a stream with Last-Event-ID."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, Any]] = []  # (event id, stream id, message)
+
+    async def store_event(self, stream_id: str, message: Any) -> str:
+        event_id = str(len(self.events) + 1)
+        self.events.append((event_id, stream_id, message))
+        return event_id
+
+    async def replay_events_after(self, last_event_id: str, send_callback: Any) -> str | None:
+        stream = next((s for e, s, _ in self.events if e == last_event_id), None)
+        if stream is None:
+            return None
+        after = False
+        for event_id, stream_id, message in self.events:
+            if after and stream_id == stream and message is not None:
+                await send_callback(EventMessage(message, event_id))
+            after = after or event_id == last_event_id
+        return stream
+
+
 @asynccontextmanager
-async def run_upstream(*, json_response: bool = False, stateless: bool = False) -> AsyncIterator[RunningUpstream]:
+async def run_upstream(
+    *, json_response: bool = False, stateless: bool = False, resumable: bool = False, legacy_sse: bool = False
+) -> AsyncIterator[RunningUpstream]:
     log = UpstreamLog()
-    app = build_server(log).streamable_http_app(json_response=json_response, stateless_http=stateless)
+    server_def = build_server(log)
+    app = (
+        server_def.sse_app()
+        if legacy_sse
+        else server_def.streamable_http_app(
+            json_response=json_response,
+            stateless_http=stateless,
+            event_store=MemoryEventStore() if resumable else None,
+            retry_interval=100 if resumable else None,
+        )
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -44,12 +44,15 @@ def hold_and_capture(path: str, worker: int, calls: int, price: int, barrier: Ba
     results.put(asyncio.run(_hold_and_capture(Path(path), worker, calls, price, barrier)))
 
 
-async def _open_and_verify(path: Path, barrier: Barrier) -> list[str]:
-    barrier.wait(timeout=60)
-    async with SqliteLedger(path) as ledger:
-        return await ledger.verify()
+async def _open_and_verify(paths: list[str], barrier: Barrier) -> list[str]:
+    problems: list[str] = []
+    for path in paths:
+        barrier.wait(timeout=60)
+        async with SqliteLedger(Path(path)) as ledger:
+            problems += await ledger.verify()
+    return problems
 
 
-def open_and_verify(path: str, barrier: Barrier, results: Queue[list[str]]) -> None:
-    """Process entry point: open (creating if need be) the ledger at the same moment as others."""
-    results.put(asyncio.run(_open_and_verify(Path(path), barrier)))
+def open_and_verify(paths: list[str], barrier: Barrier, results: Queue[list[str]]) -> None:
+    """Process entry point: open (creating them) these ledgers at the same moment as the others."""
+    results.put(asyncio.run(_open_and_verify(paths, barrier)))

@@ -86,12 +86,13 @@ def test_holds_from_four_processes_on_one_file_capture_exactly_what_the_balance_
     assert (final_balance, held, problems) == (balance - (balance // price) * price, 0, [])
 
 
-def test_processes_opening_a_new_file_at_once_all_succeed_and_create_the_schema_once(db_path: Path) -> None:
-    processes = 6
+def test_processes_opening_a_new_file_at_once_all_succeed_and_create_the_schema_once(tmp_path: Path) -> None:
+    processes, rounds = 6, 4  # the race is probabilistic: several fresh files make it likely to bite
+    paths = [str(tmp_path / f"fresh-{n}.db") for n in range(rounds)]
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes)
     results = ctx.Queue()
-    workers = [ctx.Process(target=open_and_verify, args=(str(db_path), barrier, results)) for _ in range(processes)]
+    workers = [ctx.Process(target=open_and_verify, args=(paths, barrier, results)) for _ in range(processes)]
     for worker in workers:
         worker.start()
     reports = [results.get(timeout=100) for _ in workers]
@@ -99,6 +100,7 @@ def test_processes_opening_a_new_file_at_once_all_succeed_and_create_the_schema_
         worker.join(timeout=30)
         assert worker.exitcode == 0
     assert reports == [[]] * processes
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
-        assert conn.execute("SELECT COUNT(*) FROM accounts WHERE name = 'system'").fetchone()[0] == 3
+    for path in paths:
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+            assert conn.execute("SELECT COUNT(*) FROM accounts WHERE name = 'system'").fetchone()[0] == 3
