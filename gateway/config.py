@@ -142,6 +142,8 @@ class GatewayConfig:
     admin_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
     key_cache_s: float = 1.0
     resume_window_s: float = 300.0  # how long a call whose client dropped a resumable stream stays held
+    tls_cert: Path | None = None  # PEM certificate chain: terminate TLS on `listen` (HTTP/1.1)
+    tls_key: Path | None = None  # PEM private key for tls_cert
 
     def __post_init__(self) -> None:
         if not isinstance(self.servers, MappingProxyType):
@@ -393,7 +395,7 @@ _TOP_KEYS = (
     "listen", "database", "prices", "servers", "max_body_bytes", "max_batch_items", "hold_lease_s",
     "sweep_interval_s", "drain_grace_s", "topup_url", "price_in_description", "allowed_origins",
     "trusted_proxies", "log_format", "admin_listen", "admin_token", "key_cache_s",
-    "resume_window_s",
+    "resume_window_s", "tls_cert", "tls_key",
 )  # fmt: skip
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
@@ -472,6 +474,11 @@ def parse_config(
             raise r.error(f"log_format must be one of {', '.join(_LOG_FORMATS)}, got {value!r}", node)
         log_format = value
 
+    tls_cert = opt("tls_cert", lambda n, w: _resolve(base, r.string(n, w)), None)
+    tls_key = opt("tls_key", lambda n, w: _resolve(base, r.string(n, w)), None)
+    if (tls_cert is None) != (tls_key is None):
+        raise r.error("tls_cert and tls_key must be given together", top[("tls_cert" if tls_cert else "tls_key")][1])
+
     no_items: list[tuple[str, Node]] = []
     origins: list[str] = []
     for text_value, node in opt("allowed_origins", r.string_list, no_items):
@@ -505,6 +512,8 @@ def parse_config(
         admin_token=admin_token,
         key_cache_s=opt("key_cache_s", lambda n, w: r.number(n, w, positive=False), 1.0),
         resume_window_s=opt("resume_window_s", lambda n, w: r.number(n, w, positive=True), 300.0),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 import structlog
@@ -11,6 +12,7 @@ from aiohttp import web
 from gateway import logs
 from gateway.app import check_owners, create_app
 from gateway.config import GatewayConfig
+from gateway.errors import ConfigError
 from gateway.ledger import open_ledger
 from gateway.money import format_cents
 from gateway.pricing import load_prices
@@ -49,8 +51,16 @@ def serve(config: GatewayConfig) -> int:
     asyncio.run(check(config))
     app = create_app(config)
     log.info("gateway_starting", listen=config.listen, servers=sorted(config.servers))
+    ssl_context = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load tls_cert/tls_key: {exc}", file=str(config.path)) from None
     web.run_app(
         app,
+        ssl_context=ssl_context,
         host=config.listen_host,
         port=config.listen_port,
         shutdown_timeout=config.drain_grace_s,

@@ -45,13 +45,13 @@ class GatewayProcess:
             return await self.proc.wait()
 
 
-async def wait_ready(port: int, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+async def wait_ready(port: int, proc: asyncio.subprocess.Process, log_path: Path, scheme: str = "http") -> None:
     async with aiohttp.ClientSession() as http, asyncio.timeout(20):
         while True:
             if proc.returncode is not None:
                 raise RuntimeError(f"gateway exited with {proc.returncode}:\n{log_path.read_text()}")
             try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                async with http.get(f"{scheme}://127.0.0.1:{port}/readyz", ssl=False) as resp:
                     if resp.status == 200:
                         return
             except aiohttp.ClientConnectionError:
@@ -60,7 +60,7 @@ async def wait_ready(port: int, proc: asyncio.subprocess.Process, log_path: Path
 
 
 @asynccontextmanager
-async def run_gateway_process(config_path: Path) -> AsyncIterator[GatewayProcess]:
+async def run_gateway_process(config_path: Path, scheme: str = "http") -> AsyncIterator[GatewayProcess]:
     port = free_port()
     config = yaml.safe_load(config_path.read_text())
     config["listen"] = f"127.0.0.1:{port}"
@@ -81,7 +81,7 @@ async def run_gateway_process(config_path: Path) -> AsyncIterator[GatewayProcess
         )
     gp = GatewayProcess(proc, port, log_path)
     try:
-        await wait_ready(port, proc, log_path)
+        await wait_ready(port, proc, log_path, scheme)
         yield gp
     finally:
         if proc.returncode is None:

@@ -1,0 +1,105 @@
+"""Routing like a real edge: by path and by Host, immune to path tricks; TLS termination."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from gateway.errors import BadRequest, UnknownServer
+from gateway.routing import redact_path, resolve
+from tests.fault_upstream import run_fault_upstream
+from tests.harness import FAULT_PRICES, prepare_ledger, run_gateway, tool_call, write_config
+from tests.process import run_gateway_process
+
+SERVERS = ("weather", "maps")
+HOSTS = {"weather.example.com": "weather"}
+
+
+def test_a_server_is_found_by_path_with_or_without_a_path_key() -> None:
+    assert resolve("gw", "/weather/mcp", servers=SERVERS, hosts=HOSTS).server == "weather"
+    route = resolve("gw", "/k/ap_secret/maps/mcp", servers=SERVERS, hosts=HOSTS)
+    assert (route.server, route.path_key, route.endpoint) == ("maps", "ap_secret", "mcp")
+
+
+def test_on_a_servers_own_host_only_that_servers_paths_exist() -> None:
+    assert resolve("Weather.Example.com:443", "/mcp", servers=SERVERS, hosts=HOSTS).server == "weather"
+    assert resolve("weather.example.com", "/k/ap_x/mcp", servers=SERVERS, hosts=HOSTS).path_key == "ap_x"
+    with pytest.raises(UnknownServer):
+        resolve("weather.example.com", "/maps/mcp", servers=SERVERS, hosts=HOSTS)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/weather/../maps/mcp",
+        "/weather%2F..%2Fmaps/mcp",
+        "/weather/%2e%2e/maps/mcp",
+        "/maps%2fmcp",
+        "/weather\\..\\maps/mcp",
+    ],
+)
+def test_path_tricks_never_reach_another_server(path: str) -> None:
+    with pytest.raises((BadRequest, UnknownServer)):
+        resolve("gw", path, servers=SERVERS, hosts=HOSTS)
+
+
+def test_path_embedded_keys_are_redacted_for_logs() -> None:
+    assert redact_path("/k/ap_secret/weather/mcp") == "/k/<redacted>/weather/mcp"
+    assert redact_path("/weather/mcp") == "/weather/mcp"
+
+
+async def test_a_key_for_one_server_cannot_reach_another_through_the_host_header(tmp_path: Path) -> None:
+    async with run_fault_upstream() as (url, upstream):
+        config = write_config(
+            tmp_path,
+            {"weather": url, "maps": url},
+            FAULT_PRICES,
+            server_options={"maps": {"hosts": ["maps.example.com"]}},
+        )
+        async with run_gateway(config) as gw:
+            key = await gw.new_user("alice", "100", server="weather")
+            async with aiohttp.ClientSession() as http:
+                headers = {
+                    "Authorization": f"Bearer {key}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json",
+                }
+                async with http.post(
+                    gw.server.make_url("/mcp"),
+                    data=json.dumps(tool_call("get_forecast")),
+                    headers={**headers, "Host": "maps.example.com"},
+                ) as resp:
+                    assert resp.status == 403
+                    assert (await resp.json())["error"]["data"]["code"] == "wrong_server"
+                async with http.post(
+                    gw.server.make_url("/mcp"),
+                    data=json.dumps(tool_call("get_forecast")),
+                    headers={**headers, "Host": "nowhere.example"},
+                ) as resp:
+                    assert resp.status == 404
+            assert upstream.completed == []
+
+
+async def test_tls_is_terminated_when_a_certificate_is_configured(tmp_path: Path) -> None:
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    async with run_fault_upstream() as (url, _):
+        config = write_config(tmp_path, {"weather": url}, FAULT_PRICES, tls_cert="cert.pem", tls_key="key.pem")
+        await prepare_ledger(config)
+        async with run_gateway_process(config, scheme="https") as gw:
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"https://127.0.0.1:{gw.port}/healthz", ssl=ctx) as resp,
+            ):
+                assert resp.status == 200
+            assert yaml.safe_load(config.read_text())["tls_cert"] == "cert.pem"
