@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from threading import BrokenBarrierError
 
+from gateway.errors import GatewayError
 from gateway.ledger.base import HoldRequest
 from gateway.ledger.sqlite import SqliteLedger
 
@@ -55,4 +58,9 @@ async def _open_and_verify(paths: list[str], barrier: Barrier) -> list[str]:
 
 def open_and_verify(paths: list[str], barrier: Barrier, results: Queue[list[str]]) -> None:
     """Process entry point: open (creating them) these ledgers at the same moment as the others."""
-    results.put(asyncio.run(_open_and_verify(paths, barrier)))
+    try:
+        results.put(asyncio.run(_open_and_verify(paths, barrier)))
+    except (sqlite3.Error, GatewayError, BrokenBarrierError) as exc:
+        # report it rather than leave the others waiting at the barrier
+        barrier.abort()
+        results.put([f"{type(exc).__name__}: {exc}"])
