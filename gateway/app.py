@@ -21,9 +21,11 @@ from gateway.errors import AuthError, ConfigError, GatewayError, MissingKey
 from gateway.ledger import open_ledger
 from gateway.ledger.base import Ledger
 from gateway.metrics import Metrics
+from gateway.openapi import openapi_document
 from gateway.reload import PriceBook
 from gateway.routing import redact_path
 from gateway.runtime import RUNTIME, Runtime
+from gateway.service_api import ServiceApi
 from gateway.sessions import Sessions
 from gateway.upstream import new_session
 
@@ -122,6 +124,10 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready", "prices": rt.prices.table.digest})
 
 
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document("service"))
+
+
 async def _metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     rt.metrics.set_price_digest(rt.prices.table.digest)
@@ -161,6 +167,10 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
     app[RUNTIME] = rt
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_start_draining)
+    service = ServiceApi(the_ledger, rt.auth, frozenset(config.servers))
+    service_app = service.app()
+    service_app.router.add_get("/openapi.json", _openapi)
+    app.add_subapp("/v1/", service_app)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import os
 import sys
@@ -71,6 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     command("list", "list keys (prefixes only)", keys).add_argument("--user")
     command("revoke", "revoke a key by id or unique prefix", keys).add_argument("id_or_prefix")
 
+    tokens = command("tokens", "service tokens for developers' own servers").add_subparsers(
+        dest="action", required=True
+    )
+    tcreate = command("create", "issue a service token (shown once)", tokens)
+    tcreate.add_argument("--developer", required=True)
+    tcreate.add_argument("--server", required=True, action="append", help="repeat for several servers")
+    command("list", "list service tokens (prefixes only)", tokens).add_argument("--developer")
+    command("revoke", "revoke a service token by id or unique prefix", tokens).add_argument("id_or_prefix")
+
+    charges = command("charges", "charges").add_subparsers(dest="action", required=True)
+    refund = command("refund", "refund a charge (proxy or service API) fully or partly", charges)
+    refund.add_argument("charge_id")
+    refund.add_argument("--amount-cents", help="partial refund amount (default: what is left of the charge)")
+    refund.add_argument("--reference", help="idempotency reference: a repeated reference is applied once")
+
+    payouts = command("payouts", "developer payouts").add_subparsers(dest="action", required=True)
+    pcreate = command("create", "move earnings to payout clearing (pending)", payouts)
+    pcreate.add_argument("developer")
+    pcreate.add_argument("--amount-cents", help="default: all current earnings")
+    psettle = command("settle", "mark a payout as paid", payouts)
+    psettle.add_argument("payout_id")
+    psettle.add_argument("--reference", required=True, help="the bank or transfer reference")
+    command("fail", "mark a payout as failed: the money returns to the developer", payouts).add_argument("payout_id")
+    command("list", "list payouts", payouts).add_argument("--developer")
+
+    statement = command("statement", "a developer's statement of charges, refunds and payouts")
+    statement.add_argument("developer")
+    statement.add_argument("--csv", action="store_true", help="print CSV")
+
     usage = command("usage", "calls and amounts by user, server and tool")
     usage.add_argument("--user")
     usage.add_argument("--server")
@@ -104,6 +134,13 @@ def _print(value: Any, as_json: bool) -> None:
             print(f"{name}: {item}")
 
 
+def _print_csv(rows: Any) -> None:
+    fields = ["created_at", "kind", "amount_cents", "server", "name", "charge_id", "transfer_id"]
+    writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
 async def _with_ops(config: GatewayConfig, fn: Callable[[Operations], Awaitable[Any]]) -> Any:
     ledger = open_ledger(config.database)
     await ledger.open()
@@ -125,6 +162,15 @@ def _action(args: argparse.Namespace) -> Callable[[Operations], Awaitable[Any]] 
         ),
         ("keys", "list"): lambda o: o.list_keys(args.user),
         ("keys", "revoke"): lambda o: o.revoke_key(args.id_or_prefix),
+        ("tokens", "create"): lambda o: o.create_token(developer=args.developer, servers=args.server),
+        ("tokens", "list"): lambda o: o.list_tokens(args.developer),
+        ("tokens", "revoke"): lambda o: o.revoke_token(args.id_or_prefix),
+        ("charges", "refund"): lambda o: o.refund(args.charge_id, args.amount_cents, args.reference),
+        ("payouts", "create"): lambda o: o.create_payout(args.developer, args.amount_cents),
+        ("payouts", "settle"): lambda o: o.settle_payout(args.payout_id, args.reference),
+        ("payouts", "fail"): lambda o: o.fail_payout(args.payout_id),
+        ("payouts", "list"): lambda o: o.list_payouts(args.developer),
+        ("statement", None): lambda o: o.statement(args.developer),
         ("usage", None): lambda o: o.usage(args.user, args.server),
         ("earnings", None): lambda o: o.earnings(args.developer),
         ("ledger", "verify"): lambda o: o.verify(),
@@ -154,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if action is None:  # pragma: no cover - argparse rejects unknown commands first
             raise GatewayError(f"unknown command {args.command}")
         result = asyncio.run(_with_ops(config, action))
+        if args.command == "statement" and args.csv:
+            _print_csv(result)
+            return 0
         _print(result, args.json)
         if args.command == "ledger" and not result["ok"]:
             return 1

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 
 from aiohttp import web
 
 from gateway import logs
-from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.demo_upstream import DemoUpstream
 from gateway.errors import AlreadyExists, ConfigError
 from gateway.ledger import open_ledger
 from gateway.operations import Operations
+from gateway.serve import run
 
 DEMO_USER = "demo-user"
 
@@ -72,20 +71,18 @@ def run_demo(config: GatewayConfig, *, upstream_port: int) -> int:
 async def _run(config: GatewayConfig, server: str, key: str, upstream_port: int) -> None:
     upstream = web.AppRunner(DemoUpstream().app(), access_log=None)
     await upstream.setup()
-    await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
-    gateway = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
-    await gateway.setup()
-    await web.TCPSite(gateway, config.listen_host, config.listen_port, shutdown_timeout=config.drain_grace_s).start()
-    url = f"http://{config.listen}/{server}/mcp"
-    print(f"\nAgentPay demo: gateway on http://{config.listen}, demo MCP server '{server}' behind it.")
-    print(f"User {DEMO_USER!r} has a balance; a new API key for '{server}' (shown once):\n\n  {key}\n")
-    print(client_configs(url, key, server))
-    print("\nTry: agentpay users show demo-user --json    (Ctrl-C stops the demo)\n", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await gateway.cleanup()
-    await upstream.cleanup()
+    try:
+        await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
+
+        async def announce() -> None:
+            url = f"http://{config.listen}/{server}/mcp"
+            print(f"\nAgentPay demo: gateway on http://{config.listen}, demo MCP server '{server}' behind it.")
+            print(f"User {DEMO_USER!r} has a balance; a new API key for '{server}' (shown once):\n\n  {key}\n")
+            print(client_configs(url, key, server))
+            print(
+                f"\nTry: agentpay --config {config.path} users show {DEMO_USER} --json   (Ctrl-C stops)\n", flush=True
+            )
+
+        await run(config, on_ready=announce)
+    finally:
+        await upstream.cleanup()

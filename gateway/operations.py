@@ -14,8 +14,8 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.errors import InvalidInput, NotFound
-from gateway.keys import API_KEY_PREFIX, display_prefix, generate_secret, hash_secret
-from gateway.ledger.base import AccountKind, Charge, KeyRecord, Ledger
+from gateway.keys import API_KEY_PREFIX, SERVICE_TOKEN_PREFIX, display_prefix, generate_secret, hash_secret
+from gateway.ledger.base import AccountKind, Charge, KeyRecord, Ledger, Payout, ServiceToken, StatementLine
 from gateway.money import AmountError, format_cents, parse_cents
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -75,6 +75,41 @@ def charge_json(charge: Charge) -> dict[str, Any]:
         "fee_cents": format_cents(charge.fee),
         "refunded_cents": format_cents(charge.refunded),
         "created_at": iso(charge.created_at),
+    }
+
+
+def token_json(token: ServiceToken) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "prefix": token.prefix,
+        "developer": token.developer,
+        "servers": list(token.servers),
+        "created_at": iso(token.created_at),
+        "revoked_at": iso(token.revoked_at),
+    }
+
+
+def payout_json(payout: Payout) -> dict[str, Any]:
+    return {
+        "id": payout.id,
+        "developer": payout.developer,
+        "amount_cents": format_cents(payout.amount),
+        "state": payout.state.value,
+        "reference": payout.reference,
+        "created_at": iso(payout.created_at),
+        "completed_at": iso(payout.completed_at),
+    }
+
+
+def statement_json(line: StatementLine) -> dict[str, Any]:
+    return {
+        "transfer_id": line.transfer_id,
+        "kind": line.kind,
+        "amount_cents": format_cents(line.amount),
+        "server": line.server,
+        "name": line.name,
+        "charge_id": line.charge_id,
+        "created_at": iso(line.created_at),
     }
 
 
@@ -176,6 +211,60 @@ class Operations:
             "earnings_cents": format_cents(earned.earnings),
             "lifetime_cents": format_cents(earned.lifetime),
         }
+
+    async def create_token(self, *, developer: str, servers: list[str]) -> dict[str, Any]:
+        if not servers:
+            raise InvalidInput("a service token needs at least one --server")
+        if self.config is not None:
+            for server in servers:
+                if server not in self.config.servers:
+                    raise NotFound(f"server {server!r} is not in the config")
+                owner = self.config.servers[server].owner
+                if owner != developer:
+                    raise InvalidInput(f"server {server!r} belongs to developer {owner!r}, not {developer!r}")
+        secret = generate_secret(SERVICE_TOKEN_PREFIX)
+        token = await self.ledger.create_service_token(
+            developer=developer, servers=servers, token_hash=hash_secret(secret), prefix=display_prefix(secret)
+        )
+        return {**token_json(token), "token": secret}
+
+    async def list_tokens(self, developer: str | None = None) -> list[dict[str, Any]]:
+        return [token_json(t) for t in await self.ledger.list_service_tokens(developer)]
+
+    async def revoke_token(self, id_or_prefix: str) -> dict[str, Any]:
+        return token_json(await self.ledger.revoke_service_token(id_or_prefix))
+
+    async def refund(
+        self, charge_id: str, amount_cents: str | None = None, reference: str | None = None
+    ) -> dict[str, Any]:
+        value = amount(amount_cents, "refund amount") if amount_cents is not None else None
+        transfer = await self.ledger.refund(charge_id, value, reference=reference)
+        charge = await self.ledger.get_charge(charge_id)
+        return {
+            "id": transfer.id,
+            "charge_id": charge_id,
+            "amount_cents": format_cents(transfer.amount),
+            "refunded_cents": format_cents(charge.refunded),
+            "replayed": transfer.replayed,
+        }
+
+    async def create_payout(self, developer: str, amount_cents: str | None = None) -> dict[str, Any]:
+        value = amount(amount_cents, "payout amount") if amount_cents is not None else None
+        return payout_json(await self.ledger.create_payout(developer, value))
+
+    async def settle_payout(self, payout_id: str, reference: str) -> dict[str, Any]:
+        if not reference.strip():
+            raise InvalidInput("settling a payout needs --reference (the bank or transfer reference)")
+        return payout_json(await self.ledger.settle_payout(payout_id, reference.strip()))
+
+    async def fail_payout(self, payout_id: str) -> dict[str, Any]:
+        return payout_json(await self.ledger.fail_payout(payout_id))
+
+    async def list_payouts(self, developer: str | None = None) -> list[dict[str, Any]]:
+        return [payout_json(p) for p in await self.ledger.list_payouts(developer)]
+
+    async def statement(self, developer: str, limit: int = 1000) -> list[dict[str, Any]]:
+        return [statement_json(line) for line in await self.ledger.statement(developer, limit=limit)]
 
     async def verify(self) -> dict[str, Any]:
         violations = await self.ledger.verify()

@@ -252,14 +252,31 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
     )
     if not outcome.ok:
         rt.metrics.refusals.labels(server=server.name, reason=outcome.status.value).inc()
-        exchange.refusals.append(_payment_refusal(msg, kind, name, price, outcome, rt.config))
+        modern = _is_modern(ctx.request, msg)
+        exchange.refusals.append(_payment_refusal(msg, kind, name, price, outcome, rt.config, modern=modern))
         return False
     exchange.calls[msg.id] = Call(call_id, msg.id, server.name, kind, name, price, outcome.available)
     return True
 
 
+def _is_modern(request: web.Request, msg: Message) -> bool:
+    """Whether the caller speaks the 2026-07-28 (stateless) era, where results carry ``resultType``."""
+    version = request.headers.get("MCP-Protocol-Version")
+    meta = msg.params.get("_meta")
+    if version is None and isinstance(meta, dict):
+        version = meta.get("io.modelcontextprotocol/protocolVersion")
+    return isinstance(version, str) and version >= "2026-07-28"
+
+
 def _payment_refusal(
-    msg: Message, kind: str, name: str, price: int, outcome: HoldOutcome, config: GatewayConfig
+    msg: Message,
+    kind: str,
+    name: str,
+    price: int,
+    outcome: HoldOutcome,
+    config: GatewayConfig,
+    *,
+    modern: bool = False,
 ) -> dict[str, Any]:
     topup = config.topup_url or "ask the gateway operator to top up your AgentPay balance"
     if outcome.status is HoldStatus.SPEND_LIMIT:
@@ -281,7 +298,13 @@ def _payment_refusal(
     if outcome.spend_remaining is not None:
         data["spend_remaining_cents"] = format_cents(outcome.spend_remaining)
     if kind == "tool":
-        result = {"content": [{"type": "text", "text": text}], "isError": True, "_meta": {PAYMENT_META: data}}
+        result: dict[str, Any] = {
+            "content": [{"type": "text", "text": text}],
+            "isError": True,
+            "_meta": {PAYMENT_META: data},
+        }
+        if modern:
+            result["resultType"] = "complete"
         return jsonrpc.result_body(msg.id, result)
     return jsonrpc.error_body(msg.id, PAYMENT_REQUIRED, text, data)
 

@@ -1,21 +1,27 @@
-"""Running the gateway process: pre-flight checks, then aiohttp's server with graceful drain."""
+"""Running the gateway process: pre-flight checks, the gateway and admin listeners, graceful drain."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import ssl
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from gateway import logs
+from gateway.admin_api import create_admin_app
 from gateway.app import check_owners, create_app
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, parse_listen
 from gateway.errors import ConfigError
 from gateway.ledger import open_ledger
 from gateway.money import format_cents
+from gateway.operations import Operations
 from gateway.pricing import load_prices
+from gateway.runtime import RUNTIME
 
 log = structlog.get_logger("gateway")
 
@@ -46,26 +52,60 @@ async def check(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load tls_cert/tls_key: {exc}", file=str(config.path)) from None
+    return context
+
+
+async def run(
+    config: GatewayConfig,
+    *,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight calls finish and settle
+    (bounded by ``drain_grace_s``), close."""
+    ssl_context = _ssl_context(config)
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=config.drain_grace_s)
+    await runner.setup()
+    runners = [runner]
+    try:
+        await web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=ssl_context).start()
+        if config.admin_listen is not None:
+            rt = app[RUNTIME]
+            admin = create_admin_app(lambda: Operations(rt.ledger, rt.config), config.admin_token)
+            admin[RUNTIME] = rt
+            admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=5)
+            await admin_runner.setup()
+            runners.insert(0, admin_runner)
+            host, port = parse_listen(config.admin_listen)
+            await web.TCPSite(admin_runner, host, port, ssl_context=ssl_context).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        log.info("gateway_ready", listen=config.listen, admin=config.admin_listen, servers=sorted(config.servers))
+        if on_ready is not None:
+            await on_ready()
+        await stop.wait()
+        log.info("gateway_draining", grace_s=config.drain_grace_s)
+    finally:
+        for each in runners:
+            await each.cleanup()
+
+
 def serve(config: GatewayConfig) -> int:
     logs.configure(config.log_format)
     asyncio.run(check(config))
-    app = create_app(config)
-    log.info("gateway_starting", listen=config.listen, servers=sorted(config.servers))
-    ssl_context = None
-    if config.tls_cert is not None and config.tls_key is not None:
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load tls_cert/tls_key: {exc}", file=str(config.path)) from None
-    web.run_app(
-        app,
-        ssl_context=ssl_context,
-        host=config.listen_host,
-        port=config.listen_port,
-        shutdown_timeout=config.drain_grace_s,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-    )
+    try:
+        asyncio.run(run(config))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen: {exc}", file=str(config.path)) from None
     return 0

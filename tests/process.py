@@ -64,6 +64,7 @@ async def run_gateway_process(config_path: Path, scheme: str = "http") -> AsyncI
     port = free_port()
     config = yaml.safe_load(config_path.read_text())
     config["listen"] = f"127.0.0.1:{port}"
+    config.setdefault("admin_listen", None)  # tests that want the admin API give it a free port
     config.setdefault("log_format", "json")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log_path = config_path.parent / f"gateway-{port}.log"

@@ -151,6 +151,87 @@ class Earnings:
     lifetime: int  # everything ever credited by charges, net of refunds
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceToken:
+    id: str  # public identifier, e.g. "tok_3f9a..."
+    developer: str
+    servers: tuple[str, ...]  # servers this token may charge for
+    prefix: str  # "apst_3xK9q2Lm"
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldInfo:
+    """A hold as stored (for idempotency checks and the service API)."""
+
+    call_id: str
+    user: str
+    developer: str
+    server: str
+    method: str
+    name: str
+    amount: int
+    fee: int
+    state: HoldState
+    created_at: float
+    expires_at: float  # lease expiry
+    charge_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    """Outcome of a one-step charge: ``charge`` is set when ok (or replayed)."""
+
+    status: HoldStatus
+    available: int
+    charge: Charge | None = None
+    spend_remaining: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.charge is not None
+
+
+class PayoutState(enum.StrEnum):
+    PENDING = "pending"
+    SETTLED = "settled"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Payout:
+    id: str  # "po_..."
+    developer: str
+    amount: int
+    state: PayoutState
+    reference: str | None  # bank/transfer reference given on settle
+    created_at: float
+    completed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatementLine:
+    """One movement of a developer's earnings."""
+
+    transfer_id: str
+    kind: str  # charge | refund | payout | payout_fail
+    amount: int  # signed change of the developer's earnings
+    server: str | None
+    name: str | None  # tool / resource / prompt / feature
+    charge_id: str | None  # for refunds: the charge refunded
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EarningsBreakdown:
+    developer: str
+    server: str
+    name: str
+    charges: int  # number of captured charges
+    amount: int  # credited to the developer (after fees), net of refunds
+
+
 class Ledger(Protocol):
     """What every ledger store provides. Methods raise ``gateway.errors`` types."""
 
@@ -217,6 +298,69 @@ class Ledger(Protocol):
 
     async def sweep(self, now: float | None = None) -> int:
         """Void every pending hold whose lease has lapsed; returns how many."""
+
+    async def get_hold(self, call_id: str) -> HoldInfo:
+        """Raises NotFound."""
+
+    async def charge(self, req: HoldRequest) -> ChargeResult:
+        """Hold and capture in ONE transaction (the service API's one-step charge). Idempotent by
+        ``req.call_id``: a repeat with the same user/developer/server/name/amount returns the original
+        Charge (status REPLAYED); a repeat with different fields raises IdempotencyConflict; a repeat
+        of a call_id whose hold was voided raises Conflict. ``hold`` applies the same field check to a
+        replayed call_id."""
+
+    async def refund(self, charge_id: str, amount: int | None = None, reference: str | None = None) -> Transfer:
+        """A reversal transfer (never an edit): user +amount, developer and platform_fee back
+        proportionally. Cumulative refunds never exceed the charge (guarded in SQL); a developer whose
+        earnings were paid out cannot go negative (Conflict). A repeated non-None reference returns
+        the original refund transfer with replayed=True."""
+
+    async def get_charge(self, charge_id: str) -> Charge:
+        """Raises NotFound."""
+
+    async def list_charges(
+        self,
+        *,
+        developer: str | None = None,
+        user: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Charge]:
+        """Newest first; ``before`` is the id of the last charge of the previous page (cursor)."""
+
+    # service tokens
+    async def create_service_token(
+        self, *, developer: str, servers: Sequence[str], token_hash: str, prefix: str
+    ) -> ServiceToken:
+        """Raises NotFound for an unknown developer."""
+
+    async def find_service_token(self, token_hash: str) -> ServiceToken | None: ...
+
+    async def list_service_tokens(self, developer: str | None = None) -> list[ServiceToken]: ...
+
+    async def revoke_service_token(self, id_or_prefix: str) -> ServiceToken:
+        """Raises NotFound, or InvalidInput when a prefix matches several tokens."""
+
+    # payouts
+    async def create_payout(self, developer: str, amount: int | None = None) -> Payout:
+        """Move earnings (all of them when amount is None) to payout_clearing, pending. Guarded in
+        SQL: never more than the developer's balance, even for concurrent payouts (Conflict with the
+        available amount otherwise; InvalidInput for amount <= 0 or nothing to pay)."""
+
+    async def settle_payout(self, payout_id: str, reference: str) -> Payout:
+        """pending → settled: payout_clearing → world. Settling a settled payout with the same
+        reference returns it; any other transition out of a final state raises Conflict."""
+
+    async def fail_payout(self, payout_id: str) -> Payout:
+        """pending → failed: the money returns from payout_clearing to the developer."""
+
+    async def list_payouts(self, developer: str | None = None) -> list[Payout]: ...
+
+    async def statement(self, developer: str, *, limit: int = 100, before: str | None = None) -> list[StatementLine]:
+        """Movements of a developer's earnings, newest first, paginated by transfer id cursor."""
+
+    async def earnings_breakdown(self, developer: str) -> list[EarningsBreakdown]:
+        """Per server and per name (tool/feature) totals."""
 
     # reporting
     async def user_summary(self, user: str, recent: int = 10) -> UserSummary: ...

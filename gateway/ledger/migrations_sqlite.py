@@ -118,5 +118,44 @@ CREATE INDEX charges_user_recent ON charges (user_account_id, created_at);
 CREATE INDEX charges_developer ON charges (developer_account_id);
 """
 
+# Service tokens (the developer-facing HTTP API) and payouts of developer earnings.
+_SERVICE_AND_PAYOUTS = """
+CREATE TABLE service_tokens (
+    id                   TEXT PRIMARY KEY,
+    developer_account_id INTEGER NOT NULL REFERENCES accounts (id),
+    servers              TEXT NOT NULL,  -- JSON array of server names, in the order given
+    token_hash           TEXT NOT NULL UNIQUE,
+    prefix               TEXT NOT NULL,
+    created_at           REAL NOT NULL,
+    revoked_at           REAL
+);
+CREATE INDEX service_tokens_developer ON service_tokens (developer_account_id);
+CREATE INDEX service_tokens_prefix ON service_tokens (prefix);
+
+-- A payout moves earnings developer -> payout_clearing (transfer kind 'payout') when created, then
+-- payout_clearing -> world when settled ('payout_settle') or back to the developer when it failed
+-- ('payout_fail'). Each of these transfers carries the payout id as its reference, so the unique
+-- (kind, reference) index allows at most one of each per payout.
+CREATE TABLE payouts (
+    id                   TEXT PRIMARY KEY,
+    developer_account_id INTEGER NOT NULL REFERENCES accounts (id),
+    amount               INTEGER NOT NULL CHECK (amount > 0),
+    state                TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'settled', 'failed')),
+    reference            TEXT,  -- the bank / transfer reference given on settle
+    created_at           REAL NOT NULL,
+    completed_at         REAL,
+    CHECK ((state = 'pending') = (completed_at IS NULL)),
+    CHECK ((state = 'settled') = (reference IS NOT NULL))
+);
+CREATE INDEX payouts_developer ON payouts (developer_account_id, created_at);
+CREATE INDEX payouts_pending ON payouts (state) WHERE state = 'pending';
+
+CREATE INDEX charges_developer_recent ON charges (developer_account_id, created_at, id);
+CREATE INDEX charges_created ON charges (created_at, id);
+"""
+
 # (name, SQL script). Statements are separated by ';' at the end of a line.
-MIGRATIONS: tuple[tuple[str, str], ...] = (("0001_initial", _INITIAL),)
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    ("0001_initial", _INITIAL),
+    ("0002_service_tokens_and_payouts", _SERVICE_AND_PAYOUTS),
+)

@@ -13,6 +13,7 @@ also holds when several processes (the gateway and the CLI) open the same file.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import sqlite3
 import time
@@ -36,12 +37,19 @@ from gateway.ledger.base import (
     Account,
     AccountKind,
     Charge,
+    ChargeResult,
     Earnings,
+    EarningsBreakdown,
+    HoldInfo,
     HoldOutcome,
     HoldRequest,
     HoldState,
     HoldStatus,
     KeyRecord,
+    Payout,
+    PayoutState,
+    ServiceToken,
+    StatementLine,
     Transfer,
     UsageRow,
     UserSummary,
@@ -68,6 +76,21 @@ _CHARGE_COLUMNS = """
     JOIN holds h ON h.call_id = c.call_id
     JOIN accounts u ON u.id = c.user_account_id
     JOIN accounts d ON d.id = c.developer_account_id
+"""
+_TOKEN_COLUMNS = """
+    t.id, a.name, t.servers, t.prefix, t.created_at, t.revoked_at
+    FROM service_tokens t JOIN accounts a ON a.id = t.developer_account_id
+"""
+_HOLD_COLUMNS = """
+    h.call_id, u.name, d.name, h.server, h.method, h.name, h.amount, h.fee, h.state, h.created_at,
+    h.lease_expires_at, h.charge_id
+    FROM holds h
+    JOIN accounts u ON u.id = h.user_account_id
+    JOIN accounts d ON d.id = h.developer_account_id
+"""
+_PAYOUT_COLUMNS = """
+    p.id, a.name, p.amount, p.state, p.reference, p.created_at, p.completed_at
+    FROM payouts p JOIN accounts a ON a.id = p.developer_account_id
 """
 
 
@@ -140,6 +163,46 @@ def _charge(row: Sequence[Any]) -> Charge:
         refunded=row[9],
         created_at=row[10],
         balance_after=row[11],
+    )
+
+
+def _service_token(row: Sequence[Any]) -> ServiceToken:
+    return ServiceToken(
+        id=row[0],
+        developer=row[1],
+        servers=tuple(json.loads(row[2])),
+        prefix=row[3],
+        created_at=row[4],
+        revoked_at=row[5],
+    )
+
+
+def _hold_info(row: Sequence[Any]) -> HoldInfo:
+    return HoldInfo(
+        call_id=row[0],
+        user=row[1],
+        developer=row[2],
+        server=row[3],
+        method=row[4],
+        name=row[5],
+        amount=row[6],
+        fee=row[7],
+        state=HoldState(row[8]),
+        created_at=row[9],
+        expires_at=row[10],
+        charge_id=row[11],
+    )
+
+
+def _payout(row: Sequence[Any]) -> Payout:
+    return Payout(
+        id=row[0],
+        developer=row[1],
+        amount=row[2],
+        state=PayoutState(row[3]),
+        reference=row[4],
+        created_at=row[5],
+        completed_at=row[6],
     )
 
 
@@ -529,7 +592,8 @@ class SqliteLedger:
         return await self._read(tx)
 
     # --- two-phase money movement ---------------------------------------------------------------
-    async def hold(self, req: HoldRequest) -> HoldOutcome:
+    @staticmethod
+    def _check_hold_request(req: HoldRequest) -> None:
         _require_amount(req.amount)
         if not isinstance(req.fee, int) or isinstance(req.fee, bool) or not 0 <= req.fee <= req.amount:
             raise InvalidInput(f"fee must be between 0 and the amount ({req.amount}), got {req.fee!r}")
@@ -537,6 +601,27 @@ class SqliteLedger:
             raise InvalidInput("a hold needs a call id")
         if not req.lease_s > 0:
             raise InvalidInput(f"lease must be positive, got {req.lease_s!r}")
+
+    @staticmethod
+    def _replayed_hold(conn: Conn, req: HoldRequest, user_id: int, developer_id: int) -> tuple[str, str | None] | None:
+        """The (state, charge_id) of the hold already stored under ``req.call_id``, or None.
+        Raises IdempotencyConflict when that hold was made for a different call."""
+        row = conn.execute(
+            "SELECT user_account_id, developer_account_id, server, name, amount, state, charge_id "
+            "FROM holds WHERE call_id = ?",
+            (req.call_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        if tuple(row[:5]) != (user_id, developer_id, req.server, req.name, req.amount):
+            raise IdempotencyConflict(
+                f"call id {req.call_id!r} was already used for a different user, developer, server, "
+                "name or amount"
+            )
+        return str(row[5]), row[6]
+
+    async def hold(self, req: HoldRequest) -> HoldOutcome:
+        self._check_hold_request(req)
         return await self._write(lambda conn: self._tx_hold(conn, req))
 
     def _tx_hold(self, conn: Conn, req: HoldRequest) -> HoldOutcome:
@@ -569,6 +654,7 @@ class SqliteLedger:
             ),
         ).rowcount
         if inserted != 1:
+            self._replayed_hold(conn, req, user_id, developer_id)
             return HoldOutcome(
                 HoldStatus.REPLAYED,
                 available=self._available(conn, user_id),
