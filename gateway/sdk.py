@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
+import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -164,7 +166,8 @@ class AgentPay:
         self._token = service_token
         self._retries = retries
         self._own_session = session is None
-        self._session = session or aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def __aenter__(self) -> AgentPay:
         return self
@@ -173,8 +176,15 @@ class AgentPay:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._own_session:
+        if self._own_session and self._session is not None:
             await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the event loop (the client may be built at import time).
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
 
     async def _call(
         self, method: str, path: str, body: dict[str, Any] | None = None, *, idempotency_key: str | None = None
@@ -185,7 +195,7 @@ class AgentPay:
         last: Exception | None = None
         for attempt in range(self._retries + 1):
             try:
-                async with self._session.request(method, self._base + path, json=body, headers=headers) as resp:
+                async with self._http().request(method, self._base + path, json=body, headers=headers) as resp:
                     data = await resp.json(content_type=None)
                     if resp.status >= 500 and idempotency_key is not None and attempt < self._retries:
                         last = _error_for(resp.status, data)
@@ -321,6 +331,21 @@ def key_from_mcp_context(ctx: Any) -> str | None:
     return key_from_headers(dict(headers.items())) if headers is not None else None
 
 
+def _tool_error(exc: AgentPayError) -> Exception:
+    """An error the MCP framework shows to the client (its own ToolError when it is installed), so the
+    agent learns the price and balance instead of a generic failure."""
+    text = f"{exc.code}: {exc.message}"
+    for module_name in ("mcp.server.mcpserver.exceptions", "fastmcp.exceptions"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        tool_error = getattr(module, "ToolError", None)
+        if isinstance(tool_error, type) and issubclass(tool_error, Exception):
+            return tool_error(text)
+    return exc
+
+
 def paid_tool(
     pay: AgentPay | Callable[[], AgentPay], amount_cents: int | Decimal | str, *, feature: str | None = None
 ) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
@@ -340,6 +365,11 @@ def paid_tool(
         if "ctx" not in sig.parameters:
             raise TypeError(f"paid tool {fn.__name__!r} must take a `ctx` parameter (the request Context)")
 
+        try:  # resolve annotations in the tool's own module, so frameworks still find `ctx: Context`
+            hints = typing.get_type_hints(fn)
+        except (NameError, TypeError):
+            hints = dict(getattr(fn, "__annotations__", {}))
+
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             client = pay() if callable(pay) and not isinstance(pay, AgentPay) else pay
@@ -347,7 +377,10 @@ def paid_tool(
             key = key_from_mcp_context(ctx)
             if key is None:
                 raise InvalidKey("missing_key", "No AgentPay API key was sent with this request", 401)
-            held = await client.hold(key, amount, name)
+            try:
+                held = await client.hold(key, amount, name)
+            except AgentPayError as exc:
+                raise _tool_error(exc) from exc
             try:
                 result = await fn(*args, **kwargs)
             except BaseException:
@@ -356,6 +389,7 @@ def paid_tool(
             await asyncio.shield(client.capture(held.id))
             return result
 
+        wrapper.__annotations__ = hints
         return wrapper
 
     return decorate

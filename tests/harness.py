@@ -111,7 +111,7 @@ class Gateway:
         assert await self.ledger.verify() == []
 
 
-async def prepare_ledger(config_path: Path, developers: tuple[str, ...] = ("acme",)) -> None:
+async def prepare_ledger(config_path: Path, developers: tuple[str, ...] = ("acme", "rival")) -> None:
     config = load_config(config_path)
     ledger = open_ledger(config.database)
     await ledger.open()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from gateway.errors import BadRequest, UnknownServer
 from gateway.routing import redact_path, resolve
@@ -86,20 +85,27 @@ async def test_a_key_for_one_server_cannot_reach_another_through_the_host_header
             assert upstream.completed == []
 
 
-async def test_tls_is_terminated_when_a_certificate_is_configured(tmp_path: Path) -> None:
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
-        check=True, capture_output=True,
-    )  # fmt: skip
+@pytest.fixture
+def certificate(tmp_path: Path) -> Path:
+    """A self-signed certificate for 127.0.0.1 (cert.pem, key.pem in tmp_path)."""
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")]
+    cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject, *files]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return tmp_path / "cert.pem"
+
+
+async def test_tls_is_terminated_when_a_certificate_is_configured(tmp_path: Path, certificate: Path) -> None:
     async with run_fault_upstream() as (url, _):
         config = write_config(tmp_path, {"weather": url}, FAULT_PRICES, tls_cert="cert.pem", tls_key="key.pem")
         await prepare_ledger(config)
         async with run_gateway_process(config, scheme="https") as gw:
-            ctx = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+            ctx = ssl.create_default_context(cafile=str(certificate))
             async with (
                 aiohttp.ClientSession() as http,
                 http.get(f"https://127.0.0.1:{gw.port}/healthz", ssl=ctx) as resp,
             ):
                 assert resp.status == 200
-            assert yaml.safe_load(config.read_text())["tls_cert"] == "cert.pem"
+            with pytest.raises(aiohttp.ClientError):
+                async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{gw.port}/healthz"):
+                    pass

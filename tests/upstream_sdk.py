@@ -85,7 +85,24 @@ class _Server(uvicorn.Server):
 class RunningUpstream:
     url: str
     log: UpstreamLog
-    server: uvicorn.Server
+
+
+@asynccontextmanager
+async def serve_asgi(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a loopback ephemeral port; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            await server.ready.wait()
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(10):
+            await task
+        sock.close()
 
 
 class MemoryEventStore(EventStore):
@@ -127,18 +144,8 @@ async def run_upstream(
             retry_interval=100 if resumable else None,
         )
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            await server.ready.wait()
-        yield RunningUpstream(url=f"http://127.0.0.1:{port}/mcp", log=log, server=server)
-    finally:
-        log.release.set()
-        server.should_exit = True
-        async with asyncio.timeout(10):
-            await task
-        sock.close()
+    async with serve_asgi(app) as base:
+        try:
+            yield RunningUpstream(url=f"{base}/mcp", log=log)
+        finally:
+            log.release.set()
