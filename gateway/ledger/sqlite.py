@@ -206,6 +206,36 @@ def _payout(row: Sequence[Any]) -> Payout:
     )
 
 
+def _require_limit(limit: object) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
+
+
+def _resolve_id_or_prefix(conn: Conn, table: str, what: str, id_or_prefix: str) -> str:
+    """The id of the one row of ``table`` (keys, service_tokens) whose id is ``id_or_prefix`` or
+    whose id or display prefix starts with it. Raises NotFound, or InvalidInput when ambiguous."""
+    row = conn.execute(f"SELECT id FROM {table} WHERE id = ?", (id_or_prefix,)).fetchone()
+    if row is not None:
+        return str(row[0])
+    n = len(id_or_prefix)
+    matches = [
+        r[0]
+        for r in conn.execute(
+            f"SELECT id FROM {table} WHERE substr(prefix, 1, ?) = ? OR substr(id, 1, ?) = ? ORDER BY id",
+            (n, id_or_prefix, n, id_or_prefix),
+        ).fetchall()
+    ]
+    if not matches:
+        raise NotFound(f"no {what} with id or prefix {id_or_prefix!r}")
+    if len(matches) > 1:
+        raise InvalidInput(
+            f"{id_or_prefix!r} matches {len(matches)} {what}s ({', '.join(matches[:5])}"
+            f"{', …' if len(matches) > 5 else ''})",
+            hint=f"Give the {what} id or more characters of the prefix",
+        )
+    return str(matches[0])
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
@@ -553,27 +583,7 @@ class SqliteLedger:
             raise InvalidInput("give the key id or the start of its prefix")
 
         def tx(conn: Conn) -> KeyRecord:
-            row = conn.execute("SELECT id FROM keys WHERE id = ?", (id_or_prefix,)).fetchone()
-            if row is not None:
-                key_id = row[0]
-            else:
-                n = len(id_or_prefix)
-                matches = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT id FROM keys WHERE substr(prefix, 1, ?) = ? OR substr(id, 1, ?) = ? ORDER BY id",
-                        (n, id_or_prefix, n, id_or_prefix),
-                    ).fetchall()
-                ]
-                if not matches:
-                    raise NotFound(f"no key with id or prefix {id_or_prefix!r}")
-                if len(matches) > 1:
-                    raise InvalidInput(
-                        f"{id_or_prefix!r} matches {len(matches)} keys ({', '.join(matches[:5])}"
-                        f"{', …' if len(matches) > 5 else ''})",
-                        hint="Give the key id or more characters of the prefix",
-                    )
-                key_id = matches[0]
+            key_id = _resolve_id_or_prefix(conn, "keys", "key", id_or_prefix)
             conn.execute(
                 "UPDATE keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
                 (self._clock(), key_id),
@@ -615,8 +625,7 @@ class SqliteLedger:
             return None
         if tuple(row[:5]) != (user_id, developer_id, req.server, req.name, req.amount):
             raise IdempotencyConflict(
-                f"call id {req.call_id!r} was already used for a different user, developer, server, "
-                "name or amount"
+                f"call id {req.call_id!r} was already used for a different user, developer, server, name or amount"
             )
         return str(row[5]), row[6]
 
@@ -813,7 +822,58 @@ class SqliteLedger:
 
         return await self._write(tx)
 
-    # --- refunds (beyond the Protocol) ----------------------------------------------------------
+    async def get_hold(self, call_id: str) -> HoldInfo:
+        def tx(conn: Conn) -> HoldInfo:
+            row = conn.execute(f"SELECT {_HOLD_COLUMNS} WHERE h.call_id = ?", (call_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no hold for call {call_id!r}")
+            return _hold_info(row)
+
+        return await self._read(tx)
+
+    async def charge(self, req: HoldRequest) -> ChargeResult:
+        """Hold and capture in one transaction: either the whole charge is written or nothing."""
+        self._check_hold_request(req)
+        return await self._write(lambda conn: self._tx_charge(conn, req))
+
+    def _tx_charge(self, conn: Conn, req: HoldRequest) -> ChargeResult:
+        user_id = self._account_id(conn, AccountKind.USER, req.user)
+        developer_id = self._account_id(conn, AccountKind.DEVELOPER, req.developer)
+        prior = self._replayed_hold(conn, req, user_id, developer_id)
+        if prior is not None:
+            state, charge_id = prior
+            if state == HoldState.CAPTURED and charge_id is not None:
+                return ChargeResult(
+                    HoldStatus.REPLAYED,
+                    available=self._available(conn, user_id),
+                    charge=self._charge_by_id(conn, charge_id),
+                    spend_remaining=self._spend_remaining(conn, req.key_id),
+                )
+            if state == HoldState.VOIDED:
+                raise Conflict(f"call {req.call_id!r} was voided; it cannot be charged")
+            raise Conflict(f"call {req.call_id!r} has a pending hold; capture or release it instead of charging again")
+        try:
+            outcome = self._tx_hold(conn, req)
+        except _Rollback as refused:
+            assert isinstance(refused.result, HoldOutcome)
+            raise _Rollback(
+                ChargeResult(
+                    refused.result.status,
+                    available=refused.result.available,
+                    spend_remaining=refused.result.spend_remaining,
+                )
+            ) from None
+        if outcome.status is not HoldStatus.OK:  # a replay was ruled out above, under the same lock
+            raise Conflict(f"call {req.call_id!r} could not be held ({outcome.status.value})")
+        charge = self._tx_capture(conn, req.call_id, None)
+        return ChargeResult(
+            HoldStatus.OK,
+            available=charge.balance_after,
+            charge=charge,
+            spend_remaining=self._spend_remaining(conn, req.key_id),
+        )
+
+    # --- refunds --------------------------------------------------------------------------------
     async def refund(self, charge_id: str, amount: int | None = None, reference: str | None = None) -> Transfer:
         """Reverse all or part of a charge: developer -share, platform_fee -fee share, user +amount.
 
@@ -895,6 +955,305 @@ class SqliteLedger:
 
     async def get_charge(self, charge_id: str) -> Charge:
         return await self._read(lambda conn: self._charge_by_id(conn, charge_id))
+
+    async def list_charges(
+        self,
+        *,
+        developer: str | None = None,
+        user: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Charge]:
+        """Newest first, ordered by (created_at, id) so the ``before`` cursor is stable. Raises
+        NotFound for an unknown developer or user, InvalidInput for a cursor outside the list."""
+        _require_limit(limit)
+
+        def tx(conn: Conn) -> list[Charge]:
+            developer_id = None if developer is None else self._account_id(conn, AccountKind.DEVELOPER, developer)
+            user_id = None if user is None else self._account_id(conn, AccountKind.USER, user)
+            where = "(?1 IS NULL OR c.developer_account_id = ?1) AND (?2 IS NULL OR c.user_account_id = ?2)"
+            cursor: tuple[float | None, str | None] = (None, None)
+            if before is not None:
+                row = conn.execute(
+                    f"SELECT c.created_at, c.id FROM charges c WHERE {where} AND c.id = ?3",
+                    (developer_id, user_id, before),
+                ).fetchone()
+                if row is None:
+                    raise InvalidInput(
+                        f"unknown cursor {before!r}", hint="Pass the id of the last charge of the previous page"
+                    )
+                cursor = (row[0], row[1])
+            rows = conn.execute(
+                f"SELECT {_CHARGE_COLUMNS} WHERE {where} AND (?3 IS NULL OR (c.created_at, c.id) < (?3, ?4)) "
+                "ORDER BY c.created_at DESC, c.id DESC LIMIT ?5",
+                (developer_id, user_id, cursor[0], cursor[1], limit),
+            ).fetchall()
+            return [_charge(row) for row in rows]
+
+        return await self._read(tx)
+
+    # --- service tokens -------------------------------------------------------------------------
+    async def create_service_token(
+        self, *, developer: str, servers: Sequence[str], token_hash: str, prefix: str
+    ) -> ServiceToken:
+        _require_name(token_hash, "token hash")
+        _require_name(prefix, "token prefix")
+        if isinstance(servers, str):
+            raise InvalidInput("servers must be a list of server names, not one string")
+        names = list(dict.fromkeys(_require_name(server, "server") for server in servers))
+        if not names:
+            raise InvalidInput("a service token needs at least one server")
+
+        def tx(conn: Conn) -> ServiceToken:
+            developer_id = self._account_id(conn, AccountKind.DEVELOPER, developer)
+            if conn.execute("SELECT 1 FROM service_tokens WHERE token_hash = ?", (token_hash,)).fetchone():
+                raise AlreadyExists("a service token with this secret already exists")
+            token_id = "tok_" + secrets.token_hex(6)
+            conn.execute(
+                "INSERT INTO service_tokens (id, developer_account_id, servers, token_hash, prefix, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (token_id, developer_id, json.dumps(names), token_hash, prefix, self._clock()),
+            )
+            return self._token_by_id(conn, token_id)
+
+        return await self._write(tx)
+
+    @staticmethod
+    def _token_by_id(conn: Conn, token_id: str) -> ServiceToken:
+        row = conn.execute(f"SELECT {_TOKEN_COLUMNS} WHERE t.id = ?", (token_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no service token {token_id!r}")
+        return _service_token(row)
+
+    async def find_service_token(self, token_hash: str) -> ServiceToken | None:
+        def tx(conn: Conn) -> ServiceToken | None:
+            row = conn.execute(f"SELECT {_TOKEN_COLUMNS} WHERE t.token_hash = ?", (token_hash,)).fetchone()
+            return None if row is None else _service_token(row)
+
+        return await self._read(tx)
+
+    async def list_service_tokens(self, developer: str | None = None) -> list[ServiceToken]:
+        def tx(conn: Conn) -> list[ServiceToken]:
+            developer_id = None if developer is None else self._account_id(conn, AccountKind.DEVELOPER, developer)
+            rows = conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} WHERE ?1 IS NULL OR t.developer_account_id = ?1 ORDER BY t.created_at, t.id",
+                (developer_id,),
+            ).fetchall()
+            return [_service_token(row) for row in rows]
+
+        return await self._read(tx)
+
+    async def revoke_service_token(self, id_or_prefix: str) -> ServiceToken:
+        if not isinstance(id_or_prefix, str) or not id_or_prefix:
+            raise InvalidInput("give the service token id or the start of its prefix")
+
+        def tx(conn: Conn) -> ServiceToken:
+            token_id = _resolve_id_or_prefix(conn, "service_tokens", "service token", id_or_prefix)
+            conn.execute(
+                "UPDATE service_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (self._clock(), token_id),
+            )
+            return self._token_by_id(conn, token_id)
+
+        return await self._write(tx)
+
+    # --- payouts --------------------------------------------------------------------------------
+    @staticmethod
+    def _payout_by_id(conn: Conn, payout_id: str) -> Payout:
+        row = conn.execute(f"SELECT {_PAYOUT_COLUMNS} WHERE p.id = ?", (payout_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no payout {payout_id!r}")
+        return _payout(row)
+
+    async def create_payout(self, developer: str, amount: int | None = None) -> Payout:
+        """developer -> payout_clearing, pending. The debit is the guarded ``UPDATE`` in ``_post``,
+        so concurrent payouts (from any process) can never take the developer below zero."""
+        if amount is not None:
+            _require_amount(amount, "payout amount")
+
+        def tx(conn: Conn) -> Payout:
+            developer_id = self._account_id(conn, AccountKind.DEVELOPER, developer)
+            available = self._available(conn, developer_id)
+            payout = available if amount is None else amount
+            if payout <= 0:
+                raise InvalidInput(f"developer {developer!r} has no earnings to pay out")
+            payout_id = "po_" + uuid.uuid4().hex
+            transfer_id = "tr_" + uuid.uuid4().hex
+            now = self._clock()
+            conn.execute(
+                "INSERT INTO payouts (id, developer_account_id, amount, created_at) VALUES (?, ?, ?, ?)",
+                (payout_id, developer_id, payout, now),
+            )
+            conn.execute(
+                "INSERT INTO transfers (id, kind, amount, reference, account_id, created_at) "
+                "VALUES (?, 'payout', ?, ?, ?, ?)",
+                (transfer_id, payout, payout_id, developer_id, now),
+            )
+            try:
+                self._post(
+                    conn,
+                    transfer_id,
+                    [(developer_id, -payout), (self._system[AccountKind.PAYOUT_CLEARING], payout)],
+                )
+            except _WouldGoNegative:
+                raise Conflict(
+                    f"cannot pay out {format_cents(payout)} cents: developer {developer!r} has only "
+                    f"{format_cents(available)} cents of earnings",
+                    hint="Pay out at most the available earnings, or give no amount to pay out all of them",
+                ) from None
+            return self._payout_by_id(conn, payout_id)
+
+        return await self._write(tx)
+
+    async def settle_payout(self, payout_id: str, reference: str) -> Payout:
+        _require_name(reference, "payout reference")
+
+        def tx(conn: Conn) -> Payout:
+            developer_id, amount = self._final_payout_check(conn, payout_id, PayoutState.SETTLED, reference)
+            if amount is None:
+                return self._payout_by_id(conn, payout_id)
+            self._complete_payout(
+                conn,
+                payout_id,
+                PayoutState.SETTLED,
+                reference,
+                developer_id,
+                [(self._system[AccountKind.PAYOUT_CLEARING], -amount), (self._system[AccountKind.WORLD], amount)],
+            )
+            return self._payout_by_id(conn, payout_id)
+
+        return await self._write(tx)
+
+    async def fail_payout(self, payout_id: str) -> Payout:
+        def tx(conn: Conn) -> Payout:
+            developer_id, amount = self._final_payout_check(conn, payout_id, PayoutState.FAILED, None)
+            assert amount is not None  # only a settle with the same reference is a replay
+            self._complete_payout(
+                conn,
+                payout_id,
+                PayoutState.FAILED,
+                None,
+                developer_id,
+                [(self._system[AccountKind.PAYOUT_CLEARING], -amount), (developer_id, amount)],
+            )
+            return self._payout_by_id(conn, payout_id)
+
+        return await self._write(tx)
+
+    @staticmethod
+    def _final_payout_check(
+        conn: Conn, payout_id: str, target: PayoutState, reference: str | None
+    ) -> tuple[int, int | None]:
+        """(developer account id, amount) of a pending payout; amount None when ``target`` is a
+        replay (settled again with the same reference). Raises NotFound, or Conflict when the payout
+        already reached another final state."""
+        row = conn.execute(
+            "SELECT developer_account_id, amount, state, reference FROM payouts WHERE id = ?", (payout_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no payout {payout_id!r}")
+        developer_id, amount, state, prior = row
+        if state == PayoutState.PENDING:
+            return int(developer_id), int(amount)
+        if state == PayoutState.SETTLED == target and prior == reference:
+            return int(developer_id), None
+        settled = f" with reference {prior!r}" if state == PayoutState.SETTLED else ""
+        raise Conflict(
+            f"payout {payout_id} is already {state}{settled}; it cannot be {target.value}",
+            hint="A payout leaves 'pending' once: settle it or fail it, not both",
+        )
+
+    def _complete_payout(
+        self,
+        conn: Conn,
+        payout_id: str,
+        state: PayoutState,
+        reference: str | None,
+        developer_id: int,
+        legs: Sequence[tuple[int, int]],
+    ) -> None:
+        now = self._clock()
+        updated = conn.execute(
+            "UPDATE payouts SET state = ?, reference = ?, completed_at = ? WHERE id = ? AND state = 'pending'",
+            (state.value, reference, now, payout_id),
+        ).rowcount
+        if updated != 1:
+            raise Conflict(f"payout {payout_id} is no longer pending")
+        amount = sum(a for _, a in legs if a > 0)
+        transfer_id = "tr_" + uuid.uuid4().hex
+        kind = "payout_settle" if state == PayoutState.SETTLED else "payout_fail"
+        conn.execute(
+            "INSERT INTO transfers (id, kind, amount, reference, account_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (transfer_id, kind, amount, payout_id, developer_id, now),
+        )
+        self._post(conn, transfer_id, legs)
+
+    async def list_payouts(self, developer: str | None = None) -> list[Payout]:
+        """Newest first."""
+
+        def tx(conn: Conn) -> list[Payout]:
+            developer_id = None if developer is None else self._account_id(conn, AccountKind.DEVELOPER, developer)
+            rows = conn.execute(
+                f"SELECT {_PAYOUT_COLUMNS} WHERE ?1 IS NULL OR p.developer_account_id = ?1 "
+                "ORDER BY p.created_at DESC, p.id DESC",
+                (developer_id,),
+            ).fetchall()
+            return [_payout(row) for row in rows]
+
+        return await self._read(tx)
+
+    async def statement(self, developer: str, *, limit: int = 100, before: str | None = None) -> list[StatementLine]:
+        """Every posting on the developer's account (charges, refunds, payouts, failed payouts),
+        newest first by (created_at, transfer id); ``before`` is the last transfer id of the
+        previous page."""
+        _require_limit(limit)
+
+        def tx(conn: Conn) -> list[StatementLine]:
+            developer_id = self._account_id(conn, AccountKind.DEVELOPER, developer)
+            cursor: tuple[float | None, str | None] = (None, None)
+            if before is not None:
+                row = conn.execute(
+                    "SELECT t.created_at, t.id FROM transfers t WHERE t.id = ? AND EXISTS "
+                    "(SELECT 1 FROM postings p WHERE p.transfer_id = t.id AND p.account_id = ?)",
+                    (before, developer_id),
+                ).fetchone()
+                if row is None:
+                    raise InvalidInput(
+                        f"unknown cursor {before!r}", hint="Pass the last transfer id of the previous page"
+                    )
+                cursor = (row[0], row[1])
+            rows = conn.execute(
+                "SELECT t.id, t.kind, SUM(p.amount), h.server, h.name, t.charge_id, t.created_at "
+                "FROM postings p JOIN transfers t ON t.id = p.transfer_id "
+                "LEFT JOIN charges c ON c.id = CASE WHEN t.kind = 'charge' THEN t.id ELSE t.charge_id END "
+                "LEFT JOIN holds h ON h.call_id = c.call_id "
+                "WHERE p.account_id = ?1 AND (?2 IS NULL OR (t.created_at, t.id) < (?2, ?3)) "
+                "GROUP BY t.id ORDER BY t.created_at DESC, t.id DESC LIMIT ?4",
+                (developer_id, cursor[0], cursor[1], limit),
+            ).fetchall()
+            return [StatementLine(*row) for row in rows]
+
+        return await self._read(tx)
+
+    async def earnings_breakdown(self, developer: str) -> list[EarningsBreakdown]:
+        """Per (server, name): captured charges and what they credited the developer, net of refunds."""
+
+        def tx(conn: Conn) -> list[EarningsBreakdown]:
+            developer_id = self._account_id(conn, AccountKind.DEVELOPER, developer)
+            rows = conn.execute(
+                "SELECT h.server, h.name, COUNT(*), COALESCE(SUM(m.amount), 0) "
+                "FROM charges c JOIN holds h ON h.call_id = c.call_id "
+                "LEFT JOIN (SELECT CASE WHEN t.kind = 'charge' THEN t.id ELSE t.charge_id END AS charge_id, "
+                "           SUM(p.amount) AS amount "
+                "           FROM postings p JOIN transfers t ON t.id = p.transfer_id "
+                "           WHERE p.account_id = ?1 AND t.kind IN ('charge', 'refund') GROUP BY 1) m "
+                "ON m.charge_id = c.id "
+                "WHERE c.developer_account_id = ?1 GROUP BY h.server, h.name ORDER BY h.server, h.name",
+                (developer_id,),
+            ).fetchall()
+            return [EarningsBreakdown(developer, server, name, n, int(amount)) for server, name, n, amount in rows]
+
+        return await self._read(tx)
 
     # --- reporting ------------------------------------------------------------------------------
     async def user_summary(self, user: str, recent: int = 10) -> UserSummary:
@@ -1027,4 +1386,60 @@ def _verify(conn: Conn) -> list[str]:
         "GROUP BY charge_id) r ON r.charge_id = c.id WHERE c.refunded <> COALESCE(r.s, 0)"
     ):
         problems.append(f"charge {charge_id}: refunded {refunded} but its refunds sum to {s}")
+    problems.extend(_verify_payouts(conn))
+    return problems
+
+
+# What each payout state implies: transfer kind -> (posting on payout_clearing, on the developer) as
+# a multiple of the payout amount.
+_PAYOUT_LEGS = {"payout": (1, -1), "payout_settle": (-1, 0), "payout_fail": (-1, 1)}
+_PAYOUT_TRANSFERS = {
+    "pending": {"payout"},
+    "settled": {"payout", "payout_settle"},
+    "failed": {"payout", "payout_fail"},
+}
+
+
+def _verify_payouts(conn: Conn) -> list[str]:
+    problems: list[str] = []
+    for balance, pending in conn.execute(
+        "SELECT a.balance, (SELECT COALESCE(SUM(amount), 0) FROM payouts WHERE state = 'pending') "
+        "FROM accounts a WHERE a.kind = 'payout_clearing'"
+    ).fetchall():
+        if balance != pending:
+            problems.append(f"payout_clearing: balance {balance} but pending payouts sum to {pending}")
+    payouts = {
+        row[0]: row[1:]
+        for row in conn.execute("SELECT id, state, amount, developer_account_id FROM payouts").fetchall()
+    }
+    found: dict[str, set[str]] = defaultdict(set)
+    for transfer_id, kind, reference, amount, clearing, developer in conn.execute(
+        "SELECT t.id, t.kind, t.reference, t.amount, "
+        "COALESCE((SELECT SUM(p.amount) FROM postings p JOIN accounts a ON a.id = p.account_id "
+        "          WHERE p.transfer_id = t.id AND a.kind = 'payout_clearing'), 0), "
+        "COALESCE((SELECT SUM(p.amount) FROM postings p JOIN payouts po ON po.id = t.reference "
+        "          WHERE p.transfer_id = t.id AND p.account_id = po.developer_account_id), 0) "
+        "FROM transfers t WHERE t.kind IN ('payout', 'payout_settle', 'payout_fail')"
+    ).fetchall():
+        if reference not in payouts:
+            problems.append(f"{kind} transfer {transfer_id}: belongs to no payout")
+            continue
+        state, payout_amount, _ = payouts[reference]
+        found[reference].add(kind)
+        want_clearing, want_developer = _PAYOUT_LEGS[kind]
+        if (amount, clearing, developer) != (
+            payout_amount,
+            want_clearing * payout_amount,
+            want_developer * payout_amount,
+        ):
+            problems.append(
+                f"{kind} transfer {transfer_id} of payout {reference} ({payout_amount}): amount {amount}, "
+                f"payout_clearing {clearing:+}, developer {developer:+}"
+            )
+    for payout_id, (state, _, _) in payouts.items():
+        expected = _PAYOUT_TRANSFERS[state]
+        if found[payout_id] != expected:
+            missing = ", ".join(sorted(expected - found[payout_id])) or "none"
+            extra = ", ".join(sorted(found[payout_id] - expected)) or "none"
+            problems.append(f"{state} payout {payout_id}: missing transfers {missing}; unexpected {extra}")
     return problems

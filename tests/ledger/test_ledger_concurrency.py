@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from gateway.ledger.base import AccountKind, HoldStatus
+from gateway.ledger.migrations_sqlite import MIGRATIONS
 from gateway.ledger.sqlite import SqliteLedger
 
 from .conftest import HoldFactory
@@ -102,5 +103,5 @@ def test_processes_opening_a_new_file_at_once_all_succeed_and_create_the_schema_
     assert reports == [[]] * processes
     for path in paths:
         with sqlite3.connect(path) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == 1
+            assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == len(MIGRATIONS)
             assert conn.execute("SELECT COUNT(*) FROM accounts WHERE name = 'system'").fetchone()[0] == 3

@@ -398,17 +398,7 @@ async def test_refund_is_refused_when_the_developer_earnings_were_paid_out(
     ledger: SqliteLedger, hold_req: HoldFactory, db_path: Path
 ) -> None:
     charge_id = await _charged(ledger, hold_req, amount=1_000, fee=0)
-    # a balanced payout of the developer's 1,000 to payout_clearing, written as payouts will be
-    with sqlite3.connect(db_path) as conn:
-        dev = conn.execute("SELECT id FROM accounts WHERE kind = 'developer' AND name = 'acme'").fetchone()[0]
-        clearing = conn.execute("SELECT id FROM accounts WHERE kind = 'payout_clearing'").fetchone()[0]
-        conn.execute("INSERT INTO transfers (id, kind, amount, created_at) VALUES ('tr_p', 'payout', 1000, 0)")
-        conn.executemany(
-            "INSERT INTO postings (transfer_id, account_id, amount) VALUES ('tr_p', ?, ?)",
-            [(dev, -1_000), (clearing, 1_000)],
-        )
-        conn.execute("UPDATE accounts SET balance = balance - 1000 WHERE id = ?", (dev,))
-        conn.execute("UPDATE accounts SET balance = balance + 1000 WHERE id = ?", (clearing,))
+    await ledger.create_payout("acme")  # the developer's 1,000 leave for payout clearing
     assert await ledger.verify() == []
     with pytest.raises(Conflict, match="developer account 'acme'"):
         await ledger.refund(charge_id, 500)
