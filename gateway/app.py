@@ -20,6 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import AuthError, ConfigError, GatewayError, MissingKey
 from gateway.ledger import open_ledger
 from gateway.ledger.base import Ledger
+from gateway.limits import KeyLimits, TooManyRequests
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_document
 from gateway.reload import PriceBook
@@ -56,6 +57,8 @@ def error_response(exc: GatewayError, request_id: jsonrpc.RequestId | None = Non
         data["hint"] = exc.hint
     body = jsonrpc.error_body(request_id, exc.jsonrpc_code, exc.text(), data)
     headers = {}
+    if isinstance(exc, TooManyRequests):
+        headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, AuthError) and exc.http_status == 401:
         if isinstance(exc, MissingKey):
             headers["WWW-Authenticate"] = 'Bearer realm="agentpay"'
@@ -162,7 +165,11 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
         auth=Authenticator(the_ledger, cache_s=config.key_cache_s),
         metrics=metrics,
         sessions=Sessions(window_s=config.resume_window_s),
+        limits=KeyLimits(
+            max_concurrent=config.max_concurrent_per_key, rate_per_s=config.rate_per_key, burst=config.rate_burst
+        ),
     )
+    rt.hosts = {host.lower(): name for name, srv in config.servers.items() for host in srv.hosts}
     metrics.track_pending(lambda: billing.inflight)
     app[RUNTIME] = rt
     app.cleanup_ctx.append(_lifecycle)

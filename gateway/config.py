@@ -142,6 +142,12 @@ class GatewayConfig:
     admin_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
     key_cache_s: float = 1.0
     resume_window_s: float = 300.0  # how long a call whose client dropped a resumable stream stays held
+    max_concurrent_per_key: int = 256  # calls in flight per API key (0 = unlimited)
+    rate_per_key: float = 200.0  # sustained requests per second per API key (0 = unlimited)
+    rate_burst: int = 1000  # requests a key may make at once before the rate applies
+    max_header_bytes: int = 16384  # longest request line / single header accepted
+    client_body_timeout_s: float = 30.0  # time a client has to send its whole request body
+    stream_idle_timeout_s: float = 3600.0  # a relayed stream with no upstream bytes for this long is closed
     tls_cert: Path | None = None  # PEM certificate chain: terminate TLS on `listen` (HTTP/1.1)
     tls_key: Path | None = None  # PEM private key for tls_cert
 
@@ -395,7 +401,8 @@ _TOP_KEYS = (
     "listen", "database", "prices", "servers", "max_body_bytes", "max_batch_items", "hold_lease_s",
     "sweep_interval_s", "drain_grace_s", "topup_url", "price_in_description", "allowed_origins",
     "trusted_proxies", "log_format", "admin_listen", "admin_token", "key_cache_s",
-    "resume_window_s", "tls_cert", "tls_key",
+    "resume_window_s", "tls_cert", "tls_key", "max_concurrent_per_key", "rate_per_key", "rate_burst",
+    "max_header_bytes", "client_body_timeout_s", "stream_idle_timeout_s",
 )  # fmt: skip
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
@@ -514,6 +521,12 @@ def parse_config(
         resume_window_s=opt("resume_window_s", lambda n, w: r.number(n, w, positive=True), 300.0),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        max_concurrent_per_key=opt("max_concurrent_per_key", lambda n, w: r.integer(n, w, minimum=0), 256),
+        rate_per_key=opt("rate_per_key", lambda n, w: r.number(n, w, positive=False), 200.0),
+        rate_burst=opt("rate_burst", lambda n, w: r.integer(n, w, minimum=1), 1000),
+        max_header_bytes=opt("max_header_bytes", lambda n, w: r.integer(n, w, minimum=1024), 16384),
+        client_body_timeout_s=opt("client_body_timeout_s", lambda n, w: r.number(n, w, positive=True), 30.0),
+        stream_idle_timeout_s=opt("stream_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 3600.0),
     )
 
 

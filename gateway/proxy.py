@@ -103,7 +103,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         request.headers.get("Host"),
         request.rel_url.raw_path,
         servers=rt.config.servers.keys(),
-        hosts=_hosts(rt.config),
+        hosts=rt.hosts,
     )
     server = rt.config.servers[route.server]
     fields["server"] = server.name
@@ -115,7 +115,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
             f"Server {server.name!r} is integrated through the AgentPay SDK and has no MCP endpoint here",
             hint="Call the developer's own server URL",
         )
-    ctx = Context(request, rt, route, server, key)
+    rt.limits.acquire(key.id)
+    try:
+        return await _dispatch(Context(request, rt, route, server, key))
+    finally:
+        rt.limits.release(key.id)
+
+
+async def _dispatch(ctx: Context) -> web.StreamResponse:
+    request, rt, route, server, key, fields = ctx.request, ctx.rt, ctx.route, ctx.server, ctx.key, ctx.fields
     if route.endpoint == "sse":
         if request.method != "GET":
             raise BadRequest("The SSE endpoint takes GET", hint="POST messages to the endpoint the stream announces")
@@ -142,10 +150,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
     raise BadRequest(f"Method {request.method} is not supported on an MCP endpoint", hint="Use POST, GET or DELETE")
 
 
-def _hosts(config: GatewayConfig) -> dict[str, str]:
-    return {host.lower(): name for name, srv in config.servers.items() for host in srv.hosts}
-
-
 def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfig) -> None:
     if origin is None or origin.lower().rstrip("/") in config.allowed_origins:
         return
@@ -158,16 +162,29 @@ def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfi
     )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, config: GatewayConfig) -> bytes:
+    limit = config.max_body_bytes
     hint = "Send a smaller request"
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"The request body is {request.content_length} bytes; the limit is {limit}", hint=hint)
     chunks = bytearray()
-    async for chunk in request.content.iter_any():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=hint)
+    try:
+        async with asyncio.timeout(config.client_body_timeout_s):
+            async for chunk in request.content.iter_any():
+                chunks += chunk
+                if len(chunks) > limit:
+                    raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=hint)
+    except TimeoutError:
+        raise ClientTooSlow(
+            f"The request body did not arrive within {config.client_body_timeout_s:g}s", hint="Send the body promptly"
+        ) from None
     return bytes(chunks)
+
+
+class ClientTooSlow(GatewayError):
+    code = "client_too_slow"
+    http_status = 408
+    jsonrpc_code = -32600
 
 
 async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jsonrpc.Incoming, list[Message]]:
@@ -193,7 +210,7 @@ async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jso
 
 
 async def _post(ctx: Context, session_id: str | None) -> web.StreamResponse:
-    body = await _read_body(ctx.request, ctx.rt.config.max_body_bytes)
+    body = await _read_body(ctx.request, ctx.rt.config)
     exchange = Exchange(ctx.key, session_id, watched=ctx.rt.sessions.pending(session_id))
     incoming, forwarded = await _admit_all(ctx, body, exchange)
     if not forwarded:
@@ -424,10 +441,14 @@ async def _stream_raw(ctx: Context, upstream: aiohttp.ClientResponse) -> web.Str
         response.content_length = int(content_length)
     await response.prepare(ctx.request)
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in _chunks(upstream, None, ctx.rt.config.stream_idle_timeout_s):
+            assert isinstance(chunk, bytes)
             await response.write(chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
         ctx.fields["outcome"] = "upstream_broke_stream"
+        return response
+    except TimeoutError:
+        ctx.fields["outcome"] = "stream_idle_timeout"
         return response
     await response.write_eof()
     return response
@@ -487,7 +508,7 @@ async def _relay_sse(
     try:
         for refusal in exchange.refusals:
             await response.write(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
-        async for chunk in _chunks(upstream, inject):
+        async for chunk in _chunks(upstream, inject, ctx.rt.config.stream_idle_timeout_s):
             if isinstance(chunk, _Injected):
                 await response.write(chunk.data)
                 continue
@@ -516,6 +537,9 @@ async def _relay_sse(
         ctx.fields["outcome"] = "upstream_broke_stream"
         ctx.fields["error"] = type(exc).__name__
         return response
+    except TimeoutError:
+        ctx.fields["outcome"] = "stream_idle_timeout"
+        return response
     if parser is not None and parser.pending():
         await response.write(parser.pending())
     await response.write_eof()
@@ -527,17 +551,23 @@ class _Injected:
     data: bytes
 
 
-async def _chunks(upstream: aiohttp.ClientResponse, inject: asyncio.Queue[bytes] | None) -> Any:
-    """Upstream body chunks, merged with injected events when there is an injection queue."""
+async def _chunks(upstream: aiohttp.ClientResponse, inject: asyncio.Queue[bytes] | None, idle_s: float) -> Any:
+    """Upstream body chunks as they arrive, merged with injected events when there is an injection
+    queue. Raises TimeoutError when the upstream sends nothing for ``idle_s``."""
     if inject is None:
-        async for chunk in upstream.content.iter_any():
+        while True:
+            async with asyncio.timeout(idle_s):
+                chunk = await upstream.content.readany()
+            if not chunk:
+                return
             yield chunk
-        return
     reader = asyncio.ensure_future(upstream.content.readany())
     waiter = asyncio.ensure_future(inject.get())
     try:
         while True:
-            done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({reader, waiter}, timeout=idle_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError
             if waiter in done:
                 yield _Injected(waiter.result())
                 waiter = asyncio.ensure_future(inject.get())
@@ -660,7 +690,7 @@ def _gateway_prefix(ctx: Context) -> str:
     """The path prefix under which the client reached this server (keeps a path-embedded key)."""
     key_part = f"/k/{ctx.route.path_key}" if ctx.route.path_key else ""
     host = (ctx.request.headers.get("Host") or "").lower()
-    host_routed = _hosts(ctx.rt.config).get(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+    host_routed = ctx.rt.hosts.get(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
     raw = ctx.request.rel_url.raw_path
     if host_routed == ctx.server.name and not raw.removeprefix(key_part).startswith(f"/{ctx.server.name}/"):
         return key_part
@@ -717,7 +747,7 @@ async def _legacy_post(ctx: Context) -> web.StreamResponse:
     channel = rt.sessions.legacy.get(channel_id)
     if channel is None or channel.key_id != ctx.key.id or channel.server != ctx.server.name:
         raise SessionNotFound("Unknown or closed SSE session", hint="Reconnect to the SSE endpoint")
-    body = await _read_body(ctx.request, rt.config.max_body_bytes)
+    body = await _read_body(ctx.request, rt.config)
     exchange = Exchange(ctx.key)
     incoming, forwarded = await _admit_all(ctx, body, exchange)
     for refusal in exchange.refusals:

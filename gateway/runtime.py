@@ -11,6 +11,7 @@ from gateway.auth import Authenticator
 from gateway.billing import Billing
 from gateway.config import GatewayConfig
 from gateway.ledger.base import Ledger
+from gateway.limits import KeyLimits
 from gateway.metrics import Metrics
 from gateway.reload import PriceBook
 from gateway.sessions import Sessions
@@ -25,7 +26,9 @@ class Runtime:
     auth: Authenticator
     metrics: Metrics
     sessions: Sessions
+    limits: KeyLimits
     upstreams: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
+    hosts: dict[str, str] = field(default_factory=dict)  # lower-case Host -> server name
     draining: bool = False
 
 

@@ -1,0 +1,82 @@
+"""Per-key limits: concurrent calls and request rate (token bucket). Pure; the clock is injectable."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import GatewayError
+
+_MAX_TRACKED = 200_000
+
+
+class TooManyRequests(GatewayError):
+    code = "rate_limited"
+    http_status = 429
+    jsonrpc_code = -32029
+    default_hint = "Slow down and retry after the time in the Retry-After header"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, data={"retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class KeyLimits:
+    """``acquire(key)`` before a request, ``release(key)`` after; raises TooManyRequests."""
+
+    def __init__(
+        self,
+        *,
+        max_concurrent: int,
+        rate_per_s: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_concurrent = max_concurrent
+        self.rate = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._inflight: dict[str, int] = {}
+        self._buckets: dict[str, _Bucket] = {}
+
+    def acquire(self, key_id: str) -> None:
+        now = self._clock()
+        if self.rate > 0:
+            bucket = self._buckets.get(key_id)
+            if bucket is None:
+                if len(self._buckets) >= _MAX_TRACKED:
+                    self._buckets.clear()
+                bucket = self._buckets[key_id] = _Bucket(float(self.burst), now)
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
+            bucket.updated = now
+            if bucket.tokens < 1.0:
+                wait = max(1, math.ceil((1.0 - bucket.tokens) / self.rate))
+                raise TooManyRequests(
+                    f"This key exceeded {self.rate:g} requests per second (burst {self.burst})", retry_after_s=wait
+                )
+        current = self._inflight.get(key_id, 0)
+        if self.max_concurrent > 0 and current >= self.max_concurrent:
+            raise TooManyRequests(
+                f"This key already has {current} calls in flight (limit {self.max_concurrent})", retry_after_s=1
+            )
+        if self.rate > 0:
+            self._buckets[key_id].tokens -= 1.0
+        self._inflight[key_id] = current + 1
+
+    def release(self, key_id: str) -> None:
+        current = self._inflight.get(key_id, 0) - 1
+        if current <= 0:
+            self._inflight.pop(key_id, None)
+        else:
+            self._inflight[key_id] = current
+
+    def inflight(self, key_id: str) -> int:
+        return self._inflight.get(key_id, 0)
