@@ -17,7 +17,7 @@ from gateway import jsonrpc, proxy
 from gateway.auth import Authenticator
 from gateway.billing import Billing, spawn
 from gateway.config import GatewayConfig
-from gateway.errors import AuthError, ConfigError, GatewayError, MissingKey
+from gateway.errors import AuthError, ConfigError, GatewayError, MethodNotAllowed, MissingKey
 from gateway.ledger import open_ledger
 from gateway.ledger.base import Ledger
 from gateway.limits import KeyLimits, TooManyRequests
@@ -27,7 +27,7 @@ from gateway.reload import PriceBook
 from gateway.routing import redact_path
 from gateway.runtime import RUNTIME, Runtime
 from gateway.service_api import ServiceApi
-from gateway.sessions import Sessions
+from gateway.sessions import Sessions, SessionSigner
 from gateway.upstream import new_session
 
 log = structlog.get_logger("gateway")
@@ -57,6 +57,8 @@ def error_response(exc: GatewayError, request_id: jsonrpc.RequestId | None = Non
         data["hint"] = exc.hint
     body = jsonrpc.error_body(request_id, exc.jsonrpc_code, exc.text(), data)
     headers = {}
+    if isinstance(exc, MethodNotAllowed):
+        headers["Allow"] = exc.allow
     if isinstance(exc, TooManyRequests):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, AuthError) and exc.http_status == 401:
@@ -165,6 +167,7 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
         auth=Authenticator(the_ledger, cache_s=config.key_cache_s),
         metrics=metrics,
         sessions=Sessions(window_s=config.resume_window_s),
+        signer=SessionSigner(config.session_secret.encode() if config.session_secret else os.urandom(32)),
         limits=KeyLimits(
             max_concurrent=config.max_concurrent_per_key, rate_per_s=config.rate_per_key, burst=config.rate_burst
         ),

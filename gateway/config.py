@@ -59,6 +59,7 @@ RESERVED_SERVER_NAMES: frozenset[str] = frozenset(
 )  # fmt: skip
 SERVER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: When set (and not empty), overrides ``admin_token`` from the file.
+SESSION_SECRET_ENV = "AGENTPAY_SESSION_SECRET"
 ADMIN_TOKEN_ENV = "AGENTPAY_ADMIN_TOKEN"
 
 _MIB = 1024 * 1024
@@ -148,6 +149,7 @@ class GatewayConfig:
     max_header_bytes: int = 16384  # longest request line / single header accepted
     client_body_timeout_s: float = 30.0  # time a client has to send its whole request body
     stream_idle_timeout_s: float = 3600.0  # a relayed stream with no upstream bytes for this long is closed
+    session_secret: str | None = field(default=None, repr=False)  # signs session ids; share across replicas
     tls_cert: Path | None = None  # PEM certificate chain: terminate TLS on `listen` (HTTP/1.1)
     tls_key: Path | None = None  # PEM private key for tls_cert
 
@@ -402,7 +404,7 @@ _TOP_KEYS = (
     "sweep_interval_s", "drain_grace_s", "topup_url", "price_in_description", "allowed_origins",
     "trusted_proxies", "log_format", "admin_listen", "admin_token", "key_cache_s",
     "resume_window_s", "tls_cert", "tls_key", "max_concurrent_per_key", "rate_per_key", "rate_burst",
-    "max_header_bytes", "client_body_timeout_s", "stream_idle_timeout_s",
+    "max_header_bytes", "client_body_timeout_s", "stream_idle_timeout_s", "session_secret",
 )  # fmt: skip
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
@@ -526,6 +528,7 @@ def parse_config(
         rate_burst=opt("rate_burst", lambda n, w: r.integer(n, w, minimum=1), 1000),
         max_header_bytes=opt("max_header_bytes", lambda n, w: r.integer(n, w, minimum=1024), 16384),
         client_body_timeout_s=opt("client_body_timeout_s", lambda n, w: r.number(n, w, positive=True), 30.0),
+        session_secret=environ.get(SESSION_SECRET_ENV) or opt("session_secret", r.env_string, None),
         stream_idle_timeout_s=opt("stream_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 3600.0),
     )
 

@@ -102,6 +102,16 @@ class ParseError(BadRequest):
     default_hint = "Send a JSON-RPC 2.0 message as UTF-8 JSON"
 
 
+class MethodNotAllowed(GatewayError):
+    code = "method_not_allowed"
+    http_status = 405
+    jsonrpc_code = INVALID_REQUEST
+
+    def __init__(self, message: str, *, allow: str, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.allow = allow
+
+
 class HeaderMismatch(BadRequest):
     code = "header_mismatch"
     jsonrpc_code = HEADER_MISMATCH

@@ -30,6 +30,7 @@ from gateway.errors import (
     BadRequest,
     BodyTooLarge,
     GatewayError,
+    MethodNotAllowed,
     OriginForbidden,
     UnknownServer,
     UpstreamError,
@@ -90,6 +91,7 @@ class Context:
     route: Route
     server: ServerConfig
     key: KeyRecord
+    upstream_session: str | None = None  # the upstream's own Mcp-Session-Id (the client sees it signed)
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -123,22 +125,24 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _dispatch(ctx: Context) -> web.StreamResponse:
-    request, rt, route, server, key, fields = ctx.request, ctx.rt, ctx.route, ctx.server, ctx.key, ctx.fields
+    request, rt, route, key, fields = ctx.request, ctx.rt, ctx.route, ctx.key, ctx.fields
     if route.endpoint == "sse":
         if request.method != "GET":
-            raise BadRequest("The SSE endpoint takes GET", hint="POST messages to the endpoint the stream announces")
+            raise MethodNotAllowed(
+                "The SSE endpoint takes GET", allow="GET", hint="POST messages to the endpoint the stream announces"
+            )
         return await _legacy_stream(ctx)
     if route.endpoint == "messages":
         if request.method != "POST":
-            raise BadRequest("The messages endpoint takes POST")
+            raise MethodNotAllowed("The messages endpoint takes POST", allow="POST")
         return await _legacy_post(ctx)
-    session_id = request.headers.get("Mcp-Session-Id")
-    if session_id is not None:
-        owner = rt.sessions.owner(session_id)
-        if owner is None:
-            rt.sessions.bind(session_id, key.id, server.name)  # first sight after a gateway restart
-        elif owner != key.id:
+    client_session = request.headers.get("Mcp-Session-Id")
+    session_id = None
+    if client_session is not None:
+        session_id = rt.signer.unwrap(client_session, key.id)
+        if session_id is None:  # opened with another key, forged, or from another deployment
             raise SessionNotFound("Session not found", hint="Start a new session (initialize) with your own key")
+        ctx.upstream_session = session_id
     if request.method == "POST":
         return await _post(ctx, session_id)
     if request.method in ("GET", "DELETE"):
@@ -147,7 +151,7 @@ async def _dispatch(ctx: Context) -> web.StreamResponse:
         if request.method == "GET":
             exchange.watched = rt.sessions.pending(session_id)
         return await _forward(ctx, exchange, body=None)
-    raise BadRequest(f"Method {request.method} is not supported on an MCP endpoint", hint="Use POST, GET or DELETE")
+    raise MethodNotAllowed(f"Method {request.method} is not supported on an MCP endpoint", allow="POST, GET, DELETE")
 
 
 def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfig) -> None:
@@ -377,6 +381,8 @@ async def _open_upstream(
     )
     if accept_sse:
         headers["Accept"] = "text/event-stream"
+    if ctx.upstream_session is not None:
+        headers["Mcp-Session-Id"] = ctx.upstream_session
     started = time.perf_counter()
     try:
         async with asyncio.timeout(server.read_timeout_s):
@@ -403,9 +409,6 @@ async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> w
         upstream = await _open_upstream(ctx, request.method, url, body=body)
         if exchange.lists and not rt.prices.table.has_prices(server.name):
             exchange.lists.clear()
-        new_session = upstream.headers.get("Mcp-Session-Id")
-        if new_session is not None and request.method == "POST" and upstream.status < 300:
-            rt.sessions.bind(new_session, ctx.key.id, server.name)
         if request.method == "DELETE" and upstream.status < 300 and exchange.session_id is not None:
             for call in rt.sessions.drop(exchange.session_id):
                 call.settled = True
@@ -432,10 +435,19 @@ async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> w
             fields["outcome"] = "charged" if exchange.charged else ("refused" if exchange.refusals else "ok")
 
 
+def _client_headers(ctx: Context, upstream: aiohttp.ClientResponse) -> Any:
+    """The upstream's response headers for the client, with its session id signed to the caller's key."""
+    headers = downstream_headers(upstream.headers.items())
+    session = headers.get("Mcp-Session-Id")
+    if session is not None:
+        headers["Mcp-Session-Id"] = ctx.rt.signer.wrap(session, ctx.key.id)
+    return headers
+
+
 async def _stream_raw(ctx: Context, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     """Relay status, headers and body untouched, chunk by chunk as they arrive."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(downstream_headers(upstream.headers.items()))
+    response.headers.extend(_client_headers(ctx, upstream))
     content_length = upstream.headers.get("Content-Length")
     if content_length is not None:
         response.content_length = int(content_length)
@@ -481,7 +493,7 @@ async def _relay_json(ctx: Context, upstream: aiohttp.ClientResponse, exchange: 
     elif exchange.refusals:
         raw = jsonrpc.dumps(exchange.refusals)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(downstream_headers(upstream.headers.items()))
+    response.headers.extend(_client_headers(ctx, upstream))
     response.content_length = len(raw)
     await response.prepare(ctx.request)
     await response.write(raw)
@@ -501,7 +513,7 @@ async def _relay_sse(
     """Relay an SSE stream event by event, settling held calls on the events that answer them.
     ``rewrite`` may replace an event; ``inject`` carries events the gateway adds (legacy SSE)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(downstream_headers(upstream.headers.items()))
+    response.headers.extend(_client_headers(ctx, upstream))
     await response.prepare(ctx.request)
     max_event = ctx.rt.config.max_body_bytes * 4
     parser: sse.Parser | None = sse.Parser(max_event_bytes=max_event)

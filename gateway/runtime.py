@@ -14,7 +14,7 @@ from gateway.ledger.base import Ledger
 from gateway.limits import KeyLimits
 from gateway.metrics import Metrics
 from gateway.reload import PriceBook
-from gateway.sessions import Sessions
+from gateway.sessions import Sessions, SessionSigner
 
 
 @dataclass(slots=True)
@@ -26,6 +26,7 @@ class Runtime:
     auth: Authenticator
     metrics: Metrics
     sessions: Sessions
+    signer: SessionSigner
     limits: KeyLimits
     upstreams: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     hosts: dict[str, str] = field(default_factory=dict)  # lower-case Host -> server name

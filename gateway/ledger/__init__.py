@@ -41,13 +41,16 @@ __all__ = [
 ]
 
 SQLITE_SCHEME = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_ledger(database_url: str) -> Ledger:
     """The ledger store for ``database_url``, not yet opened.
 
     ``sqlite:///path/to/file.db`` (the config layer makes the path absolute; a relative path is
-    taken relative to the working directory) and ``sqlite:////abs/path.db`` select SQLite.
+    taken relative to the working directory) and ``sqlite:////abs/path.db`` select SQLite;
+    ``postgresql://user@host:5432/db`` (or ``postgres://``) selects PostgreSQL (tables in the
+    connection's default schema, normally ``public``).
     """
     if database_url.startswith(SQLITE_SCHEME):
         path = database_url[len(SQLITE_SCHEME) :]
@@ -56,8 +59,10 @@ def open_ledger(database_url: str) -> Ledger:
         from gateway.ledger.sqlite import SqliteLedger
 
         return SqliteLedger(path)
-    if database_url.startswith(("postgresql://", "postgres://")):
-        raise NotImplementedError("PostgreSQL ledger arrives with issue 5")
+    if database_url.startswith(POSTGRES_SCHEMES):
+        from gateway.ledger.postgres import PostgresLedger
+
+        return PostgresLedger(database_url)
     raise InvalidInput(
         f"unsupported database URL {database_url.split(':', 1)[0]!r}",
         hint="Use sqlite:///path/to/agentpay.db or postgresql://user@host/db",

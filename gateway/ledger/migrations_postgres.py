@@ -1,0 +1,167 @@
+"""The PostgreSQL ledger schema, as named migrations applied in order.
+
+``PostgresLedger.open`` applies them in one transaction that first takes a transaction-level
+advisory lock (``pg_advisory_xact_lock``) keyed by the schema name, so several gateway replicas
+starting at once apply each migration exactly once; the ``schema_migrations`` row that records a
+migration commits with it. Never edit a migration that has shipped: append a new one.
+
+Same tables and guards as the SQLite schema (``migrations_sqlite.py``), with PostgreSQL types:
+amounts are ``BIGINT`` millicents, times are ``DOUBLE PRECISION`` unix seconds (exactly what the
+injected clock returned), ``charges.seq`` stands in for SQLite's rowid (insertion order), and
+service tokens keep their servers as ``TEXT[]``. Text columns use the "C" collation, so ids and
+names sort bytewise as in SQLite whatever the database's default collation: lists page newest
+first by (created_at, id) and both stores return the same pages.
+``CHECK`` constraints make an overdraft impossible even for a buggy caller; the conditional
+``UPDATE``s in ``postgres.py`` turn "would overdraw" into zero rows.
+"""
+
+from __future__ import annotations
+
+SCHEMA_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    name       TEXT COLLATE "C" PRIMARY KEY,
+    applied_at DOUBLE PRECISION NOT NULL
+)
+"""
+
+_INITIAL = """
+CREATE TABLE accounts (
+    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind       TEXT COLLATE "C" NOT NULL
+               CHECK (kind IN ('user', 'developer', 'world', 'platform_fee', 'payout_clearing')),
+    name       TEXT COLLATE "C" NOT NULL,
+    balance    BIGINT NOT NULL DEFAULT 0,
+    held       BIGINT NOT NULL DEFAULT 0,
+    created_at DOUBLE PRECISION NOT NULL,
+    UNIQUE (kind, name),
+    CONSTRAINT accounts_held_not_negative CHECK (held >= 0),
+    CONSTRAINT accounts_user_available_not_negative CHECK (kind <> 'user' OR balance - held >= 0),
+    CONSTRAINT accounts_balance_not_negative CHECK (kind = 'world' OR balance >= 0)
+);
+
+CREATE TABLE transfers (
+    id         TEXT COLLATE "C" PRIMARY KEY,
+    kind       TEXT COLLATE "C" NOT NULL
+               CHECK (kind IN ('topup', 'charge', 'refund', 'payout', 'payout_settle', 'payout_fail')),
+    amount     BIGINT NOT NULL CHECK (amount > 0),
+    reference  TEXT COLLATE "C",
+    account_id BIGINT REFERENCES accounts (id),  -- the user (top-ups, charges, refunds)
+    charge_id  TEXT COLLATE "C" REFERENCES transfers (id),   -- refunds: the charge they reverse
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE UNIQUE INDEX transfers_kind_reference ON transfers (kind, reference) WHERE reference IS NOT NULL;
+CREATE INDEX transfers_charge ON transfers (charge_id) WHERE charge_id IS NOT NULL;
+CREATE INDEX transfers_created ON transfers (created_at, id);
+
+CREATE TABLE postings (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transfer_id TEXT COLLATE "C" NOT NULL REFERENCES transfers (id),
+    account_id  BIGINT NOT NULL REFERENCES accounts (id),
+    amount      BIGINT NOT NULL CHECK (amount <> 0)
+);
+CREATE INDEX postings_transfer ON postings (transfer_id);
+CREATE INDEX postings_account ON postings (account_id);
+
+CREATE FUNCTION postings_are_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'postings are immutable';
+END;
+$$;
+CREATE TRIGGER postings_are_immutable BEFORE UPDATE OR DELETE ON postings
+    FOR EACH ROW EXECUTE FUNCTION postings_are_immutable();
+
+CREATE TABLE keys (
+    id              TEXT COLLATE "C" PRIMARY KEY,
+    user_account_id BIGINT NOT NULL REFERENCES accounts (id),
+    server          TEXT COLLATE "C" NOT NULL,
+    key_hash        TEXT COLLATE "C" NOT NULL UNIQUE,
+    prefix          TEXT COLLATE "C" NOT NULL,
+    created_at      DOUBLE PRECISION NOT NULL,
+    expires_at      DOUBLE PRECISION,
+    revoked_at      DOUBLE PRECISION,
+    spend_limit     BIGINT CHECK (spend_limit IS NULL OR spend_limit >= 0),
+    spent           BIGINT NOT NULL DEFAULT 0 CHECK (spent >= 0),
+    held            BIGINT NOT NULL DEFAULT 0 CHECK (held >= 0),
+    CONSTRAINT keys_within_spend_limit CHECK (spend_limit IS NULL OR spent + held <= spend_limit OR held = 0)
+);
+CREATE INDEX keys_user ON keys (user_account_id);
+CREATE INDEX keys_prefix ON keys (prefix);
+CREATE INDEX keys_revoked_at ON keys (revoked_at) WHERE revoked_at IS NOT NULL;
+
+CREATE TABLE holds (
+    call_id              TEXT COLLATE "C" PRIMARY KEY,
+    key_id               TEXT COLLATE "C" REFERENCES keys (id),
+    user_account_id      BIGINT NOT NULL REFERENCES accounts (id),
+    developer_account_id BIGINT NOT NULL REFERENCES accounts (id),
+    server               TEXT COLLATE "C" NOT NULL,
+    method               TEXT COLLATE "C" NOT NULL,
+    name                 TEXT COLLATE "C" NOT NULL,
+    amount               BIGINT NOT NULL CHECK (amount > 0),
+    fee                  BIGINT NOT NULL CHECK (fee >= 0 AND fee <= amount),
+    state                TEXT COLLATE "C" NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'captured', 'voided')),
+    owner                TEXT COLLATE "C" NOT NULL,
+    created_at           DOUBLE PRECISION NOT NULL,
+    lease_expires_at     DOUBLE PRECISION NOT NULL,
+    settled_at           DOUBLE PRECISION,
+    charge_id            TEXT COLLATE "C" REFERENCES transfers (id),
+    CHECK ((state = 'captured') = (charge_id IS NOT NULL))
+);
+CREATE INDEX holds_pending_lease ON holds (lease_expires_at) WHERE state = 'pending';
+CREATE INDEX holds_user_pending ON holds (user_account_id) WHERE state = 'pending';
+CREATE INDEX holds_key_pending ON holds (key_id) WHERE state = 'pending';
+
+-- A charge is the capture transfer plus what the hold said about the call.
+CREATE TABLE charges (
+    id                   TEXT COLLATE "C" PRIMARY KEY REFERENCES transfers (id),
+    seq                  BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+    call_id              TEXT COLLATE "C" NOT NULL UNIQUE REFERENCES holds (call_id),
+    user_account_id      BIGINT NOT NULL REFERENCES accounts (id),
+    developer_account_id BIGINT NOT NULL REFERENCES accounts (id),
+    amount               BIGINT NOT NULL CHECK (amount > 0),
+    fee                  BIGINT NOT NULL CHECK (fee >= 0 AND fee <= amount),
+    refunded             BIGINT NOT NULL DEFAULT 0 CHECK (refunded >= 0 AND refunded <= amount),
+    balance_after        BIGINT NOT NULL,
+    created_at           DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX charges_user_recent ON charges (user_account_id, created_at, seq);
+"""
+
+_SERVICE_TOKENS_AND_PAYOUTS = """
+CREATE TABLE service_tokens (
+    id                   TEXT COLLATE "C" PRIMARY KEY,
+    developer_account_id BIGINT NOT NULL REFERENCES accounts (id),
+    servers              TEXT[] NOT NULL CHECK (cardinality(servers) > 0),
+    token_hash           TEXT COLLATE "C" NOT NULL UNIQUE,
+    prefix               TEXT COLLATE "C" NOT NULL,
+    created_at           DOUBLE PRECISION NOT NULL,
+    revoked_at           DOUBLE PRECISION
+);
+CREATE INDEX service_tokens_developer ON service_tokens (developer_account_id);
+CREATE INDEX service_tokens_prefix ON service_tokens (prefix);
+
+-- pending -> settled | failed. Each transition writes one transfer whose reference is the payout
+-- id, so the unique (kind, reference) index makes a second settle or fail transfer impossible.
+CREATE TABLE payouts (
+    id                   TEXT COLLATE "C" PRIMARY KEY,
+    developer_account_id BIGINT NOT NULL REFERENCES accounts (id),
+    amount               BIGINT NOT NULL CHECK (amount > 0),
+    state                TEXT COLLATE "C" NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'settled', 'failed')),
+    reference            TEXT COLLATE "C",
+    transfer_id          TEXT COLLATE "C" NOT NULL UNIQUE REFERENCES transfers (id),
+    created_at           DOUBLE PRECISION NOT NULL,
+    completed_at         DOUBLE PRECISION,
+    CHECK ((state = 'pending') = (completed_at IS NULL)),
+    CHECK ((state = 'settled') = (reference IS NOT NULL))
+);
+CREATE INDEX payouts_developer ON payouts (developer_account_id, created_at);
+CREATE INDEX payouts_pending ON payouts (state) WHERE state = 'pending';
+
+CREATE INDEX charges_developer_recent ON charges (developer_account_id, created_at, id);
+CREATE INDEX charges_created ON charges (created_at, id);
+"""
+
+# (name, SQL script), applied in order; each script runs as one multi-statement execute.
+MIGRATIONS: tuple[tuple[str, str], ...] = (
+    ("0001_initial", _INITIAL),
+    ("0002_service_tokens_and_payouts", _SERVICE_TOKENS_AND_PAYOUTS),
+)

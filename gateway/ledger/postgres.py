@@ -1,0 +1,1579 @@
+"""The PostgreSQL ledger (asyncpg).
+
+Same semantics as the SQLite ledger (``sqlite.py``); what differs is how the database keeps them
+under concurrency from many connections and gateway replicas:
+
+* Every money operation is one transaction at READ COMMITTED. Balance and spending-cap guards are
+  conditional ``UPDATE … WHERE balance - held >= $a``: a blocked ``UPDATE`` re-checks the newest
+  row version once the lock is released, so concurrent holds can never overspend and need no
+  retry. ``CHECK`` constraints back every guard.
+* Row locks are always taken in one order: the keyed row (hold, charge or payout), then accounts by
+  ascending id (``_lock_accounts``, ``FOR NO KEY UPDATE`` so foreign-key checks are not blocked),
+  then keys by id. No two ledger transactions wait on each other in a cycle.
+* Idempotency lives in unique keys: ``INSERT … ON CONFLICT DO NOTHING`` and then read the winner.
+  A transaction that loses such a race is rolled back and run again, and the re-run sees the
+  winner (``_RaceLost``).
+* A whole transaction is re-run on serialization_failure / deadlock_detected only when it is
+  idempotent by its key (hold, capture, charge, void, renew, sweep, keyed top-ups and refunds,
+  payout transitions); for the others the caller gets ``Unavailable`` and nothing was written.
+  Nothing is ever replayed after a lost connection: the outcome of a COMMIT whose reply never
+  arrived is unknown, so the caller gets ``Unavailable`` (and retries with its idempotency key).
+* ``verify`` reads every invariant from one REPEATABLE READ, READ ONLY snapshot.
+* ``sweep`` claims lapsed holds with ``FOR UPDATE SKIP LOCKED``, so replicas sweeping at once void
+  each hold exactly once without waiting on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import secrets
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+
+from gateway.errors import (
+    AlreadyExists,
+    Conflict,
+    GatewayError,
+    IdempotencyConflict,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
+from gateway.ledger.base import (
+    Account,
+    AccountKind,
+    Charge,
+    ChargeResult,
+    Earnings,
+    EarningsBreakdown,
+    HoldInfo,
+    HoldOutcome,
+    HoldRequest,
+    HoldState,
+    HoldStatus,
+    KeyRecord,
+    Payout,
+    PayoutState,
+    ServiceToken,
+    StatementLine,
+    Transfer,
+    UsageRow,
+    UserSummary,
+)
+from gateway.ledger.migrations_postgres import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.money import format_cents
+
+T = TypeVar("T")
+Conn: TypeAlias = "asyncpg.Connection[Any]"
+Row: TypeAlias = asyncpg.Record
+
+SYSTEM_NAME = "system"
+_SYSTEM_KINDS = (AccountKind.WORLD, AccountKind.PLATFORM_FEE, AccountKind.PAYOUT_CLEARING)
+# pg_advisory_xact_lock(classid, objid): classid says "AgentPay ledger migrations", objid is the schema.
+_MIGRATION_LOCK_CLASS = 0x41504C47
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+MAX_ATTEMPTS = 6
+ACQUIRE_TIMEOUT_S = 10.0
+
+_KEY_COLUMNS = """
+    k.id, a.name, k.server, k.prefix, k.created_at, k.expires_at, k.revoked_at,
+    k.spend_limit, k.spent, k.held
+    FROM keys k JOIN accounts a ON a.id = k.user_account_id
+"""
+_CHARGE_COLUMNS = """
+    c.id, c.call_id, u.name, d.name, h.server, h.method, h.name, c.amount, c.fee, c.refunded,
+    c.created_at, c.balance_after
+    FROM charges c
+    JOIN holds h ON h.call_id = c.call_id
+    JOIN accounts u ON u.id = c.user_account_id
+    JOIN accounts d ON d.id = c.developer_account_id
+"""
+_HOLD_COLUMNS = """
+    h.call_id, u.name, d.name, h.server, h.method, h.name, h.amount, h.fee, h.state, h.created_at,
+    h.lease_expires_at, h.charge_id
+    FROM holds h
+    JOIN accounts u ON u.id = h.user_account_id
+    JOIN accounts d ON d.id = h.developer_account_id
+"""
+_TOKEN_COLUMNS = """
+    t.id, a.name, t.servers, t.prefix, t.created_at, t.revoked_at
+    FROM service_tokens t JOIN accounts a ON a.id = t.developer_account_id
+"""
+_PAYOUT_COLUMNS = """
+    p.id, a.name, p.amount, p.state, p.reference, p.created_at, p.completed_at, p.developer_account_id
+    FROM payouts p JOIN accounts a ON a.id = p.developer_account_id
+"""
+
+# The connection is gone or the server refuses work: the outcome of an in-flight COMMIT is unknown.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # class 08, including ConnectionDoesNotExistError
+    asyncpg.exceptions.OperatorInterventionError,  # 57: admin shutdown (pg_terminate_backend), cancel
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    OSError,
+    TimeoutError,
+)
+_RETRYABLE = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction to roll it back and still return ``result``."""
+
+    def __init__(self, result: object) -> None:
+        super().__init__("rollback")
+        self.result = result
+
+
+class _RaceLost(Exception):
+    """A concurrent transaction committed the same idempotency key first: roll back and re-run
+    (the re-run reads the winner)."""
+
+
+class _WouldGoNegative(Exception):
+    def __init__(self, account_id: int) -> None:
+        super().__init__(f"account {account_id} would go negative")
+        self.account_id = account_id
+
+
+def _require_amount(value: object, what: str = "amount") -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"{what} must be an integer number of millicents, got {value!r}")
+    if value <= 0:
+        raise InvalidInput(f"{what} must be positive, got {value}")
+    return value
+
+
+def _require_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{what} must be a non-empty name")
+    return value
+
+
+def _require_limit(limit: object) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _key_record(row: Row) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        user=row[1],
+        server=row[2],
+        prefix=row[3],
+        created_at=row[4],
+        expires_at=row[5],
+        revoked_at=row[6],
+        spend_limit=row[7],
+        spent=row[8],
+        held=row[9],
+    )
+
+
+def _charge(row: Row) -> Charge:
+    return Charge(
+        id=row[0],
+        call_id=row[1],
+        user=row[2],
+        developer=row[3],
+        server=row[4],
+        method=row[5],
+        name=row[6],
+        amount=row[7],
+        fee=row[8],
+        refunded=row[9],
+        created_at=row[10],
+        balance_after=row[11],
+    )
+
+
+def _hold_info(row: Row) -> HoldInfo:
+    return HoldInfo(
+        call_id=row[0],
+        user=row[1],
+        developer=row[2],
+        server=row[3],
+        method=row[4],
+        name=row[5],
+        amount=row[6],
+        fee=row[7],
+        state=HoldState(row[8]),
+        created_at=row[9],
+        expires_at=row[10],
+        charge_id=row[11],
+    )
+
+
+def _token(row: Row) -> ServiceToken:
+    return ServiceToken(
+        id=row[0], developer=row[1], servers=tuple(row[2]), prefix=row[3], created_at=row[4], revoked_at=row[5]
+    )
+
+
+def _payout(row: Row) -> Payout:
+    return Payout(
+        id=row[0],
+        developer=row[1],
+        amount=row[2],
+        state=PayoutState(row[3]),
+        reference=row[4],
+        created_at=row[5],
+        completed_at=row[6],
+    )
+
+
+def _translate(exc: asyncpg.PostgresError) -> GatewayError:
+    """A database error that escaped the guards, as a gateway error with a clear message."""
+    constraint = getattr(exc, "constraint_name", None) or "?"
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return AlreadyExists(f"the ledger already has a record with this key ({constraint})")
+    if isinstance(exc, asyncpg.CheckViolationError):
+        return Conflict(f"the ledger refused a write that would break one of its rules ({constraint})")
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return Conflict(f"the ledger refused a write that refers to a missing record ({constraint})")
+    return GatewayError(f"ledger database error: {type(exc).__name__}: {exc}")
+
+
+class PostgresLedger:
+    """``Ledger`` on PostgreSQL. Any number of gateway replicas may share one database."""
+
+    SWEEP_BATCH = 500  # holds voided per sweep transaction
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        schema: str | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        if schema is not None and not _SCHEMA_NAME.match(schema):
+            raise InvalidInput(
+                f"schema name {schema!r} must be 1-63 letters, digits or '_' (not starting with a digit)"
+            )
+        self.dsn = dsn
+        self.schema = schema
+        self._clock = clock
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._system: dict[AccountKind, int] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        settings = {
+            "application_name": "agentpay-ledger",
+            "lock_timeout": "30s",
+            "idle_in_transaction_session_timeout": "60s",
+        }
+        if self.schema is not None:
+            settings["search_path"] = _quote_ident(self.schema)
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                server_settings=settings,
+                timeout=ACQUIRE_TIMEOUT_S,
+            )
+        except _CONNECTION_ERRORS as exc:
+            raise Unavailable(
+                f"cannot connect to the ledger database: {exc}",
+                hint="Check that PostgreSQL is running and the database URL is right",
+            ) from exc
+        except asyncpg.PostgresError as exc:  # e.g. unknown database or role
+            raise Unavailable(f"cannot open the ledger database: {exc}", hint="Check the database URL") from exc
+        try:
+            self._system = await self._run(self._tx_migrate, idempotent=True)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except _CONNECTION_ERRORS:  # includes TimeoutError
+                pool.terminate()
+
+    async def __aenter__(self) -> PostgresLedger:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _tx_migrate(self, conn: Conn) -> dict[AccountKind, int]:
+        """Apply missing migrations and create the system accounts, holding the schema's advisory
+        lock for the whole transaction so replicas starting together apply each migration once."""
+        await conn.execute("SET LOCAL lock_timeout = '120s'")
+        if self.schema is not None:
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _MIGRATION_LOCK_CLASS, self.schema)
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
+            await conn.execute(f"SET LOCAL search_path TO {_quote_ident(self.schema)}")
+        else:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext(COALESCE(current_schema(), '')))", _MIGRATION_LOCK_CLASS
+            )
+        await conn.execute(SCHEMA_MIGRATIONS_TABLE)
+        applied = {row[0] for row in await conn.fetch("SELECT name FROM schema_migrations")}
+        for name, script in MIGRATIONS:
+            if name in applied:
+                continue
+            await conn.execute(script)  # no arguments: the simple protocol runs every statement
+            await conn.execute(
+                "INSERT INTO schema_migrations (name, applied_at) VALUES ($1, $2)", name, float(self._clock())
+            )
+        now = self._clock()
+        ids: dict[AccountKind, int] = {}
+        for kind in _SYSTEM_KINDS:
+            await conn.execute(
+                "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) ON CONFLICT (kind, name) DO NOTHING",
+                kind.value,
+                SYSTEM_NAME,
+                now,
+            )
+            ids[kind] = await conn.fetchval(
+                "SELECT id FROM accounts WHERE kind = $1 AND name = $2", kind.value, SYSTEM_NAME
+            )
+        return ids
+
+    # --- transactions ---------------------------------------------------------------------------
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        pool = self._pool
+        if pool is None:
+            raise Unavailable("the ledger is not open")
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            yield conn
+
+    async def _run(
+        self,
+        fn: Callable[[Conn], Awaitable[T]],
+        *,
+        idempotent: bool,
+        isolation: str = "read_committed",
+        readonly: bool = False,
+    ) -> T:
+        """Run ``fn`` as one transaction. Re-run it after a serialization failure or deadlock only
+        when ``idempotent`` (see the module docstring); map database errors to gateway errors."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._connection() as conn, conn.transaction(isolation=isolation, readonly=readonly):
+                    return await fn(conn)
+            except _Rollback as rollback:
+                return rollback.result  # type: ignore[return-value]
+            except _RaceLost:
+                if attempt >= MAX_ATTEMPTS:
+                    raise Unavailable("the ledger kept losing an idempotency race; retry the request") from None
+            except _RETRYABLE as exc:
+                if not idempotent or attempt >= MAX_ATTEMPTS:
+                    raise Unavailable(
+                        f"the ledger database aborted the transaction ({exc.sqlstate}: {exc}); nothing was written",
+                        hint="Retry the request",
+                    ) from exc
+            except GatewayError:
+                raise
+            except _CONNECTION_ERRORS as exc:
+                raise Unavailable(
+                    f"lost the connection to the ledger database ({type(exc).__name__}: {exc})",
+                    hint="Retry shortly with the same idempotency key; check that PostgreSQL is up",
+                ) from exc
+            except asyncpg.PostgresError as exc:
+                raise _translate(exc) from exc
+            await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``fn`` in one REPEATABLE READ, READ ONLY transaction: one consistent snapshot."""
+        return await self._run(fn, idempotent=True, isolation="repeatable_read", readonly=True)
+
+    # --- helpers (run inside a transaction) -----------------------------------------------------
+    @staticmethod
+    async def _account_id(conn: Conn, kind: AccountKind, name: str) -> int:
+        account_id = await conn.fetchval("SELECT id FROM accounts WHERE kind = $1 AND name = $2", kind.value, name)
+        if account_id is None:
+            raise NotFound(f"no {kind.value} named {name!r}")
+        return int(account_id)
+
+    @staticmethod
+    async def _lock_accounts(conn: Conn, ids: Sequence[int]) -> dict[int, Row]:
+        """Lock these account rows in ascending id order (the one global lock order)."""
+        rows = await conn.fetch(
+            "SELECT id, kind, name, balance, held FROM accounts WHERE id = ANY($1::bigint[]) "
+            "ORDER BY id FOR NO KEY UPDATE",
+            sorted(set(ids)),
+        )
+        return {row["id"]: row for row in rows}
+
+    @staticmethod
+    async def _available(conn: Conn, account_id: int) -> int:
+        return int(await conn.fetchval("SELECT balance - held FROM accounts WHERE id = $1", account_id))
+
+    @staticmethod
+    async def _spend_remaining(conn: Conn, key_id: str | None) -> int | None:
+        if key_id is None:
+            return None
+        value = await conn.fetchval("SELECT spend_limit - spent - held FROM keys WHERE id = $1", key_id)
+        return None if value is None else int(value)
+
+    @staticmethod
+    async def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]]) -> None:
+        """Write balanced postings and apply them to balances (accounts already locked by the
+        caller when there are several). A leg that would take a non-world account's available
+        balance below zero raises ``_WouldGoNegative``."""
+        legs = [(account, amount) for account, amount in legs if amount != 0]
+        if sum(amount for _, amount in legs) != 0:
+            raise AssertionError(f"unbalanced transfer {transfer_id}: {legs}")
+        if not legs:
+            return
+        await conn.execute(
+            "INSERT INTO postings (transfer_id, account_id, amount) "
+            "SELECT $1, a, m FROM unnest($2::bigint[], $3::bigint[]) AS l (a, m)",
+            transfer_id,
+            [account for account, _ in legs],
+            [amount for _, amount in legs],
+        )
+        by_account: dict[int, int] = defaultdict(int)
+        for account, amount in legs:
+            by_account[account] += amount
+        for account in sorted(by_account):
+            amount = by_account[account]
+            updated = await conn.fetchval(
+                "UPDATE accounts SET balance = balance + $1 "
+                "WHERE id = $2 AND (kind = 'world' OR balance - held + $1 >= 0) RETURNING id",
+                amount,
+                account,
+            )
+            if updated is None:
+                raise _WouldGoNegative(account)
+
+    @staticmethod
+    async def _insert_transfer(
+        conn: Conn,
+        transfer_id: str,
+        kind: str,
+        amount: int,
+        reference: str | None,
+        account_id: int | None,
+        charge_id: str | None,
+        now: float,
+    ) -> None:
+        """Insert a transfer; a concurrent one with the same (kind, reference) raises ``_RaceLost``."""
+        inserted = await conn.fetchval(
+            "INSERT INTO transfers (id, kind, amount, reference, account_id, charge_id, created_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "ON CONFLICT (kind, reference) WHERE reference IS NOT NULL DO NOTHING RETURNING id",
+            transfer_id,
+            kind,
+            amount,
+            reference,
+            account_id,
+            charge_id,
+            now,
+        )
+        if inserted is None:
+            raise _RaceLost
+
+    @staticmethod
+    async def _charge_by_id(conn: Conn, charge_id: str) -> Charge:
+        row = await conn.fetchrow(f"SELECT {_CHARGE_COLUMNS} WHERE c.id = $1", charge_id)
+        if row is None:
+            raise NotFound(f"no charge {charge_id!r}")
+        return _charge(row)
+
+    @staticmethod
+    async def _key_by_id(conn: Conn, key_id: str) -> KeyRecord:
+        row = await conn.fetchrow(f"SELECT {_KEY_COLUMNS} WHERE k.id = $1", key_id)
+        if row is None:
+            raise NotFound(f"no key {key_id!r}")
+        return _key_record(row)
+
+    @staticmethod
+    async def _account_row(conn: Conn, kind: AccountKind, name: str) -> Account:
+        row = await conn.fetchrow(
+            "SELECT id, kind, name, balance, held FROM accounts WHERE kind = $1 AND name = $2", kind.value, name
+        )
+        if row is None:
+            raise NotFound(f"no {kind.value} named {name!r}")
+        return Account(id=row[0], kind=AccountKind(row[1]), name=row[2], balance=row[3], held=row[4])
+
+    @staticmethod
+    async def _payout_by_id(conn: Conn, payout_id: str, *, lock: bool = False) -> tuple[Payout, int]:
+        row = await conn.fetchrow(
+            f"SELECT {_PAYOUT_COLUMNS} WHERE p.id = $1" + (" FOR NO KEY UPDATE OF p" if lock else ""),
+            payout_id,
+        )
+        if row is None:
+            raise NotFound(f"no payout {payout_id!r}")
+        return _payout(row), int(row[7])
+
+    # --- accounts -------------------------------------------------------------------------------
+    async def create_user(self, name: str) -> Account:
+        return await self._create_account(AccountKind.USER, name)
+
+    async def create_developer(self, name: str) -> Account:
+        return await self._create_account(AccountKind.DEVELOPER, name)
+
+    async def _create_account(self, kind: AccountKind, name: str) -> Account:
+        _require_name(name, f"{kind.value} name")
+
+        async def tx(conn: Conn) -> Account:
+            row = await conn.fetchrow(
+                "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (kind, name) DO NOTHING RETURNING id, kind, name, balance, held",
+                kind.value,
+                name,
+                self._clock(),
+            )
+            if row is None:
+                raise AlreadyExists(f"{kind.value} {name!r} already exists")
+            return Account(id=row[0], kind=AccountKind(row[1]), name=row[2], balance=row[3], held=row[4])
+
+        return await self._run(tx, idempotent=False)
+
+    async def get_account(self, kind: AccountKind, name: str) -> Account:
+        return await self._read(lambda conn: self._account_row(conn, kind, name))
+
+    async def developer_names(self) -> set[str]:
+        async def tx(conn: Conn) -> set[str]:
+            return {row[0] for row in await conn.fetch("SELECT name FROM accounts WHERE kind = 'developer'")}
+
+        return await self._read(tx)
+
+    async def topup(self, user: str, amount: int, reference: str | None = None) -> Transfer:
+        _require_amount(amount)
+
+        async def tx(conn: Conn) -> Transfer:
+            user_id = await self._account_id(conn, AccountKind.USER, user)
+            if reference is not None:
+                row = await conn.fetchrow(
+                    "SELECT id, amount, account_id, created_at FROM transfers WHERE kind = 'topup' AND reference = $1",
+                    reference,
+                )
+                if row is not None:
+                    if row[1] != amount or row[2] != user_id:
+                        raise IdempotencyConflict(
+                            f"top-up reference {reference!r} was already used for a different user or amount"
+                        )
+                    return Transfer(row[0], "topup", row[1], reference, row[3], replayed=True)
+            world = self._system[AccountKind.WORLD]
+            await self._lock_accounts(conn, [world, user_id])
+            transfer_id = "tr_" + uuid.uuid4().hex
+            now = self._clock()
+            await self._insert_transfer(conn, transfer_id, "topup", amount, reference, user_id, None, now)
+            await self._post(conn, transfer_id, [(world, -amount), (user_id, amount)])
+            return Transfer(transfer_id, "topup", amount, reference, now)
+
+        return await self._run(tx, idempotent=reference is not None)
+
+    # --- keys -----------------------------------------------------------------------------------
+    async def create_key(
+        self,
+        *,
+        user: str,
+        server: str,
+        key_hash: str,
+        prefix: str,
+        expires_at: float | None,
+        spend_limit: int | None,
+    ) -> KeyRecord:
+        _require_name(server, "server")
+        _require_name(key_hash, "key hash")
+        if spend_limit is not None and (
+            not isinstance(spend_limit, int) or isinstance(spend_limit, bool) or spend_limit < 0
+        ):
+            raise InvalidInput(f"spend limit must be a non-negative number of millicents, got {spend_limit!r}")
+
+        async def tx(conn: Conn) -> KeyRecord:
+            user_id = await self._account_id(conn, AccountKind.USER, user)
+            key_id = "key_" + secrets.token_hex(6)
+            inserted = await conn.fetchval(
+                "INSERT INTO keys (id, user_account_id, server, key_hash, prefix, created_at, expires_at, spend_limit) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key_hash) DO NOTHING RETURNING id",
+                key_id,
+                user_id,
+                server,
+                key_hash,
+                prefix,
+                self._clock(),
+                expires_at,
+                spend_limit,
+            )
+            if inserted is None:
+                raise AlreadyExists("a key with this secret already exists")
+            return await self._key_by_id(conn, key_id)
+
+        return await self._run(tx, idempotent=False)
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        async def tx(conn: Conn) -> KeyRecord | None:
+            row = await conn.fetchrow(f"SELECT {_KEY_COLUMNS} WHERE k.key_hash = $1", key_hash)
+            return None if row is None else _key_record(row)
+
+        return await self._read(tx)
+
+    async def list_keys(self, user: str | None = None) -> list[KeyRecord]:
+        async def tx(conn: Conn) -> list[KeyRecord]:
+            if user is None:
+                rows = await conn.fetch(f"SELECT {_KEY_COLUMNS} ORDER BY k.created_at, k.id")
+            else:
+                user_id = await self._account_id(conn, AccountKind.USER, user)
+                rows = await conn.fetch(
+                    f"SELECT {_KEY_COLUMNS} WHERE k.user_account_id = $1 ORDER BY k.created_at, k.id", user_id
+                )
+            return [_key_record(row) for row in rows]
+
+        return await self._read(tx)
+
+    @staticmethod
+    async def _match_one(conn: Conn, table: str, id_or_prefix: str, what: str) -> str:
+        """The id of the one row of ``table`` whose id is ``id_or_prefix`` or whose id or prefix
+        starts with it."""
+        exact = await conn.fetchval(f"SELECT id FROM {table} WHERE id = $1", id_or_prefix)
+        if exact is not None:
+            return str(exact)
+        n = len(id_or_prefix)
+        matches = [
+            row[0]
+            for row in await conn.fetch(
+                f"SELECT id FROM {table} WHERE left(prefix, $1) = $2 OR left(id, $1) = $2 ORDER BY id",
+                n,
+                id_or_prefix,
+            )
+        ]
+        if not matches:
+            raise NotFound(f"no {what} with id or prefix {id_or_prefix!r}")
+        if len(matches) > 1:
+            raise InvalidInput(
+                f"{id_or_prefix!r} matches {len(matches)} {what}s ({', '.join(matches[:5])}"
+                f"{', …' if len(matches) > 5 else ''})",
+                hint=f"Give the {what} id or more characters of the prefix",
+            )
+        return str(matches[0])
+
+    async def revoke_key(self, id_or_prefix: str) -> KeyRecord:
+        if not isinstance(id_or_prefix, str) or not id_or_prefix:
+            raise InvalidInput("give the key id or the start of its prefix")
+
+        async def tx(conn: Conn) -> KeyRecord:
+            key_id = await self._match_one(conn, "keys", id_or_prefix, "key")
+            await conn.execute(
+                "UPDATE keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2", self._clock(), key_id
+            )
+            return await self._key_by_id(conn, key_id)
+
+        return await self._run(tx, idempotent=True)
+
+    async def revoked_since(self, since: float) -> list[str]:
+        async def tx(conn: Conn) -> list[str]:
+            rows = await conn.fetch("SELECT id FROM keys WHERE revoked_at >= $1 ORDER BY revoked_at, id", float(since))
+            return [row[0] for row in rows]
+
+        return await self._read(tx)
+
+    # --- two-phase money movement ---------------------------------------------------------------
+    @staticmethod
+    def _check_hold_request(req: HoldRequest) -> None:
+        _require_amount(req.amount)
+        if not isinstance(req.fee, int) or isinstance(req.fee, bool) or not 0 <= req.fee <= req.amount:
+            raise InvalidInput(f"fee must be between 0 and the amount ({req.amount}), got {req.fee!r}")
+        if not req.call_id:
+            raise InvalidInput("a hold needs a call id")
+        if not req.lease_s > 0:
+            raise InvalidInput(f"lease must be positive, got {req.lease_s!r}")
+
+    async def _parties(self, conn: Conn, req: HoldRequest) -> tuple[int, int]:
+        """The user and developer account ids of a hold request (and check its key)."""
+        row = await conn.fetchrow(
+            "SELECT (SELECT id FROM accounts WHERE kind = 'user' AND name = $1), "
+            "(SELECT id FROM accounts WHERE kind = 'developer' AND name = $2), "
+            "(SELECT user_account_id FROM keys WHERE id = $3::text)",
+            req.user,
+            req.developer,
+            req.key_id,
+        )
+        user_id, developer_id, key_owner = row[0], row[1], row[2]
+        if user_id is None:
+            raise NotFound(f"no user named {req.user!r}")
+        if developer_id is None:
+            raise NotFound(f"no developer named {req.developer!r}")
+        if req.key_id is not None:
+            if key_owner is None:
+                raise NotFound(f"no key {req.key_id!r}")
+            if key_owner != user_id:
+                raise InvalidInput(f"key {req.key_id} does not belong to user {req.user!r}")
+        return int(user_id), int(developer_id)
+
+    async def _insert_hold(self, conn: Conn, req: HoldRequest, user_id: int, developer_id: int, now: float) -> bool:
+        """Insert the hold row; False when a hold with this call id already exists."""
+        inserted = await conn.fetchval(
+            "INSERT INTO holds (call_id, key_id, user_account_id, developer_account_id, server, method, "
+            "name, amount, fee, owner, created_at, lease_expires_at) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+            "ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
+            req.call_id,
+            req.key_id,
+            user_id,
+            developer_id,
+            req.server,
+            req.method,
+            req.name,
+            req.amount,
+            req.fee,
+            req.owner,
+            now,
+            now + req.lease_s,
+        )
+        return inserted is not None
+
+    @staticmethod
+    async def _existing_hold(conn: Conn, req: HoldRequest, user_id: int, developer_id: int) -> Row:
+        """The stored hold with ``req.call_id``, after checking that ``req`` is the same call."""
+        row = await conn.fetchrow(
+            "SELECT user_account_id, developer_account_id, server, name, amount, state, charge_id "
+            "FROM holds WHERE call_id = $1",
+            req.call_id,
+        )
+        assert row is not None  # the insert conflicted with it and holds are never deleted
+        if (row[0], row[1], row[2], row[3], row[4]) != (user_id, developer_id, req.server, req.name, req.amount):
+            raise IdempotencyConflict(
+                f"call id {req.call_id!r} was already used for a different user, developer, server, name or amount"
+            )
+        return row
+
+    async def _reserve(self, conn: Conn, req: HoldRequest, user_id: int) -> HoldOutcome:
+        """The guarded reservation: raises ``_Rollback`` with the refusal when it does not fit."""
+        available = await conn.fetchval(
+            "UPDATE accounts SET held = held + $1 WHERE id = $2 AND balance - held >= $1 RETURNING balance - held",
+            req.amount,
+            user_id,
+        )
+        if available is None:
+            raise _Rollback(
+                HoldOutcome(
+                    HoldStatus.INSUFFICIENT_FUNDS,
+                    available=await self._available(conn, user_id),
+                    spend_remaining=await self._spend_remaining(conn, req.key_id),
+                )
+            )
+        spend_remaining: int | None = None
+        if req.key_id is not None:
+            row = await conn.fetchrow(
+                "UPDATE keys SET held = held + $1 WHERE id = $2 "
+                "AND (spend_limit IS NULL OR spent + held + $1 <= spend_limit) "
+                "RETURNING spend_limit - spent - held",
+                req.amount,
+                req.key_id,
+            )
+            if row is None:
+                raise _Rollback(
+                    HoldOutcome(
+                        HoldStatus.SPEND_LIMIT,
+                        available=int(available) + req.amount,
+                        spend_remaining=await self._spend_remaining(conn, req.key_id),
+                    )
+                )
+            spend_remaining = None if row[0] is None else int(row[0])
+        return HoldOutcome(HoldStatus.OK, available=int(available), spend_remaining=spend_remaining)
+
+    async def hold(self, req: HoldRequest) -> HoldOutcome:
+        self._check_hold_request(req)
+
+        async def tx(conn: Conn) -> HoldOutcome:
+            user_id, developer_id = await self._parties(conn, req)
+            if not await self._insert_hold(conn, req, user_id, developer_id, self._clock()):
+                await self._existing_hold(conn, req, user_id, developer_id)
+                return HoldOutcome(
+                    HoldStatus.REPLAYED,
+                    available=await self._available(conn, user_id),
+                    spend_remaining=await self._spend_remaining(conn, req.key_id),
+                )
+            return await self._reserve(conn, req, user_id)
+
+        return await self._run(tx, idempotent=True)
+
+    async def capture(self, call_id: str, amount: int | None = None) -> Charge:
+        if amount is not None:
+            _require_amount(amount, "capture amount")
+
+        async def tx(conn: Conn) -> Charge:
+            return await self._tx_capture(conn, call_id, amount)
+
+        return await self._run(tx, idempotent=True)
+
+    async def _tx_capture(self, conn: Conn, call_id: str, amount: int | None) -> Charge:
+        row = await conn.fetchrow(
+            "SELECT h.key_id, h.user_account_id, h.developer_account_id, h.amount, h.fee, h.state, h.charge_id, "
+            "u.name, d.name, h.server, h.method, h.name "
+            "FROM holds h JOIN accounts u ON u.id = h.user_account_id JOIN accounts d ON d.id = h.developer_account_id "
+            "WHERE h.call_id = $1 FOR NO KEY UPDATE OF h",
+            call_id,
+        )
+        if row is None:
+            raise NotFound(f"no hold for call {call_id!r}")
+        key_id, user_id, developer_id, held, hold_fee, state, charge_id = row[:7]
+        if state == HoldState.CAPTURED:
+            return await self._charge_by_id(conn, charge_id)
+        if state == HoldState.VOIDED:
+            raise Conflict(f"the hold for call {call_id!r} was voided; it cannot be captured")
+        if amount is None:
+            amount = int(held)
+        if amount > held:
+            raise InvalidInput(
+                f"cannot capture {format_cents(amount)} cents: the hold for call {call_id!r} "
+                f"reserved only {format_cents(held)}"
+            )
+        fee = hold_fee * amount // held
+        platform = self._system[AccountKind.PLATFORM_FEE]
+        await self._lock_accounts(conn, [user_id, developer_id, platform])
+        now = self._clock()
+        # Derived from the call id, so a receipt can name its charge before the capture commits;
+        # unique because a call is captured at most once (the hold row is locked and pending).
+        charge_id = "ch_" + call_id
+        await self._insert_transfer(conn, charge_id, "charge", amount, call_id, user_id, None, now)
+        await conn.execute(
+            "UPDATE holds SET state = 'captured', charge_id = $1, settled_at = $2 "
+            "WHERE call_id = $3 AND state = 'pending'",
+            charge_id,
+            now,
+            call_id,
+        )
+        await conn.execute("UPDATE accounts SET held = held - $1 WHERE id = $2", held, user_id)
+        if key_id is not None:
+            await conn.execute(
+                "UPDATE keys SET held = held - $1, spent = spent + $2 WHERE id = $3", held, amount, key_id
+            )
+        await self._post(conn, charge_id, [(user_id, -amount), (developer_id, amount - fee), (platform, fee)])
+        balance_after = await self._available(conn, user_id)
+        await conn.execute(
+            "INSERT INTO charges (id, call_id, user_account_id, developer_account_id, amount, fee, "
+            "balance_after, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            charge_id,
+            call_id,
+            user_id,
+            developer_id,
+            amount,
+            fee,
+            balance_after,
+            now,
+        )
+        return Charge(
+            id=charge_id,
+            call_id=call_id,
+            user=row[7],
+            developer=row[8],
+            server=row[9],
+            method=row[10],
+            name=row[11],
+            amount=amount,
+            fee=fee,
+            refunded=0,
+            created_at=now,
+            balance_after=balance_after,
+        )
+
+    async def charge(self, req: HoldRequest) -> ChargeResult:
+        self._check_hold_request(req)
+
+        async def tx(conn: Conn) -> ChargeResult:
+            user_id, developer_id = await self._parties(conn, req)
+            if not await self._insert_hold(conn, req, user_id, developer_id, self._clock()):
+                existing = await self._existing_hold(conn, req, user_id, developer_id)
+                if existing["state"] == HoldState.VOIDED:
+                    raise Conflict(f"call {req.call_id!r} was released without a charge; use a new idempotency key")
+                if existing["state"] == HoldState.PENDING:
+                    raise Conflict(
+                        f"call {req.call_id!r} is a pending hold; capture or release it instead of charging again"
+                    )
+                return ChargeResult(
+                    HoldStatus.REPLAYED,
+                    available=await self._available(conn, user_id),
+                    charge=await self._charge_by_id(conn, existing["charge_id"]),
+                    spend_remaining=await self._spend_remaining(conn, req.key_id),
+                )
+            # The capture below locks the developer and platform accounts too: take every account
+            # lock now, in id order, before the reservation locks the key row.
+            await self._lock_accounts(conn, [user_id, developer_id, self._system[AccountKind.PLATFORM_FEE]])
+            try:
+                await self._reserve(conn, req, user_id)
+            except _Rollback as refused:
+                outcome = refused.result
+                assert isinstance(outcome, HoldOutcome)
+                refusal = ChargeResult(outcome.status, outcome.available, None, outcome.spend_remaining)
+                raise _Rollback(refusal) from None
+            charge = await self._tx_capture(conn, req.call_id, None)
+            return ChargeResult(
+                HoldStatus.OK,
+                available=charge.balance_after,
+                charge=charge,
+                spend_remaining=await self._spend_remaining(conn, req.key_id),
+            )
+
+        return await self._run(tx, idempotent=True)
+
+    async def void(self, call_id: str) -> bool:
+        """Release a pending hold. False when it was not pending, or no such hold exists."""
+
+        async def tx(conn: Conn) -> bool:
+            rows = await conn.fetch(
+                "UPDATE holds SET state = 'voided', settled_at = $1 WHERE call_id = $2 AND state = 'pending' "
+                "RETURNING user_account_id, key_id, amount",
+                self._clock(),
+                call_id,
+            )
+            await self._release(conn, rows)
+            return bool(rows)
+
+        return await self._run(tx, idempotent=True)
+
+    async def _release(self, conn: Conn, voided: Sequence[Row]) -> None:
+        """Give back what voided holds (rows of user_account_id, key_id, amount) reserved,
+        locking accounts and then keys in id order."""
+        by_account: dict[int, int] = defaultdict(int)
+        by_key: dict[str, int] = defaultdict(int)
+        for user_id, key_id, amount in voided:
+            by_account[user_id] += amount
+            if key_id is not None:
+                by_key[key_id] += amount
+        for account in sorted(by_account):
+            await conn.execute("UPDATE accounts SET held = held - $1 WHERE id = $2", by_account[account], account)
+        for key in sorted(by_key):
+            await conn.execute("UPDATE keys SET held = held - $1 WHERE id = $2", by_key[key], key)
+
+    async def renew(self, call_ids: Sequence[str], lease_s: float) -> None:
+        if not call_ids:
+            return
+
+        async def tx(conn: Conn) -> None:
+            await conn.execute(
+                "WITH claimed AS (SELECT call_id FROM holds WHERE call_id = ANY($2::text[]) AND state = 'pending' "
+                "ORDER BY call_id FOR NO KEY UPDATE) "
+                "UPDATE holds h SET lease_expires_at = $1 FROM claimed "
+                "WHERE h.call_id = claimed.call_id AND h.state = 'pending'",
+                self._clock() + lease_s,
+                list(call_ids),
+            )
+
+        await self._run(tx, idempotent=True)
+
+    async def sweep(self, now: float | None = None) -> int:
+        at = self._clock() if now is None else now
+        batch = self.SWEEP_BATCH
+
+        async def tx(conn: Conn) -> int:
+            # SKIP LOCKED: a hold another sweeper (or a capture) has locked is theirs to settle.
+            rows = await conn.fetch(
+                "WITH lapsed AS (SELECT call_id FROM holds WHERE state = 'pending' AND lease_expires_at < $1 "
+                "ORDER BY call_id LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED) "
+                "UPDATE holds h SET state = 'voided', settled_at = $1 FROM lapsed "
+                "WHERE h.call_id = lapsed.call_id AND h.state = 'pending' "
+                "RETURNING h.user_account_id, h.key_id, h.amount",
+                float(at),
+                batch,
+            )
+            await self._release(conn, rows)
+            return len(rows)
+
+        total = 0
+        while True:
+            swept = await self._run(tx, idempotent=True)
+            total += swept
+            if swept < batch:
+                return total
+
+    async def get_hold(self, call_id: str) -> HoldInfo:
+        async def tx(conn: Conn) -> HoldInfo:
+            row = await conn.fetchrow(f"SELECT {_HOLD_COLUMNS} WHERE h.call_id = $1", call_id)
+            if row is None:
+                raise NotFound(f"no hold for call {call_id!r}")
+            return _hold_info(row)
+
+        return await self._read(tx)
+
+    # --- refunds --------------------------------------------------------------------------------
+    async def refund(self, charge_id: str, amount: int | None = None, reference: str | None = None) -> Transfer:
+        """Reverse all or part of a charge: developer -share, platform_fee -fee share, user +amount.
+
+        ``amount`` defaults to what remains refundable. Cumulative refunds never exceed the charge
+        (Conflict). A repeated non-None ``reference`` returns the original refund with
+        ``replayed=True``; the same reference for another charge or amount raises
+        IdempotencyConflict. Raises Conflict when the developer's unpaid earnings cannot cover it.
+        """
+        if amount is not None:
+            _require_amount(amount, "refund amount")
+
+        async def tx(conn: Conn) -> Transfer:
+            return await self._tx_refund(conn, charge_id, amount, reference)
+
+        return await self._run(tx, idempotent=reference is not None)
+
+    async def _tx_refund(self, conn: Conn, charge_id: str, amount: int | None, reference: str | None) -> Transfer:
+        row = await conn.fetchrow(
+            "SELECT c.amount, c.fee, c.refunded, c.user_account_id, c.developer_account_id, h.key_id "
+            "FROM charges c JOIN holds h ON h.call_id = c.call_id WHERE c.id = $1 FOR NO KEY UPDATE OF c",
+            charge_id,
+        )
+        if row is None:
+            raise NotFound(f"no charge {charge_id!r}")
+        charged, fee, refunded, user_id, developer_id, key_id = row
+        if reference is not None:
+            prior = await conn.fetchrow(
+                "SELECT id, amount, charge_id, created_at FROM transfers WHERE kind = 'refund' AND reference = $1",
+                reference,
+            )
+            if prior is not None:
+                if prior[2] != charge_id or (amount is not None and amount != prior[1]):
+                    raise IdempotencyConflict(
+                        f"refund reference {reference!r} was already used for a different charge or amount"
+                    )
+                return Transfer(prior[0], "refund", prior[1], reference, prior[3], replayed=True)
+        if amount is None:
+            amount = charged - refunded
+            if amount == 0:
+                raise Conflict(f"charge {charge_id} is already fully refunded")
+        after = await conn.fetchval(
+            "UPDATE charges SET refunded = refunded + $1 WHERE id = $2 AND refunded + $1 <= amount RETURNING refunded",
+            amount,
+            charge_id,
+        )
+        if after is None:
+            raise Conflict(
+                f"cannot refund {format_cents(amount)} cents of charge {charge_id}: only "
+                f"{format_cents(charged - refunded)} of its {format_cents(charged)} cents remain refundable"
+            )
+        before = after - amount
+        # Fee shares computed cumulatively, so partial refunds add up to exactly the fee.
+        fee_share = fee * after // charged - fee * before // charged
+        platform = self._system[AccountKind.PLATFORM_FEE]
+        await self._lock_accounts(conn, [user_id, developer_id, platform])
+        now = self._clock()
+        transfer_id = "tr_" + uuid.uuid4().hex
+        await self._insert_transfer(conn, transfer_id, "refund", amount, reference, user_id, charge_id, now)
+        try:
+            await self._post(
+                conn,
+                transfer_id,
+                [(developer_id, -(amount - fee_share)), (platform, -fee_share), (user_id, amount)],
+            )
+        except _WouldGoNegative as exc:
+            account = await conn.fetchrow("SELECT kind, name, balance FROM accounts WHERE id = $1", exc.account_id)
+            raise Conflict(
+                f"cannot refund {format_cents(amount)} cents of charge {charge_id}: the {account[0]} account "
+                f"{account[1]!r} holds only {format_cents(account[2])} cents (earnings already paid out)",
+                hint="Refund a smaller amount or settle it outside AgentPay",
+            ) from None
+        if key_id is not None:
+            await conn.execute("UPDATE keys SET spent = spent - $1 WHERE id = $2", amount, key_id)
+        return Transfer(transfer_id, "refund", amount, reference, now)
+
+    async def get_charge(self, charge_id: str) -> Charge:
+        return await self._read(lambda conn: self._charge_by_id(conn, charge_id))
+
+    async def list_charges(
+        self,
+        *,
+        developer: str | None = None,
+        user: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[Charge]:
+        """Newest first, ordered by (created_at, id) so the ``before`` cursor is stable. Raises
+        NotFound for an unknown developer or user, InvalidInput for a cursor outside the list."""
+        _require_limit(limit)
+
+        async def tx(conn: Conn) -> list[Charge]:
+            developer_id = None if developer is None else await self._account_id(conn, AccountKind.DEVELOPER, developer)
+            user_id = None if user is None else await self._account_id(conn, AccountKind.USER, user)
+            where = (
+                "($1::bigint IS NULL OR c.developer_account_id = $1) AND ($2::bigint IS NULL OR c.user_account_id = $2)"
+            )
+            cursor: tuple[float | None, str | None] = (None, None)
+            if before is not None:
+                row = await conn.fetchrow(
+                    f"SELECT c.created_at, c.id FROM charges c WHERE {where} AND c.id = $3",
+                    developer_id,
+                    user_id,
+                    before,
+                )
+                if row is None:
+                    raise InvalidInput(
+                        f"unknown cursor {before!r}", hint="Pass the id of the last charge of the previous page"
+                    )
+                cursor = (row[0], row[1])
+            rows = await conn.fetch(
+                f"SELECT {_CHARGE_COLUMNS} WHERE {where} "
+                "AND ($3::float8 IS NULL OR (c.created_at, c.id) < ($3, $4::text)) "
+                "ORDER BY c.created_at DESC, c.id DESC LIMIT $5",
+                developer_id,
+                user_id,
+                cursor[0],
+                cursor[1],
+                limit,
+            )
+            return [_charge(row) for row in rows]
+
+        return await self._read(tx)
+
+    # --- service tokens -------------------------------------------------------------------------
+    async def create_service_token(
+        self, *, developer: str, servers: Sequence[str], token_hash: str, prefix: str
+    ) -> ServiceToken:
+        _require_name(token_hash, "token hash")
+        _require_name(prefix, "token prefix")
+        if isinstance(servers, str):
+            raise InvalidInput("servers must be a list of server names, not one string")
+        names = list(dict.fromkeys(_require_name(server, "server") for server in servers))
+        if not names:
+            raise InvalidInput("a service token needs at least one server")
+
+        async def tx(conn: Conn) -> ServiceToken:
+            developer_id = await self._account_id(conn, AccountKind.DEVELOPER, developer)
+            token_id = "tok_" + secrets.token_hex(6)
+            inserted = await conn.fetchval(
+                "INSERT INTO service_tokens (id, developer_account_id, servers, token_hash, prefix, created_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (token_hash) DO NOTHING RETURNING id",
+                token_id,
+                developer_id,
+                names,
+                token_hash,
+                prefix,
+                self._clock(),
+            )
+            if inserted is None:
+                raise AlreadyExists("a service token with this secret already exists")
+            return _token(await conn.fetchrow(f"SELECT {_TOKEN_COLUMNS} WHERE t.id = $1", token_id))
+
+        return await self._run(tx, idempotent=False)
+
+    async def find_service_token(self, token_hash: str) -> ServiceToken | None:
+        async def tx(conn: Conn) -> ServiceToken | None:
+            row = await conn.fetchrow(f"SELECT {_TOKEN_COLUMNS} WHERE t.token_hash = $1", token_hash)
+            return None if row is None else _token(row)
+
+        return await self._read(tx)
+
+    async def list_service_tokens(self, developer: str | None = None) -> list[ServiceToken]:
+        async def tx(conn: Conn) -> list[ServiceToken]:
+            developer_id = None if developer is None else await self._account_id(conn, AccountKind.DEVELOPER, developer)
+            rows = await conn.fetch(
+                f"SELECT {_TOKEN_COLUMNS} WHERE ($1::bigint IS NULL OR t.developer_account_id = $1) "
+                "ORDER BY t.created_at, t.id",
+                developer_id,
+            )
+            return [_token(row) for row in rows]
+
+        return await self._read(tx)
+
+    async def revoke_service_token(self, id_or_prefix: str) -> ServiceToken:
+        if not isinstance(id_or_prefix, str) or not id_or_prefix:
+            raise InvalidInput("give the service token id or the start of its prefix")
+
+        async def tx(conn: Conn) -> ServiceToken:
+            token_id = await self._match_one(conn, "service_tokens", id_or_prefix, "service token")
+            await conn.execute(
+                "UPDATE service_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2",
+                self._clock(),
+                token_id,
+            )
+            return _token(await conn.fetchrow(f"SELECT {_TOKEN_COLUMNS} WHERE t.id = $1", token_id))
+
+        return await self._run(tx, idempotent=True)
+
+    # --- payouts --------------------------------------------------------------------------------
+    async def create_payout(self, developer: str, amount: int | None = None) -> Payout:
+        if amount is not None:
+            _require_amount(amount, "payout amount")
+
+        async def tx(conn: Conn) -> Payout:
+            developer_id = await self._account_id(conn, AccountKind.DEVELOPER, developer)
+            clearing = self._system[AccountKind.PAYOUT_CLEARING]
+            locked = await self._lock_accounts(conn, [developer_id, clearing])
+            available = int(locked[developer_id]["balance"] - locked[developer_id]["held"])
+            value = available if amount is None else amount
+            if value <= 0:
+                raise InvalidInput(f"developer {developer!r} has no earnings to pay out")
+            payout_id = "po_" + uuid.uuid4().hex
+            transfer_id = "tr_" + uuid.uuid4().hex
+            now = self._clock()
+            await self._insert_transfer(conn, transfer_id, "payout", value, payout_id, developer_id, None, now)
+            try:  # the guarded UPDATE in _post refuses to take the developer below zero
+                await self._post(conn, transfer_id, [(developer_id, -value), (clearing, value)])
+            except _WouldGoNegative:
+                raise Conflict(
+                    f"cannot pay out {format_cents(value)} cents: developer {developer!r} has only "
+                    f"{format_cents(available)} cents of earnings",
+                    hint="Pay out at most the available earnings, or give no amount to pay out all of them",
+                ) from None
+            await conn.execute(
+                "INSERT INTO payouts (id, developer_account_id, amount, transfer_id, created_at) "
+                "VALUES ($1, $2, $3, $4, $5)",
+                payout_id,
+                developer_id,
+                value,
+                transfer_id,
+                now,
+            )
+            return Payout(payout_id, developer, value, PayoutState.PENDING, None, now, None)
+
+        # Not idempotent (no caller key): never re-run; with the fixed lock order it never deadlocks.
+        return await self._run(tx, idempotent=False)
+
+    async def settle_payout(self, payout_id: str, reference: str) -> Payout:
+        _require_name(reference, "payout reference")
+
+        async def tx(conn: Conn) -> Payout:
+            payout, developer_id = await self._pending_payout(conn, payout_id, PayoutState.SETTLED, reference)
+            if payout.state is PayoutState.SETTLED:
+                return payout  # settled again with the same reference
+            clearing, world = self._system[AccountKind.PAYOUT_CLEARING], self._system[AccountKind.WORLD]
+            return await self._complete_payout(
+                conn,
+                payout,
+                PayoutState.SETTLED,
+                reference,
+                developer_id,
+                [(clearing, -payout.amount), (world, payout.amount)],
+            )
+
+        return await self._run(tx, idempotent=True)
+
+    async def fail_payout(self, payout_id: str) -> Payout:
+        async def tx(conn: Conn) -> Payout:
+            payout, developer_id = await self._pending_payout(conn, payout_id, PayoutState.FAILED, None)
+            clearing = self._system[AccountKind.PAYOUT_CLEARING]
+            return await self._complete_payout(
+                conn,
+                payout,
+                PayoutState.FAILED,
+                None,
+                developer_id,
+                [(clearing, -payout.amount), (developer_id, payout.amount)],
+            )
+
+        return await self._run(tx, idempotent=True)
+
+    async def _pending_payout(
+        self, conn: Conn, payout_id: str, target: PayoutState, reference: str | None
+    ) -> tuple[Payout, int]:
+        """The payout, locked, and its developer account id. It is pending, or (a replay) already
+        settled with the same reference when ``target`` is settled. Raises NotFound, or Conflict
+        when the payout already reached another final state."""
+        payout, developer_id = await self._payout_by_id(conn, payout_id, lock=True)
+        if payout.state is PayoutState.PENDING:
+            return payout, developer_id
+        if payout.state is PayoutState.SETTLED is target and payout.reference == reference:
+            return payout, developer_id
+        settled = f" with reference {payout.reference!r}" if payout.state is PayoutState.SETTLED else ""
+        raise Conflict(
+            f"payout {payout_id} is already {payout.state}{settled}; it cannot be {target.value}",
+            hint="A payout leaves 'pending' once: settle it or fail it, not both",
+        )
+
+    async def _complete_payout(
+        self,
+        conn: Conn,
+        payout: Payout,
+        state: PayoutState,
+        reference: str | None,
+        developer_id: int,
+        legs: Sequence[tuple[int, int]],
+    ) -> Payout:
+        """pending -> ``state`` (the payout row is locked by the caller) and its transfer."""
+        await self._lock_accounts(conn, [account for account, _ in legs])
+        now = self._clock()
+        updated = await conn.fetchval(
+            "UPDATE payouts SET state = $1, reference = $2, completed_at = $3 "
+            "WHERE id = $4 AND state = 'pending' RETURNING id",
+            state.value,
+            reference,
+            now,
+            payout.id,
+        )
+        if updated is None:
+            raise Conflict(f"payout {payout.id} is no longer pending")
+        transfer_id = "tr_" + uuid.uuid4().hex
+        kind = "payout_settle" if state is PayoutState.SETTLED else "payout_fail"
+        await self._insert_transfer(conn, transfer_id, kind, payout.amount, payout.id, developer_id, None, now)
+        await self._post(conn, transfer_id, legs)
+        return Payout(payout.id, payout.developer, payout.amount, state, reference, payout.created_at, now)
+
+    async def list_payouts(self, developer: str | None = None) -> list[Payout]:
+        """Newest first."""
+
+        async def tx(conn: Conn) -> list[Payout]:
+            developer_id = None if developer is None else await self._account_id(conn, AccountKind.DEVELOPER, developer)
+            rows = await conn.fetch(
+                f"SELECT {_PAYOUT_COLUMNS} WHERE ($1::bigint IS NULL OR p.developer_account_id = $1) "
+                "ORDER BY p.created_at DESC, p.id DESC",
+                developer_id,
+            )
+            return [_payout(row) for row in rows]
+
+        return await self._read(tx)
+
+    async def statement(self, developer: str, *, limit: int = 100, before: str | None = None) -> list[StatementLine]:
+        """Every posting on the developer's account (charges, refunds, payouts, failed payouts),
+        newest first by (created_at, transfer id); ``before`` is the last transfer id of the
+        previous page."""
+        _require_limit(limit)
+
+        async def tx(conn: Conn) -> list[StatementLine]:
+            developer_id = await self._account_id(conn, AccountKind.DEVELOPER, developer)
+            cursor: tuple[float | None, str | None] = (None, None)
+            if before is not None:
+                row = await conn.fetchrow(
+                    "SELECT t.created_at, t.id FROM transfers t WHERE t.id = $1 AND EXISTS "
+                    "(SELECT 1 FROM postings p WHERE p.transfer_id = t.id AND p.account_id = $2)",
+                    before,
+                    developer_id,
+                )
+                if row is None:
+                    raise InvalidInput(
+                        f"unknown cursor {before!r}", hint="Pass the last transfer id of the previous page"
+                    )
+                cursor = (row[0], row[1])
+            rows = await conn.fetch(
+                "SELECT t.id, t.kind, SUM(p.amount)::bigint, h.server, h.name, t.charge_id, t.created_at "
+                "FROM postings p JOIN transfers t ON t.id = p.transfer_id "
+                "LEFT JOIN charges c ON c.id = CASE WHEN t.kind = 'charge' THEN t.id ELSE t.charge_id END "
+                "LEFT JOIN holds h ON h.call_id = c.call_id "
+                "WHERE p.account_id = $1 AND ($2::float8 IS NULL OR (t.created_at, t.id) < ($2, $3::text)) "
+                "GROUP BY t.id, h.server, h.name ORDER BY t.created_at DESC, t.id DESC LIMIT $4",
+                developer_id,
+                cursor[0],
+                cursor[1],
+                limit,
+            )
+            return [StatementLine(*row) for row in rows]
+
+        return await self._read(tx)
+
+    async def earnings_breakdown(self, developer: str) -> list[EarningsBreakdown]:
+        async def tx(conn: Conn) -> list[EarningsBreakdown]:
+            developer_id = await self._account_id(conn, AccountKind.DEVELOPER, developer)
+            # Credited = amount - fee; refunds take back (refunded - fee share), fee shares being
+            # cumulative (fee * refunded // amount), exactly as refund() posts them.
+            rows = await conn.fetch(
+                "SELECT h.server, h.name, COUNT(*), "
+                "SUM((c.amount - c.fee) - (c.refunded - c.fee * c.refunded / c.amount))::bigint "
+                "FROM charges c JOIN holds h ON h.call_id = c.call_id WHERE c.developer_account_id = $1 "
+                "GROUP BY h.server, h.name ORDER BY h.server, h.name",
+                developer_id,
+            )
+            return [EarningsBreakdown(developer, row[0], row[1], int(row[2]), int(row[3])) for row in rows]
+
+        return await self._read(tx)
+
+    # --- reporting ------------------------------------------------------------------------------
+    async def user_summary(self, user: str, recent: int = 10) -> UserSummary:
+        async def tx(conn: Conn) -> UserSummary:
+            account = await self._account_row(conn, AccountKind.USER, user)
+            keys = await conn.fetch(
+                f"SELECT {_KEY_COLUMNS} WHERE k.user_account_id = $1 ORDER BY k.created_at, k.id", account.id
+            )
+            charges = await conn.fetch(
+                f"SELECT {_CHARGE_COLUMNS} WHERE c.user_account_id = $1 "
+                "ORDER BY c.created_at DESC, c.seq DESC LIMIT $2",
+                account.id,
+                max(recent, 0),
+            )
+            return UserSummary(
+                user=user,
+                balance=account.balance,
+                held=account.held,
+                available=account.available,
+                keys=[_key_record(row) for row in keys],
+                recent_charges=[_charge(row) for row in charges],
+            )
+
+        return await self._read(tx)
+
+    async def usage(self, user: str | None = None, server: str | None = None) -> list[UsageRow]:
+        async def tx(conn: Conn) -> list[UsageRow]:
+            rows = await conn.fetch(
+                "SELECT u.name, h.server, h.method, h.name, COUNT(*), SUM(c.amount)::bigint "
+                "FROM charges c JOIN holds h ON h.call_id = c.call_id "
+                "JOIN accounts u ON u.id = c.user_account_id "
+                "WHERE ($1::text IS NULL OR u.name = $1) AND ($2::text IS NULL OR h.server = $2) "
+                "GROUP BY u.name, h.server, h.method, h.name ORDER BY u.name, h.server, h.method, h.name",
+                user,
+                server,
+            )
+            return [UsageRow(row[0], row[1], row[2], row[3], int(row[4]), int(row[5])) for row in rows]
+
+        return await self._read(tx)
+
+    async def earnings(self, developer: str) -> Earnings:
+        async def tx(conn: Conn) -> Earnings:
+            account = await self._account_row(conn, AccountKind.DEVELOPER, developer)
+            lifetime = await conn.fetchval(
+                "SELECT COALESCE(SUM(p.amount), 0)::bigint FROM postings p JOIN transfers t ON t.id = p.transfer_id "
+                "WHERE p.account_id = $1 AND t.kind IN ('charge', 'refund')",
+                account.id,
+            )
+            return Earnings(developer=developer, earnings=account.balance, lifetime=int(lifetime))
+
+        return await self._read(tx)
+
+    async def verify(self) -> list[str]:
+        return await self._read(_verify)
+
+
+async def _verify(conn: Conn) -> list[str]:
+    """Every invariant, checked inside the caller's single REPEATABLE READ transaction."""
+    problems: list[str] = []
+
+    async def q(sql: str) -> list[Row]:
+        return list(await conn.fetch(sql))
+
+    total = (await q("SELECT COALESCE(SUM(amount), 0)::bigint FROM postings"))[0][0]
+    if total != 0:
+        problems.append(f"postings sum to {total}, not 0")
+    for transfer_id, s in await q(
+        "SELECT transfer_id, SUM(amount)::bigint FROM postings GROUP BY transfer_id HAVING SUM(amount) <> 0"
+    ):
+        problems.append(f"transfer {transfer_id}: postings sum to {s}, not 0")
+    for transfer_id, kind, amount, credits in await q(
+        "SELECT t.id, t.kind, t.amount, COALESCE(SUM(p.amount) FILTER (WHERE p.amount > 0), 0)::bigint "
+        "FROM transfers t LEFT JOIN postings p ON p.transfer_id = t.id GROUP BY t.id "
+        "HAVING COALESCE(SUM(p.amount) FILTER (WHERE p.amount > 0), 0) <> t.amount"
+    ):
+        problems.append(f"{kind} transfer {transfer_id}: amount {amount} but its credits sum to {credits}")
+    for kind, name, balance, s in await q(
+        "SELECT a.kind, a.name, a.balance, COALESCE(p.s, 0)::bigint FROM accounts a "
+        "LEFT JOIN (SELECT account_id, SUM(amount) AS s FROM postings GROUP BY account_id) p "
+        "ON p.account_id = a.id WHERE a.balance <> COALESCE(p.s, 0) ORDER BY a.id"
+    ):
+        problems.append(f"{kind} {name!r}: balance {balance} but its postings sum to {s}")
+    for kind, name, held, s in await q(
+        "SELECT a.kind, a.name, a.held, COALESCE(h.s, 0)::bigint FROM accounts a "
+        "LEFT JOIN (SELECT user_account_id, SUM(amount) AS s FROM holds WHERE state = 'pending' "
+        "GROUP BY user_account_id) h ON h.user_account_id = a.id WHERE a.held <> COALESCE(h.s, 0) ORDER BY a.id"
+    ):
+        problems.append(f"{kind} {name!r}: held {held} but its pending holds sum to {s}")
+    for key_id, held, s in await q(
+        "SELECT k.id, k.held, COALESCE(h.s, 0)::bigint FROM keys k "
+        "LEFT JOIN (SELECT key_id, SUM(amount) AS s FROM holds WHERE state = 'pending' GROUP BY key_id) h "
+        "ON h.key_id = k.id WHERE k.held <> COALESCE(h.s, 0) ORDER BY k.id"
+    ):
+        problems.append(f"key {key_id}: held {held} but its pending holds sum to {s}")
+    for key_id, spent, s in await q(
+        "SELECT k.id, k.spent, COALESCE(c.s, 0)::bigint FROM keys k "
+        "LEFT JOIN (SELECT h.key_id, SUM(c.amount - c.refunded) AS s FROM charges c "
+        "JOIN holds h ON h.call_id = c.call_id GROUP BY h.key_id) c "
+        "ON c.key_id = k.id WHERE k.spent <> COALESCE(c.s, 0) ORDER BY k.id"
+    ):
+        problems.append(f"key {key_id}: spent {spent} but its charges net of refunds sum to {s}")
+    for name, balance, held in await q(
+        "SELECT name, balance, held FROM accounts WHERE kind = 'user' AND (balance - held < 0 OR held < 0) ORDER BY id"
+    ):
+        problems.append(f"user {name!r}: balance {balance} with {held} held leaves a negative available")
+    for kind, name, held in await q("SELECT kind, name, held FROM accounts WHERE held < 0 AND kind <> 'user'"):
+        problems.append(f"{kind} {name!r}: negative held {held}")
+    for kind, name, balance in await q(
+        "SELECT kind, name, balance FROM accounts "
+        "WHERE kind IN ('developer', 'platform_fee', 'payout_clearing') AND balance < 0 ORDER BY id"
+    ):
+        problems.append(f"{kind} {name!r}: negative balance {balance}")
+    for call_id, charge_id, hold_amount, charge_amount, transfer_kind, user_posting in await q(
+        "SELECT h.call_id, h.charge_id, h.amount, c.amount, t.kind, "
+        "(SELECT SUM(p.amount)::bigint FROM postings p "
+        " WHERE p.transfer_id = h.charge_id AND p.account_id = h.user_account_id) "
+        "FROM holds h LEFT JOIN charges c ON c.id = h.charge_id LEFT JOIN transfers t ON t.id = h.charge_id "
+        "WHERE h.state = 'captured' ORDER BY h.call_id"
+    ):
+        if charge_id is None or charge_amount is None or transfer_kind != "charge":
+            problems.append(f"captured hold {call_id}: no charge transfer")
+        elif user_posting != -charge_amount:
+            problems.append(
+                f"captured hold {call_id}: charge {charge_id} debits the user {user_posting}, not {-charge_amount}"
+            )
+        elif charge_amount > hold_amount:
+            problems.append(f"captured hold {call_id}: charged {charge_amount}, more than held {hold_amount}")
+    for charge_id, refunded, s in await q(
+        "SELECT c.id, c.refunded, COALESCE(r.s, 0)::bigint FROM charges c "
+        "LEFT JOIN (SELECT charge_id, SUM(amount) AS s FROM transfers WHERE kind = 'refund' "
+        "GROUP BY charge_id) r ON r.charge_id = c.id WHERE c.refunded <> COALESCE(r.s, 0) ORDER BY c.id"
+    ):
+        problems.append(f"charge {charge_id}: refunded {refunded} but its refunds sum to {s}")
+    problems += await _verify_payouts(conn)
+    return problems
+
+
+_PAYOUT_LEGS = {"payout": (1, -1), "payout_settle": (-1, 0), "payout_fail": (-1, 1)}  # (clearing, developer)
+_PAYOUT_TRANSFERS = {
+    "pending": {"payout"},
+    "settled": {"payout", "payout_settle"},
+    "failed": {"payout", "payout_fail"},
+}
+
+
+async def _verify_payouts(conn: Conn) -> list[str]:
+    """payout_clearing holds exactly what pending payouts owe, and each payout has exactly the
+    transfers its state implies, each moving its amount between the right accounts."""
+    problems: list[str] = []
+    for balance, pending in await conn.fetch(
+        "SELECT a.balance, (SELECT COALESCE(SUM(amount), 0)::bigint FROM payouts WHERE state = 'pending') "
+        "FROM accounts a WHERE a.kind = 'payout_clearing'"
+    ):
+        if balance != pending:
+            problems.append(f"payout_clearing: balance {balance} but pending payouts sum to {pending}")
+    payouts = {
+        row[0]: (row[1], row[2]) for row in await conn.fetch("SELECT id, state, amount FROM payouts ORDER BY id")
+    }
+    found: dict[str, set[str]] = defaultdict(set)
+    for transfer_id, kind, reference, amount, clearing, developer in await conn.fetch(
+        "SELECT t.id, t.kind, t.reference, t.amount, "
+        "COALESCE((SELECT SUM(p.amount) FROM postings p JOIN accounts a ON a.id = p.account_id "
+        "          WHERE p.transfer_id = t.id AND a.kind = 'payout_clearing'), 0)::bigint, "
+        "COALESCE((SELECT SUM(p.amount) FROM postings p JOIN payouts po ON po.id = t.reference "
+        "          WHERE p.transfer_id = t.id AND p.account_id = po.developer_account_id), 0)::bigint "
+        "FROM transfers t WHERE t.kind IN ('payout', 'payout_settle', 'payout_fail') ORDER BY t.id"
+    ):
+        if reference not in payouts:
+            problems.append(f"{kind} transfer {transfer_id}: belongs to no payout")
+            continue
+        _, payout_amount = payouts[reference]
+        found[reference].add(kind)
+        want_clearing, want_developer = _PAYOUT_LEGS[kind]
+        if (amount, clearing, developer) != (
+            payout_amount,
+            want_clearing * payout_amount,
+            want_developer * payout_amount,
+        ):
+            problems.append(
+                f"{kind} transfer {transfer_id} of payout {reference} ({payout_amount}): amount {amount}, "
+                f"payout_clearing {clearing:+}, developer {developer:+}"
+            )
+    for payout_id, (state, _) in payouts.items():
+        expected = _PAYOUT_TRANSFERS[state]
+        if found[payout_id] != expected:
+            missing = ", ".join(sorted(expected - found[payout_id])) or "none"
+            extra = ", ".join(sorted(found[payout_id] - expected)) or "none"
+            problems.append(f"{state} payout {payout_id}: missing transfers {missing}; unexpected {extra}")
+    return problems
