@@ -113,7 +113,11 @@ async def canonical_log(
 
 async def _not_found(request: web.Request) -> web.Response:
     return web.json_response(
-        {"error": "not_found", "message": "This gateway does not offer OAuth; send your API key as a header"},
+        {
+            "error": "not_found",
+            "message": "This gateway does not offer OAuth: send your AgentPay API key as 'Authorization: Bearer "
+            "ap_...'. If you sent one, it is missing, invalid, expired or revoked, or for another server.",
+        },
         status=404,
     )
 

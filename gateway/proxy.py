@@ -282,10 +282,10 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
 
 def _is_modern(request: web.Request, msg: Message) -> bool:
     """Whether the caller speaks the 2026-07-28 (stateless) era, where results carry ``resultType``."""
-    version = request.headers.get("MCP-Protocol-Version")
-    meta = msg.params.get("_meta")
-    if version is None and isinstance(meta, dict):
-        version = meta.get("io.modelcontextprotocol/protocolVersion")
+    meta = msg.params.get("_meta")  # the body is authoritative: relays (mcp-remote) may rewrite headers
+    version = meta.get("io.modelcontextprotocol/protocolVersion") if isinstance(meta, dict) else None
+    if version is None:
+        version = request.headers.get("MCP-Protocol-Version")
     return isinstance(version, str) and version >= "2026-07-28"
 
 

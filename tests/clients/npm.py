@@ -67,7 +67,7 @@ class NodeTools:
         npx = shutil.which("npx", path=str(self.bin) + os.pathsep + os.environ.get("PATH", ""))
         if npx is None:
             raise NpmUnavailable("npx is not on PATH; install Node.js and npm")
-        return [npx, "--no", package, *args]
+        return [npx, "--no", "--", package, *args]
 
 
 def _installed_ok(root: Path) -> bool:

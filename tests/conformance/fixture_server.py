@@ -57,9 +57,7 @@ WAV_B64 = base64.b64encode(_wav_silence()).decode()
 JSON_SCHEMA_2020_12 = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "$defs": {
-        "address": {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"}}}
-    },
+    "$defs": {"address": {"type": "object", "properties": {"street": {"type": "string"}, "city": {"type": "string"}}}},
     "properties": {"name": {"type": "string"}, "address": {"$ref": "#/$defs/address"}},
     "additionalProperties": False,
 }
@@ -283,7 +281,7 @@ def build_server() -> MCPServer:
         return f"Prompt with arguments: arg1='{arg1}', arg2='{arg2}'"
 
     @srv.prompt()
-    def test_prompt_with_embedded_resource(resourceUri: str) -> list[dict[str, Any]]:  # noqa: N803 - wire name
+    def test_prompt_with_embedded_resource(resourceUri: str) -> list[dict[str, Any]]:  # the wire name of the argument
         """A prompt embedding a resource."""
         resource = {"uri": resourceUri, "mimeType": "text/plain", "text": "Embedded resource content for testing."}
         return [
@@ -311,9 +309,7 @@ def build_server() -> MCPServer:
         subscriptions.add(str(params.uri))
         return types.EmptyResult()
 
-    async def unsubscribe(
-        ctx: ServerRequestContext[Any], params: types.UnsubscribeRequestParams
-    ) -> types.EmptyResult:
+    async def unsubscribe(ctx: ServerRequestContext[Any], params: types.UnsubscribeRequestParams) -> types.EmptyResult:
         subscriptions.discard(str(params.uri))
         return types.EmptyResult()
 
