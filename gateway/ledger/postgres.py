@@ -118,13 +118,14 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,  # class 08, including ConnectionDoesNotExistError
     asyncpg.exceptions.OperatorInterventionError,  # 57: admin shutdown (pg_terminate_backend), cancel
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
-    asyncpg.exceptions.LockNotAvailableError,  # lock_timeout
     asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
     asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
     OSError,
     TimeoutError,
 )
 _RETRYABLE = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+# The server gave up waiting (lock_timeout, statement_timeout) and rolled the transaction back.
+_TIMED_OUT = (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError)
 
 
 class _Rollback(Exception):
@@ -399,6 +400,11 @@ class PostgresLedger:
                     ) from exc
             except GatewayError:
                 raise
+            except _TIMED_OUT as exc:
+                raise Unavailable(
+                    f"the ledger database is too busy ({exc.sqlstate}: {exc}); nothing was written",
+                    hint="Retry shortly",
+                ) from exc
             except _CONNECTION_ERRORS as exc:
                 raise Unavailable(
                     f"lost the connection to the ledger database ({type(exc).__name__}: {exc})",

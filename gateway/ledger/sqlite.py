@@ -16,9 +16,10 @@ import asyncio
 import json
 import secrets
 import sqlite3
+import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,6 +93,18 @@ _PAYOUT_COLUMNS = """
     p.id, a.name, p.amount, p.state, p.reference, p.created_at, p.completed_at
     FROM payouts p JOIN accounts a ON a.id = p.developer_account_id
 """
+
+
+_MAX_GROUP = 512  # most writes committed together
+
+
+def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the caller was cancelled; the write itself stands
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 class _Rollback(Exception):
@@ -252,6 +265,11 @@ class SqliteLedger:
         self._wconn: Conn | None = None
         self._rconn: Conn | None = None
         self._system: dict[AccountKind, int] = {}
+        self._queue_lock = threading.Lock()
+        self._flush_scheduled = False
+        self._pending_writes: deque[tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] = (
+            deque()
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -389,12 +407,62 @@ class SqliteLedger:
         return result
 
     async def _write(self, fn: Callable[[Conn], T]) -> T:
-        """Run ``fn`` as one ``BEGIN IMMEDIATE`` transaction on the writer thread."""
+        """Run ``fn`` atomically on the writer thread, durable when this returns.
+
+        Group commit: operations that arrive while the writer is busy (its fsync) are run together
+        in ONE ``BEGIN IMMEDIATE`` transaction, each inside its own SAVEPOINT, so one operation's
+        failure or rollback never touches the others, and one fsync makes the whole group durable.
+        Every caller is answered only after that COMMIT."""
         if self._writer is None or self._wconn is None:
             raise Unavailable("the ledger is not open")
-        conn = self._wconn
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._in_txn, conn, "BEGIN IMMEDIATE", fn)
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._queue_lock:
+            self._pending_writes.append((fn, future, loop))
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+        if schedule:
+            self._writer.submit(self._flush_writes, self._wconn)
+        result: T = await future
+        return result
+
+    def _flush_writes(self, conn: Conn) -> None:
+        """On the writer thread: commit queued writes, a group per transaction, until none are left."""
+        while True:
+            with self._queue_lock:
+                if not self._pending_writes:
+                    self._flush_scheduled = False
+                    return
+                count = min(len(self._pending_writes), _MAX_GROUP)
+                batch = [self._pending_writes.popleft() for _ in range(count)]
+            self._commit_group(conn, batch)
+
+    def _commit_group(
+        self, conn: Conn, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]]
+    ) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            self._in_txn(conn, "BEGIN IMMEDIATE", lambda c: self._run_group(c, batch, outcomes))
+        except BaseException as exc:  # noqa: BLE001 - the group failed to commit: every caller learns it
+            outcomes = [(False, exc)] * len(batch)
+        for (_, future, loop), (ok, value) in zip(batch, outcomes, strict=True):
+            loop.call_soon_threadsafe(_settle_future, future, ok, value)
+
+    @staticmethod
+    def _run_group(conn: Conn, batch: Sequence[tuple[Any, Any, Any]], outcomes: list[tuple[bool, Any]]) -> None:
+        for fn, _, _ in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                result = fn(conn)
+            except _Rollback as rollback:
+                conn.execute("ROLLBACK TO op")
+                outcomes.append((True, rollback.result))
+            except Exception as exc:  # noqa: BLE001 - reported to this operation's caller only
+                conn.execute("ROLLBACK TO op")
+                outcomes.append((False, exc))
+            else:
+                outcomes.append((True, result))
+            conn.execute("RELEASE op")
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader thread."""

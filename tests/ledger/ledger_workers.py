@@ -6,16 +6,16 @@ import asyncio
 import sqlite3
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
-from pathlib import Path
 from threading import BrokenBarrierError
 
 from gateway.errors import GatewayError
 from gateway.ledger.base import HoldRequest
-from gateway.ledger.sqlite import SqliteLedger
+
+from .conftest import StoreSpec
 
 
-async def _hold_and_capture(path: Path, worker: int, calls: int, price: int, barrier: Barrier) -> int:
-    async with SqliteLedger(path) as ledger:
+async def _hold_and_capture(store: StoreSpec, worker: int, calls: int, price: int, barrier: Barrier) -> int:
+    async with store.open() as ledger:
         barrier.wait(timeout=60)  # start all processes' traffic together
 
         async def one(i: int) -> int:
@@ -42,24 +42,26 @@ async def _hold_and_capture(path: Path, worker: int, calls: int, price: int, bar
         return sum(await asyncio.gather(*(one(i) for i in range(calls))))
 
 
-def hold_and_capture(path: str, worker: int, calls: int, price: int, barrier: Barrier, results: Queue[int]) -> None:
+def hold_and_capture(
+    store: StoreSpec, worker: int, calls: int, price: int, barrier: Barrier, results: Queue[int]
+) -> None:
     """Process entry point: attempt ``calls`` holds+captures at ``price``; report the total captured."""
-    results.put(asyncio.run(_hold_and_capture(Path(path), worker, calls, price, barrier)))
+    results.put(asyncio.run(_hold_and_capture(store, worker, calls, price, barrier)))
 
 
-async def _open_and_verify(paths: list[str], barrier: Barrier) -> list[str]:
+async def _open_and_verify(stores: list[StoreSpec], barrier: Barrier) -> list[str]:
     problems: list[str] = []
-    for path in paths:
+    for store in stores:
         barrier.wait(timeout=60)
-        async with SqliteLedger(Path(path)) as ledger:
+        async with store.open() as ledger:
             problems += await ledger.verify()
     return problems
 
 
-def open_and_verify(paths: list[str], barrier: Barrier, results: Queue[list[str]]) -> None:
+def open_and_verify(stores: list[StoreSpec], barrier: Barrier, results: Queue[list[str]]) -> None:
     """Process entry point: open (creating them) these ledgers at the same moment as the others."""
     try:
-        results.put(asyncio.run(_open_and_verify(paths, barrier)))
+        results.put(asyncio.run(_open_and_verify(stores, barrier)))
     except (sqlite3.Error, GatewayError, BrokenBarrierError) as exc:
         # report it rather than leave the others waiting at the barrier
         barrier.abort()

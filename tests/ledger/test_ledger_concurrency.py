@@ -1,23 +1,21 @@
-"""No overdraft under concurrency: within one process (asyncio) and across OS processes."""
+"""No overdraft under concurrency: within one process (asyncio) and across OS processes, on every store."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import sqlite3
 from pathlib import Path
 
-from gateway.ledger.base import AccountKind, HoldStatus
-from gateway.ledger.migrations_sqlite import MIGRATIONS
-from gateway.ledger.sqlite import SqliteLedger
+import pytest
 
-from .conftest import HoldFactory
+from gateway.ledger import migrations_postgres, migrations_sqlite
+from gateway.ledger.base import AccountKind, HoldStatus, Ledger
+
+from .conftest import STORES, HoldFactory, StoreSpec, run_sync
 from .ledger_workers import hold_and_capture, open_and_verify
 
 
-async def test_200_concurrent_holds_of_7_against_100_reserve_exactly_14(
-    ledger: SqliteLedger, hold_req: HoldFactory
-) -> None:
+async def test_200_concurrent_holds_of_7_against_100_reserve_exactly_14(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 100)
     outcomes = await asyncio.gather(*(ledger.hold(hold_req(f"call-{i}", amount=7)) for i in range(200)))
     ok = [f"call-{i}" for i, o in enumerate(outcomes) if o.status is HoldStatus.OK]
@@ -30,9 +28,7 @@ async def test_200_concurrent_holds_of_7_against_100_reserve_exactly_14(
     assert await ledger.verify() == []
 
 
-async def test_verify_sees_a_consistent_snapshot_while_traffic_runs(
-    ledger: SqliteLedger, hold_req: HoldFactory
-) -> None:
+async def test_verify_sees_a_consistent_snapshot_while_traffic_runs(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 10_000)
 
     async def traffic(i: int) -> None:
@@ -51,12 +47,12 @@ async def test_verify_sees_a_consistent_snapshot_while_traffic_runs(
 
 
 def test_holds_from_four_processes_on_one_file_capture_exactly_what_the_balance_allows(
-    db_path: Path,
+    store: StoreSpec,
 ) -> None:
     balance, price, processes, calls = 1_000, 7, 4, 50
 
     async def setup() -> None:
-        async with SqliteLedger(db_path) as ledger:
+        async with store.open() as ledger:
             await ledger.create_user("alice")
             await ledger.create_developer("acme")
             await ledger.topup("alice", balance)
@@ -66,8 +62,7 @@ def test_holds_from_four_processes_on_one_file_capture_exactly_what_the_balance_
     barrier = ctx.Barrier(processes)
     results = ctx.Queue()
     workers = [
-        ctx.Process(target=hold_and_capture, args=(str(db_path), n, calls, price, barrier, results))
-        for n in range(processes)
+        ctx.Process(target=hold_and_capture, args=(store, n, calls, price, barrier, results)) for n in range(processes)
     ]
     for worker in workers:
         worker.start()
@@ -79,7 +74,7 @@ def test_holds_from_four_processes_on_one_file_capture_exactly_what_the_balance_
     assert sum(totals) == (balance // price) * price
 
     async def audit() -> tuple[int, int, list[str]]:
-        async with SqliteLedger(db_path) as ledger:
+        async with store.open() as ledger:
             account = await ledger.get_account(AccountKind.USER, "alice")
             return account.balance, account.held, await ledger.verify()
 
@@ -87,21 +82,26 @@ def test_holds_from_four_processes_on_one_file_capture_exactly_what_the_balance_
     assert (final_balance, held, problems) == (balance - (balance // price) * price, 0, [])
 
 
-def test_processes_opening_a_new_file_at_once_all_succeed_and_create_the_schema_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", STORES)
+def test_processes_opening_a_new_file_at_once_all_succeed_and_create_the_schema_once(kind: str, tmp_path: Path) -> None:
     processes, rounds = 6, 4  # the race is probabilistic: several fresh files make it likely to bite
-    paths = [str(tmp_path / f"fresh-{n}.db") for n in range(rounds)]
+    stores = [StoreSpec.fresh(kind, tmp_path, f"fresh-{n}") for n in range(rounds)]
+    migrations = migrations_sqlite.MIGRATIONS if kind == "sqlite" else migrations_postgres.MIGRATIONS
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(processes)
     results = ctx.Queue()
-    workers = [ctx.Process(target=open_and_verify, args=(paths, barrier, results)) for _ in range(processes)]
-    for worker in workers:
-        worker.start()
-    reports = [results.get(timeout=100) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=30)
-        assert worker.exitcode == 0
-    assert reports == [[]] * processes
-    for path in paths:
-        with sqlite3.connect(path) as conn:
-            assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == len(MIGRATIONS)
-            assert conn.execute("SELECT COUNT(*) FROM accounts WHERE name = 'system'").fetchone()[0] == 3
+    workers = [ctx.Process(target=open_and_verify, args=(stores, barrier, results)) for _ in range(processes)]
+    try:
+        for worker in workers:
+            worker.start()
+        reports = [results.get(timeout=100) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=30)
+            assert worker.exitcode == 0
+        assert reports == [[]] * processes
+        for store in stores:
+            assert run_sync(store.fetchval("SELECT COUNT(*) FROM schema_migrations")) == len(migrations)
+            assert run_sync(store.fetchval("SELECT COUNT(*) FROM accounts WHERE name = 'system'")) == 3
+    finally:
+        for store in stores:
+            run_sync(store.drop())

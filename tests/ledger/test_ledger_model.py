@@ -1,4 +1,4 @@
-"""The SQLite ledger against a tiny in-memory model (Hypothesis stateful testing).
+"""Each ledger store (SQLite, PostgreSQL) against a tiny in-memory model (Hypothesis stateful testing).
 
 After every step the balances of every account, held amounts and key spend must equal the model's,
 and ``verify()`` must be clean.
@@ -21,9 +21,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from gateway.errors import Conflict
 from gateway.ledger.base import AccountKind, HoldRequest, HoldStatus
-from gateway.ledger.sqlite import SqliteLedger
 
-from .conftest import FakeClock
+from .conftest import FakeClock, StoreSpec
 
 T = TypeVar("T")
 USERS = ("ann", "bob")
@@ -49,12 +48,15 @@ class ModelCharge:
 
 
 class LedgerMachine(RuleBasedStateMachine):
+    store_kind = "sqlite"
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="ledger-model-"))
         self.loop = asyncio.new_event_loop()
         self.clock = FakeClock()
-        self.ledger = SqliteLedger(self.dir / "ledger.db", clock=self.clock)
+        self.store = StoreSpec.fresh(self.store_kind, self.dir)
+        self.ledger = self.store.open(self.clock)
         self.run(self.ledger.open())
         self.keys: dict[str, str] = {}
         for user in USERS:
@@ -86,6 +88,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.run(self.ledger.close())
+        self.run(self.store.drop())
         self.loop.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -226,10 +229,16 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.run(self.ledger.verify()) == []
 
 
-LedgerMachine.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class PostgresLedgerMachine(LedgerMachine):
+    store_kind = "postgres"
+
+
+for _machine in (LedgerMachine, PostgresLedgerMachine):
+    _machine.TestCase.settings = settings(
+        max_examples=30,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 TestLedgerAgainstModel = LedgerMachine.TestCase
+TestPostgresLedgerAgainstModel = PostgresLedgerMachine.TestCase

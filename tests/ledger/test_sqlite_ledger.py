@@ -1,4 +1,5 @@
-"""Behaviour of the SQLite ledger: top-ups, holds, captures, voids, leases, refunds, keys, reports."""
+"""Behaviour of the ledger on every store (SQLite and PostgreSQL, see conftest): top-ups, holds, captures,
+voids, leases, refunds, keys, reports."""
 
 from __future__ import annotations
 
@@ -10,23 +11,23 @@ import pytest
 
 from gateway.errors import AlreadyExists, Conflict, IdempotencyConflict, InvalidInput, NotFound, Unavailable
 from gateway.ledger import open_ledger
-from gateway.ledger.base import AccountKind, HoldStatus
+from gateway.ledger.base import AccountKind, HoldStatus, Ledger
+from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 
-from .conftest import FakeClock, HoldFactory
+from .conftest import FakeClock, HoldFactory, StoreSpec
 
 
-async def balance(ledger: SqliteLedger, kind: AccountKind, name: str = "system") -> int:
+async def balance(ledger: Ledger, kind: AccountKind, name: str = "system") -> int:
     return (await ledger.get_account(kind, name)).balance
 
 
-def count(db_path: Path, sql: str, *params: object) -> int:
-    with sqlite3.connect(db_path) as conn:
-        return int(conn.execute(sql, params).fetchone()[0])
+async def count(store: StoreSpec, sql: str, *params: object) -> int:
+    return int(await store.fetchval(sql, *params))
 
 
 # --- top-ups ----------------------------------------------------------------------------------
-async def test_topup_credits_the_user_and_debits_the_world(ledger: SqliteLedger) -> None:
+async def test_topup_credits_the_user_and_debits_the_world(ledger: Ledger) -> None:
     transfer = await ledger.topup("alice", 10_000)
     assert transfer.kind == "topup" and transfer.amount == 10_000 and not transfer.replayed
     assert transfer.id.startswith("tr_")
@@ -35,7 +36,7 @@ async def test_topup_credits_the_user_and_debits_the_world(ledger: SqliteLedger)
     assert await ledger.verify() == []
 
 
-async def test_topup_with_a_repeated_reference_is_applied_once(ledger: SqliteLedger) -> None:
+async def test_topup_with_a_repeated_reference_is_applied_once(ledger: Ledger) -> None:
     first = await ledger.topup("alice", 5_000, reference="invoice-1")
     again = await ledger.topup("alice", 5_000, reference="invoice-1")
     assert again.replayed and again.id == first.id and not first.replayed
@@ -43,7 +44,7 @@ async def test_topup_with_a_repeated_reference_is_applied_once(ledger: SqliteLed
 
 
 async def test_topup_reusing_a_reference_for_another_amount_or_user_is_an_idempotency_conflict(
-    ledger: SqliteLedger,
+    ledger: Ledger,
 ) -> None:
     await ledger.create_user("bob")
     await ledger.topup("alice", 5_000, reference="invoice-1")
@@ -55,7 +56,7 @@ async def test_topup_reusing_a_reference_for_another_amount_or_user_is_an_idempo
     assert await balance(ledger, AccountKind.USER, "bob") == 0
 
 
-async def test_topup_refuses_non_positive_amounts_and_unknown_users(ledger: SqliteLedger) -> None:
+async def test_topup_refuses_non_positive_amounts_and_unknown_users(ledger: Ledger) -> None:
     with pytest.raises(InvalidInput):
         await ledger.topup("alice", 0)
     with pytest.raises(InvalidInput):
@@ -65,7 +66,7 @@ async def test_topup_refuses_non_positive_amounts_and_unknown_users(ledger: Sqli
     assert await balance(ledger, AccountKind.WORLD) == 0
 
 
-async def test_creating_an_existing_account_is_refused(ledger: SqliteLedger) -> None:
+async def test_creating_an_existing_account_is_refused(ledger: Ledger) -> None:
     with pytest.raises(AlreadyExists):
         await ledger.create_user("alice")
     with pytest.raises(AlreadyExists):
@@ -77,7 +78,7 @@ async def test_creating_an_existing_account_is_refused(ledger: SqliteLedger) -> 
 
 # --- holds and captures -----------------------------------------------------------------------
 async def test_capture_moves_exactly_the_amount_from_user_to_developer_and_fee_to_platform(
-    ledger: SqliteLedger, hold_req: HoldFactory
+    ledger: Ledger, hold_req: HoldFactory
 ) -> None:
     await ledger.topup("alice", 10_000)
     outcome = await ledger.hold(hold_req("call-1", amount=3_000, fee=300))
@@ -98,18 +99,18 @@ async def test_capture_moves_exactly_the_amount_from_user_to_developer_and_fee_t
 
 
 async def test_capture_twice_returns_the_same_charge_and_posts_one_transfer(
-    ledger: SqliteLedger, hold_req: HoldFactory, db_path: Path
+    ledger: Ledger, hold_req: HoldFactory, store: StoreSpec
 ) -> None:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("call-1", amount=3_000))
     first = await ledger.capture("call-1")
     second = await ledger.capture("call-1")
     assert second == first
-    assert count(db_path, "SELECT COUNT(*) FROM transfers WHERE kind = 'charge'") == 1
+    assert await count(store, "SELECT COUNT(*) FROM transfers WHERE kind = 'charge'") == 1
     assert await balance(ledger, AccountKind.USER, "alice") == 7_000
 
 
-async def test_concurrent_captures_of_one_hold_charge_once(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_concurrent_captures_of_one_hold_charge_once(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("call-1", amount=3_000))
     charges = await asyncio.gather(*(ledger.capture("call-1") for _ in range(20)))
@@ -117,7 +118,7 @@ async def test_concurrent_captures_of_one_hold_charge_once(ledger: SqliteLedger,
     assert await balance(ledger, AccountKind.USER, "alice") == 7_000
 
 
-async def test_void_releases_the_hold(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_void_releases_the_hold(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=1_000))
     assert (await ledger.get_account(AccountKind.USER, "alice")).available == 0
@@ -128,7 +129,7 @@ async def test_void_releases_the_hold(ledger: SqliteLedger, hold_req: HoldFactor
     assert await ledger.verify() == []
 
 
-async def test_capture_after_void_is_a_conflict(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_capture_after_void_is_a_conflict(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=500))
     await ledger.void("call-1")
@@ -137,7 +138,7 @@ async def test_capture_after_void_is_a_conflict(ledger: SqliteLedger, hold_req: 
     assert await balance(ledger, AccountKind.USER, "alice") == 1_000
 
 
-async def test_void_after_capture_changes_nothing(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_void_after_capture_changes_nothing(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=500))
     await ledger.capture("call-1")
@@ -147,7 +148,7 @@ async def test_void_after_capture_changes_nothing(ledger: SqliteLedger, hold_req
 
 
 async def test_partial_capture_charges_part_scales_the_fee_and_releases_the_rest(
-    ledger: SqliteLedger, hold_req: HoldFactory
+    ledger: Ledger, hold_req: HoldFactory
 ) -> None:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("call-1", amount=4_000, fee=1_000))
@@ -161,7 +162,7 @@ async def test_partial_capture_charges_part_scales_the_fee_and_releases_the_rest
 
 
 async def test_capture_of_more_than_held_is_invalid_and_of_an_unknown_call_not_found(
-    ledger: SqliteLedger, hold_req: HoldFactory
+    ledger: Ledger, hold_req: HoldFactory
 ) -> None:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("call-1", amount=1_000))
@@ -172,7 +173,7 @@ async def test_capture_of_more_than_held_is_invalid_and_of_an_unknown_call_not_f
     assert (await ledger.get_account(AccountKind.USER, "alice")).held == 1_000
 
 
-async def test_hold_refuses_when_available_balance_is_short(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_hold_refuses_when_available_balance_is_short(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=700))
     refused = await ledger.hold(hold_req("call-2", amount=400))
@@ -185,9 +186,7 @@ async def test_hold_refuses_when_available_balance_is_short(ledger: SqliteLedger
     assert await ledger.void("call-2") is False
 
 
-async def test_hold_replayed_with_the_same_call_id_reserves_nothing(
-    ledger: SqliteLedger, hold_req: HoldFactory
-) -> None:
+async def test_hold_replayed_with_the_same_call_id_reserves_nothing(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=600))
     replay = await ledger.hold(hold_req("call-1", amount=600))
@@ -195,7 +194,7 @@ async def test_hold_replayed_with_the_same_call_id_reserves_nothing(
     assert (await ledger.get_account(AccountKind.USER, "alice")).held == 600
 
 
-async def test_hold_refuses_bad_amounts_and_unknown_parties(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_hold_refuses_bad_amounts_and_unknown_parties(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 1_000)
     with pytest.raises(InvalidInput):
         await ledger.hold(hold_req("call-1", amount=0))
@@ -208,7 +207,7 @@ async def test_hold_refuses_bad_amounts_and_unknown_parties(ledger: SqliteLedger
     assert (await ledger.get_account(AccountKind.USER, "alice")).held == 0
 
 
-async def test_spend_limit_is_enforced_by_hold(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_spend_limit_is_enforced_by_hold(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 100_000)
     key = await ledger.create_key(
         user="alice", server="weather", key_hash="h1", prefix="ap_abc", expires_at=None, spend_limit=1_000
@@ -227,7 +226,7 @@ async def test_spend_limit_is_enforced_by_hold(ledger: SqliteLedger, hold_req: H
     assert await ledger.verify() == []
 
 
-async def test_concurrent_holds_never_exceed_the_spend_limit(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_concurrent_holds_never_exceed_the_spend_limit(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 100_000)
     key = await ledger.create_key(
         user="alice", server="weather", key_hash="h1", prefix="ap_abc", expires_at=None, spend_limit=100
@@ -239,7 +238,7 @@ async def test_concurrent_holds_never_exceed_the_spend_limit(ledger: SqliteLedge
 
 # --- leases -----------------------------------------------------------------------------------
 async def test_sweep_voids_only_lapsed_leases_and_renewed_ones_stay(
-    ledger: SqliteLedger, hold_req: HoldFactory, clock: FakeClock
+    ledger: Ledger, hold_req: HoldFactory, clock: FakeClock
 ) -> None:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("lapses", amount=1_000, lease_s=30))
@@ -260,7 +259,7 @@ async def test_sweep_voids_only_lapsed_leases_and_renewed_ones_stay(
 
 
 async def test_a_lease_lapses_only_after_its_expiry_time(
-    ledger: SqliteLedger, hold_req: HoldFactory, clock: FakeClock
+    ledger: Ledger, hold_req: HoldFactory, clock: FakeClock
 ) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=100, lease_s=30))
@@ -268,7 +267,7 @@ async def test_a_lease_lapses_only_after_its_expiry_time(
     assert await ledger.sweep(now=clock.now + 30.001) == 1
 
 
-async def test_sweep_releases_key_holds(ledger: SqliteLedger, hold_req: HoldFactory, clock: FakeClock) -> None:
+async def test_sweep_releases_key_holds(ledger: Ledger, hold_req: HoldFactory, clock: FakeClock) -> None:
     await ledger.topup("alice", 10_000)
     key = await ledger.create_key(
         user="alice", server="weather", key_hash="h1", prefix="ap_abc", expires_at=None, spend_limit=None
@@ -283,47 +282,43 @@ async def test_sweep_releases_key_holds(ledger: SqliteLedger, hold_req: HoldFact
 
 
 # --- verify -----------------------------------------------------------------------------------
-async def test_verify_detects_a_balance_that_does_not_match_its_postings(ledger: SqliteLedger, db_path: Path) -> None:
+async def test_verify_detects_a_balance_that_does_not_match_its_postings(ledger: Ledger, store: StoreSpec) -> None:
     await ledger.topup("alice", 1_000)
     assert await ledger.verify() == []
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE accounts SET balance = balance + 1 WHERE kind = 'user' AND name = 'alice'")
+    await store.execute("UPDATE accounts SET balance = balance + 1 WHERE kind = 'user' AND name = 'alice'")
     problems = await ledger.verify()
     assert any("'alice'" in p and "balance 1001" in p for p in problems), problems
 
 
 async def test_verify_detects_held_that_does_not_match_pending_holds(
-    ledger: SqliteLedger, hold_req: HoldFactory, db_path: Path
+    ledger: Ledger, hold_req: HoldFactory, store: StoreSpec
 ) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=100))
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE accounts SET held = held + 5 WHERE kind = 'user'")
+    await store.execute("UPDATE accounts SET held = held + 5 WHERE kind = 'user'")
     problems = await ledger.verify()
     assert any("held 105" in p for p in problems), problems
 
 
 async def test_verify_detects_a_captured_hold_without_its_charge(
-    ledger: SqliteLedger, hold_req: HoldFactory, db_path: Path
+    ledger: Ledger, hold_req: HoldFactory, store: StoreSpec
 ) -> None:
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=100))
     await ledger.capture("call-1")
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("PRAGMA foreign_keys = OFF")
-        conn.execute("DELETE FROM charges")
+    await store.execute("DELETE FROM charges")  # nothing references charges (a raw connection checks no FKs)
     problems = await ledger.verify()
     assert any("captured hold call-1" in p for p in problems), problems
 
 
 # --- refunds ----------------------------------------------------------------------------------
-async def _charged(ledger: SqliteLedger, hold_req: HoldFactory, amount: int = 1_000, fee: int = 100) -> str:
+async def _charged(ledger: Ledger, hold_req: HoldFactory, amount: int = 1_000, fee: int = 100) -> str:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("call-1", amount=amount, fee=fee))
     return (await ledger.capture("call-1")).id
 
 
-async def test_full_refund_reverses_the_charge(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_full_refund_reverses_the_charge(ledger: Ledger, hold_req: HoldFactory) -> None:
     charge_id = await _charged(ledger, hold_req)
     refund = await ledger.refund(charge_id)
     assert (refund.kind, refund.amount) == ("refund", 1_000)
@@ -336,9 +331,7 @@ async def test_full_refund_reverses_the_charge(ledger: SqliteLedger, hold_req: H
     assert await ledger.verify() == []
 
 
-async def test_partial_refunds_add_up_to_the_charge_and_the_fee_exactly(
-    ledger: SqliteLedger, hold_req: HoldFactory
-) -> None:
+async def test_partial_refunds_add_up_to_the_charge_and_the_fee_exactly(ledger: Ledger, hold_req: HoldFactory) -> None:
     charge_id = await _charged(ledger, hold_req, amount=1_000, fee=333)
     for _ in range(3):
         await ledger.refund(charge_id, 333)
@@ -350,7 +343,7 @@ async def test_partial_refunds_add_up_to_the_charge_and_the_fee_exactly(
     assert await ledger.verify() == []
 
 
-async def test_refund_cannot_exceed_the_charge(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_refund_cannot_exceed_the_charge(ledger: Ledger, hold_req: HoldFactory) -> None:
     charge_id = await _charged(ledger, hold_req)
     await ledger.refund(charge_id, 600)
     with pytest.raises(Conflict, match=r"only 0\.4 of its 1 cents remain"):
@@ -359,7 +352,7 @@ async def test_refund_cannot_exceed_the_charge(ledger: SqliteLedger, hold_req: H
     assert await balance(ledger, AccountKind.USER, "alice") == 9_600
 
 
-async def test_concurrent_refunds_never_exceed_the_charge(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_concurrent_refunds_never_exceed_the_charge(ledger: Ledger, hold_req: HoldFactory) -> None:
     charge_id = await _charged(ledger, hold_req)
     results = await asyncio.gather(*(ledger.refund(charge_id, 300) for _ in range(10)), return_exceptions=True)
     assert sum(not isinstance(r, BaseException) for r in results) == 3
@@ -369,7 +362,7 @@ async def test_concurrent_refunds_never_exceed_the_charge(ledger: SqliteLedger, 
     assert await ledger.verify() == []
 
 
-async def test_refund_with_a_repeated_reference_is_applied_once(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_refund_with_a_repeated_reference_is_applied_once(ledger: Ledger, hold_req: HoldFactory) -> None:
     charge_id = await _charged(ledger, hold_req)
     first = await ledger.refund(charge_id, 200, reference="ticket-7")
     again = await ledger.refund(charge_id, 200, reference="ticket-7")
@@ -379,7 +372,7 @@ async def test_refund_with_a_repeated_reference_is_applied_once(ledger: SqliteLe
     assert (await ledger.get_charge(charge_id)).refunded == 200
 
 
-async def test_refund_reduces_the_key_spend(ledger: SqliteLedger, hold_req: HoldFactory) -> None:
+async def test_refund_reduces_the_key_spend(ledger: Ledger, hold_req: HoldFactory) -> None:
     await ledger.topup("alice", 10_000)
     key = await ledger.create_key(
         user="alice", server="weather", key_hash="h1", prefix="ap_abc", expires_at=None, spend_limit=1_000
@@ -395,7 +388,7 @@ async def test_refund_reduces_the_key_spend(ledger: SqliteLedger, hold_req: Hold
 
 
 async def test_refund_is_refused_when_the_developer_earnings_were_paid_out(
-    ledger: SqliteLedger, hold_req: HoldFactory, db_path: Path
+    ledger: Ledger, hold_req: HoldFactory
 ) -> None:
     charge_id = await _charged(ledger, hold_req, amount=1_000, fee=0)
     await ledger.create_payout("acme")  # the developer's 1,000 leave for payout clearing
@@ -407,7 +400,7 @@ async def test_refund_is_refused_when_the_developer_earnings_were_paid_out(
     assert await ledger.verify() == []
 
 
-async def test_refund_of_an_unknown_charge_is_not_found(ledger: SqliteLedger) -> None:
+async def test_refund_of_an_unknown_charge_is_not_found(ledger: Ledger) -> None:
     with pytest.raises(NotFound):
         await ledger.refund("ch_nope")
     with pytest.raises(NotFound):
@@ -415,14 +408,14 @@ async def test_refund_of_an_unknown_charge_is_not_found(ledger: SqliteLedger) ->
 
 
 # --- keys -------------------------------------------------------------------------------------
-async def _key(ledger: SqliteLedger, key_hash: str, prefix: str, user: str = "alice") -> str:
+async def _key(ledger: Ledger, key_hash: str, prefix: str, user: str = "alice") -> str:
     record = await ledger.create_key(
         user=user, server="weather", key_hash=key_hash, prefix=prefix, expires_at=None, spend_limit=None
     )
     return record.id
 
 
-async def test_created_keys_are_found_by_hash_and_listed_by_user(ledger: SqliteLedger) -> None:
+async def test_created_keys_are_found_by_hash_and_listed_by_user(ledger: Ledger) -> None:
     await ledger.create_user("bob")
     alice_key = await _key(ledger, "h1", "ap_aaaa1111")
     await _key(ledger, "h2", "ap_bbbb2222", user="bob")
@@ -438,7 +431,7 @@ async def test_created_keys_are_found_by_hash_and_listed_by_user(ledger: SqliteL
         await ledger.list_keys("nobody")
 
 
-async def test_key_is_revoked_by_id(ledger: SqliteLedger, clock: FakeClock) -> None:
+async def test_key_is_revoked_by_id(ledger: Ledger, clock: FakeClock) -> None:
     key_id = await _key(ledger, "h1", "ap_aaaa1111")
     revoked = await ledger.revoke_key(key_id)
     assert revoked.id == key_id and revoked.revoked_at == clock.now
@@ -446,7 +439,7 @@ async def test_key_is_revoked_by_id(ledger: SqliteLedger, clock: FakeClock) -> N
     assert found is not None and found.revoked_at == clock.now
 
 
-async def test_key_is_revoked_by_a_unique_prefix(ledger: SqliteLedger) -> None:
+async def test_key_is_revoked_by_a_unique_prefix(ledger: Ledger) -> None:
     key_id = await _key(ledger, "h1", "ap_aaaa1111")
     other = await _key(ledger, "h2", "ap_bbbb2222")
     assert (await ledger.revoke_key("ap_aaa")).id == key_id
@@ -454,7 +447,7 @@ async def test_key_is_revoked_by_a_unique_prefix(ledger: SqliteLedger) -> None:
     assert other_record is not None and other_record.id == other and other_record.revoked_at is None
 
 
-async def test_an_ambiguous_prefix_revokes_nothing(ledger: SqliteLedger) -> None:
+async def test_an_ambiguous_prefix_revokes_nothing(ledger: Ledger) -> None:
     await _key(ledger, "h1", "ap_aaaa1111")
     await _key(ledger, "h2", "ap_aaaa2222")
     with pytest.raises(InvalidInput, match="matches 2 keys"):
@@ -464,7 +457,7 @@ async def test_an_ambiguous_prefix_revokes_nothing(ledger: SqliteLedger) -> None
     assert all(k.revoked_at is None for k in await ledger.list_keys())
 
 
-async def test_revoked_since_lists_keys_revoked_at_or_after_a_time(ledger: SqliteLedger, clock: FakeClock) -> None:
+async def test_revoked_since_lists_keys_revoked_at_or_after_a_time(ledger: Ledger, clock: FakeClock) -> None:
     early = await _key(ledger, "h1", "ap_aaaa1111")
     late = await _key(ledger, "h2", "ap_bbbb2222")
     await _key(ledger, "h3", "ap_cccc3333")
@@ -480,7 +473,7 @@ async def test_revoked_since_lists_keys_revoked_at_or_after_a_time(ledger: Sqlit
 
 # --- reports ----------------------------------------------------------------------------------
 async def test_user_summary_lists_recent_charges_newest_first(
-    ledger: SqliteLedger, hold_req: HoldFactory, clock: FakeClock
+    ledger: Ledger, hold_req: HoldFactory, clock: FakeClock
 ) -> None:
     await ledger.topup("alice", 10_000)
     await _key(ledger, "h1", "ap_aaaa1111")
@@ -496,7 +489,7 @@ async def test_user_summary_lists_recent_charges_newest_first(
 
 
 async def test_usage_groups_captured_calls_by_user_server_method_and_name(
-    ledger: SqliteLedger, hold_req: HoldFactory
+    ledger: Ledger, hold_req: HoldFactory
 ) -> None:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("a", amount=100, name="forecast"))
@@ -519,7 +512,7 @@ async def test_usage_groups_captured_calls_by_user_server_method_and_name(
 
 
 async def test_earnings_are_the_developer_balance_and_lifetime_is_net_of_refunds(
-    ledger: SqliteLedger, hold_req: HoldFactory
+    ledger: Ledger, hold_req: HoldFactory
 ) -> None:
     await ledger.topup("alice", 10_000)
     await ledger.hold(hold_req("a", amount=1_000, fee=100))
@@ -535,21 +528,22 @@ async def test_earnings_are_the_developer_balance_and_lifetime_is_net_of_refunds
 
 
 # --- schema and factory -----------------------------------------------------------------------
-async def test_reopening_a_database_keeps_data_and_applies_migrations_once(db_path: Path, clock: FakeClock) -> None:
-    async with SqliteLedger(db_path, clock=clock) as first:
+async def test_reopening_a_database_keeps_data_and_applies_migrations_once(store: StoreSpec, clock: FakeClock) -> None:
+    async with store.open(clock) as first:
         await first.create_user("alice")
         await first.topup("alice", 1_000)
-    async with SqliteLedger(db_path, clock=clock) as second:
+    async with store.open(clock) as second:
         assert await balance(second, AccountKind.USER, "alice") == 1_000
         assert await second.verify() == []
-    assert count(db_path, "SELECT COUNT(*) FROM schema_migrations") >= 1
-    assert count(db_path, "SELECT COUNT(*) FROM accounts WHERE name = 'system'") == 3
-    with sqlite3.connect(db_path) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert await count(store, "SELECT COUNT(*) FROM schema_migrations") >= 1
+    assert await count(store, "SELECT COUNT(*) FROM accounts WHERE name = 'system'") == 3
+    if store.kind == "sqlite":
+        with sqlite3.connect(store.location) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_two_ledgers_on_one_file_see_each_others_writes(db_path: Path, hold_req: HoldFactory) -> None:
-    async with SqliteLedger(db_path) as a, SqliteLedger(db_path) as b:
+async def test_two_ledgers_on_one_file_see_each_others_writes(store: StoreSpec, hold_req: HoldFactory) -> None:
+    async with store.open() as a, store.open() as b:
         await a.create_user("alice")
         await a.create_developer("acme")
         await b.topup("alice", 500)
@@ -558,22 +552,23 @@ async def test_two_ledgers_on_one_file_see_each_others_writes(db_path: Path, hol
         assert (await b.capture("x")).amount == 500
 
 
-async def test_closed_ledger_refuses_work(db_path: Path) -> None:
-    store = SqliteLedger(db_path)
-    await store.open()
-    await store.close()
-    await store.close()  # idempotent
+async def test_closed_ledger_refuses_work(store: StoreSpec) -> None:
+    closed = store.open()
+    await closed.open()
+    await closed.close()
+    await closed.close()  # idempotent
     with pytest.raises(Unavailable, match="not open"):
-        await store.verify()
+        await closed.verify()
 
 
-def test_open_ledger_maps_sqlite_urls_and_defers_postgres(tmp_path: Path) -> None:
+def test_open_ledger_maps_sqlite_and_postgres_urls(tmp_path: Path) -> None:
     store = open_ledger(f"sqlite:///{tmp_path}/x.db")
     assert isinstance(store, SqliteLedger) and store.path == tmp_path / "x.db"
     relative = open_ledger("sqlite:///data/agentpay.db")
     assert isinstance(relative, SqliteLedger) and str(relative.path) == "data/agentpay.db"
-    with pytest.raises(NotImplementedError, match="issue 5"):
-        open_ledger("postgresql://localhost/agentpay")
+    for url in ("postgresql://localhost/agentpay", "postgres://u@db:5433/agentpay"):
+        postgres = open_ledger(url)
+        assert isinstance(postgres, PostgresLedger) and postgres.dsn == url
     with pytest.raises(InvalidInput):
         open_ledger("mysql://localhost/agentpay")
     assert not (tmp_path / "x.db").exists()  # nothing happens before open()
