@@ -41,6 +41,7 @@ __all__ = [
     "key_from_asgi",
     "key_from_headers",
     "key_from_mcp_context",
+    "key_from_request",
     "paid_tool",
 ]
 
@@ -310,6 +311,12 @@ def key_from_headers(headers: Mapping[str, str] | None) -> str | None:
         return value.strip()
     api_key = lowered.get("x-api-key", "").strip()
     return api_key or None
+
+
+def key_from_request(request: Any) -> str | None:
+    """From an aiohttp ``web.Request`` (or any request object with a ``headers`` mapping)."""
+    headers = getattr(request, "headers", None)
+    return key_from_headers(dict(headers.items())) if headers is not None else None
 
 
 def key_from_asgi(scope_or_request: Any) -> str | None:

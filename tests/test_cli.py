@@ -112,3 +112,43 @@ def test_ledger_verify_exits_non_zero_on_a_corrupted_ledger(tmp_path: Path, conf
     done = agentpay("ledger", "verify", "--json", config=config)
     assert done.returncode == 1
     assert json.loads(done.stdout)["violations"]
+
+
+async def _charge_once(config: Path) -> str:
+    from gateway.config import load_config
+    from gateway.ledger import open_ledger
+    from gateway.ledger.base import HoldRequest
+    from gateway.money import parse_cents
+
+    ledger = open_ledger(load_config(config).database)
+    await ledger.open()
+    try:
+        result = await ledger.charge(
+            HoldRequest("svc_cli", None, "alice", "acme", "weather", "tools/call", "get_forecast",
+                        parse_cents("10"), 0, 60, "test")
+        )  # fmt: skip
+        assert result.charge is not None
+        return result.charge.id
+    finally:
+        await ledger.close()
+
+
+def test_an_operator_refunds_a_charge_and_exports_the_statement_as_csv(config: Path) -> None:
+    import asyncio
+
+    ok_json("developers", "create", "acme", config=config)
+    ok_json("users", "create", "alice", "--balance-cents", "50", config=config)
+    charge_id = asyncio.run(_charge_once(config))
+    refund = ok_json("charges", "refund", charge_id, "--amount-cents", "4", "--reference", "ticket-9", config=config)
+    again = ok_json("charges", "refund", charge_id, "--amount-cents", "4", "--reference", "ticket-9", config=config)
+    assert refund["amount_cents"] == "4" and again["replayed"] is True
+    assert ok_json("users", "show", "alice", config=config)["balance_cents"] == "44"
+    payout = ok_json("payouts", "create", "acme", config=config)
+    assert payout["amount_cents"] == "6"
+    assert ok_json("payouts", "settle", payout["id"], "--reference", "bank-1", config=config)["state"] == "settled"
+    csv_out = agentpay("statement", "acme", "--csv", config=config)
+    assert csv_out.returncode == 0, csv_out.stderr
+    lines = csv_out.stdout.strip().splitlines()
+    assert lines[0] == "created_at,kind,amount_cents,server,name,charge_id,transfer_id"
+    assert [line.split(",")[1] for line in lines[1:]] == ["payout", "refund", "charge"]
+    assert ok_json("ledger", "verify", config=config)["ok"] is True
