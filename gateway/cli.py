@@ -17,7 +17,9 @@ from typing import Any
 
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
-from gateway.ledger import open_ledger
+from gateway.ledger import open_ledger, redact_url
+from gateway.ledger.base import ExportRow
+from gateway.ledger.dump import read_dump, write_dump
 from gateway.operations import Operations
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -108,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = command("ledger", "ledger maintenance").add_subparsers(dest="action", required=True)
     command("verify", "check every ledger invariant; exit non-zero on a violation", ledger)
+    export = command("export", "dump every table of the ledger to a store-neutral JSON-lines file", ledger)
+    export.add_argument("file", help="where to write the dump ('-' for standard output)")
+    load = command("import", "load a dump into an empty ledger (one transaction, ids kept), then verify it", ledger)
+    load.add_argument("file", help="a dump written by `agentpay ledger export` ('-' for standard input)")
+    load.add_argument(
+        "--into",
+        metavar="URL",
+        help="database URL to import into, e.g. postgresql://user@host/db?schema=NAME (default: the configured one)",
+    )
+
+    command("migrate", "apply the ledger's database migrations (the configured store); print the ones applied")
     return parser
 
 
@@ -178,9 +191,113 @@ def _action(args: argparse.Namespace) -> Callable[[Operations], Awaitable[Any]] 
     return table.get((cmd, action))
 
 
+async def _migrate(database: str) -> dict[str, Any]:
+    ledger = open_ledger(database)
+    try:
+        applied = await ledger.migrate()
+        current = await ledger.applied_migrations()
+    finally:
+        await ledger.close()
+    return {"database": redact_url(database), "applied": applied, "migrations": current}
+
+
+async def _export_rows(database: str) -> list[ExportRow]:
+    ledger = open_ledger(database)
+    await ledger.open()
+    try:
+        return await ledger.export_rows()
+    finally:
+        await ledger.close()
+
+
+def _export(database: str, file: str) -> dict[str, Any]:
+    rows = asyncio.run(_export_rows(database))
+    source = database.split(":", 1)[0]
+    if file == "-":
+        counts = write_dump(rows, sys.stdout, source=source)
+        sys.stdout.flush()
+    else:
+        path = Path(file)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            with partial.open("w", encoding="utf-8") as out:
+                counts = write_dump(rows, out, source=source)
+                out.flush()
+                os.fsync(out.fileno())
+            partial.replace(path)  # never a half-written dump under the real name
+        except OSError as exc:
+            raise GatewayError(f"cannot write the dump to {file}: {exc}") from None
+    return {"database": redact_url(database), "file": file, "rows": counts}
+
+
+async def _import_rows(database: str, rows: list[ExportRow]) -> tuple[dict[str, int], list[str]]:
+    ledger = open_ledger(database)
+    await ledger.open()
+    try:
+        counts = await ledger.import_rows(rows)
+        return counts, await ledger.verify()
+    finally:
+        await ledger.close()
+
+
+def _import(database: str, file: str) -> dict[str, Any]:
+    try:
+        if file == "-":
+            rows = list(read_dump(sys.stdin))
+        else:
+            with Path(file).open(encoding="utf-8") as lines:
+                rows = list(read_dump(lines))  # the whole dump is checked before the target is touched
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GatewayError(f"cannot read the dump {file}: {exc}") from None
+    counts, problems = asyncio.run(_import_rows(database, rows))
+    return {"database": redact_url(database), "file": file, "rows": counts, "ok": not problems, "problems": problems}
+
+
+def _maintenance(args: argparse.Namespace) -> int:
+    """`migrate`, `ledger export` and `ledger import` (the last needs no config with --into)."""
+    into = getattr(args, "into", None)
+    database = into if into else load_config(config_path(args.config)).database
+    if args.command == "migrate":
+        result = asyncio.run(_migrate(database))
+        if args.json:
+            _print(result, True)
+        else:
+            for name in result["applied"]:
+                print(f"applied {name}")
+            print(f"{result['database']}: schema up to date ({', '.join(result['migrations'])})")
+        return 0
+    if args.action == "export":
+        result = _export(database, args.file)
+        summary = (
+            f"exported {sum(result['rows'].values())} rows to {args.file} ("
+            + ", ".join(f"{table} {count}" for table, count in result["rows"].items())
+            + ")"
+        )
+        if args.json:
+            print(json.dumps(result, indent=2), file=sys.stderr if args.file == "-" else sys.stdout)
+        else:
+            print(summary, file=sys.stderr if args.file == "-" else sys.stdout)
+        return 0
+    result = _import(database, args.file)
+    if args.json:
+        _print(result, True)
+    else:
+        print(
+            f"imported {sum(result['rows'].values())} rows into {result['database']} ("
+            + ", ".join(f"{table} {count}" for table, count in result["rows"].items())
+            + ")"
+        )
+        print("ledger verify: ok" if result["ok"] else "ledger verify: FAILED")
+        for problem in result["problems"]:
+            print(f"  - {problem}")
+    return 0 if result["ok"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "migrate" or (args.command == "ledger" and args.action in ("export", "import")):
+            return _maintenance(args)
         config = load_config(config_path(args.config))
         if args.command == "serve":
             from gateway.serve import serve

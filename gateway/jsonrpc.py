@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from gateway.errors import BadRequest, HeaderMismatch, ParseError
 
 PriceKind = Literal["tool", "resource", "prompt"]
@@ -78,11 +80,18 @@ class Incoming:
 
 
 def loads(body: bytes | str) -> Any:
-    return json.loads(body)
+    """Parse JSON (orjson; the standard library for what orjson refuses, e.g. integers over 64 bits)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers over 64 bits
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def parse_body(body: bytes, *, max_batch_items: int) -> Incoming:
@@ -90,7 +99,7 @@ def parse_body(body: bytes, *, max_batch_items: int) -> Incoming:
     if not body.strip():
         raise ParseError("The request body is empty; expected a JSON-RPC message")
     try:
-        value = json.loads(body)
+        value = loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ParseError(f"The request body is not valid JSON ({exc})") from None
     if isinstance(value, list):

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -101,11 +101,22 @@ async def run(
             await each.cleanup()
 
 
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (measurably faster for a proxy), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def serve(config: GatewayConfig) -> int:
     logs.configure(config.log_format)
     asyncio.run(check(config))
     try:
-        asyncio.run(run(config))
+        _run_loop(run(config))
     except OSError as exc:
         raise ConfigError(f"cannot listen: {exc}", file=str(config.path)) from None
     return 0

@@ -19,9 +19,9 @@ them while the call runs; the sweeper voids holds whose lease has lapsed.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class AccountKind(enum.StrEnum):
@@ -232,6 +232,99 @@ class EarningsBreakdown:
     amount: int  # credited to the developer (after fees), net of refunds
 
 
+# --- export / import (``agentpay ledger export`` / ``import``) ------------------------------------
+# A store-neutral dump: every table, in dependency order, with each column's neutral type:
+# "int" (64-bit integer: ids of accounts and postings, millicents), "float" (unix seconds, kept
+# exactly: JSON floats round-trip), "text", "texts" (a list of text). None is NULL.
+# Store-specific columns (PostgreSQL's ``charges.seq``) are not dumped: charges are dumped in
+# insertion order and the target numbers them again in that order. ``payouts.transfer_id`` is the
+# payout's own 'payout' transfer (stored on PostgreSQL, looked up by reference on SQLite).
+EXPORT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "accounts": (
+        ("id", "int"),
+        ("kind", "text"),
+        ("name", "text"),
+        ("balance", "int"),
+        ("held", "int"),
+        ("created_at", "float"),
+    ),
+    "transfers": (
+        ("id", "text"),
+        ("kind", "text"),
+        ("amount", "int"),
+        ("reference", "text"),
+        ("account_id", "int"),
+        ("charge_id", "text"),
+        ("created_at", "float"),
+    ),
+    "postings": (("id", "int"), ("transfer_id", "text"), ("account_id", "int"), ("amount", "int")),
+    "keys": (
+        ("id", "text"),
+        ("user_account_id", "int"),
+        ("server", "text"),
+        ("key_hash", "text"),
+        ("prefix", "text"),
+        ("created_at", "float"),
+        ("expires_at", "float"),
+        ("revoked_at", "float"),
+        ("spend_limit", "int"),
+        ("spent", "int"),
+        ("held", "int"),
+    ),
+    "holds": (
+        ("call_id", "text"),
+        ("key_id", "text"),
+        ("user_account_id", "int"),
+        ("developer_account_id", "int"),
+        ("server", "text"),
+        ("method", "text"),
+        ("name", "text"),
+        ("amount", "int"),
+        ("fee", "int"),
+        ("state", "text"),
+        ("owner", "text"),
+        ("created_at", "float"),
+        ("lease_expires_at", "float"),
+        ("settled_at", "float"),
+        ("charge_id", "text"),
+    ),
+    "charges": (
+        ("id", "text"),
+        ("call_id", "text"),
+        ("user_account_id", "int"),
+        ("developer_account_id", "int"),
+        ("amount", "int"),
+        ("fee", "int"),
+        ("refunded", "int"),
+        ("balance_after", "int"),
+        ("created_at", "float"),
+    ),
+    "service_tokens": (
+        ("id", "text"),
+        ("developer_account_id", "int"),
+        ("servers", "texts"),
+        ("token_hash", "text"),
+        ("prefix", "text"),
+        ("created_at", "float"),
+        ("revoked_at", "float"),
+    ),
+    "payouts": (
+        ("id", "text"),
+        ("developer_account_id", "int"),
+        ("amount", "int"),
+        ("state", "text"),
+        ("reference", "text"),
+        ("transfer_id", "text"),
+        ("created_at", "float"),
+        ("completed_at", "float"),
+    ),
+}
+EXPORT_TABLES: tuple[str, ...] = tuple(EXPORT_COLUMNS)  # dependency order: import in this order
+
+# One dumped row: (table, {column: value}).
+ExportRow = tuple[str, dict[str, Any]]
+
+
 class Ledger(Protocol):
     """What every ledger store provides. Methods raise ``gateway.errors`` types."""
 
@@ -372,3 +465,20 @@ class Ledger(Protocol):
     async def verify(self) -> list[str]:
         """Check every invariant on one consistent snapshot; return human-readable violations
         (empty list = clean)."""
+
+    # maintenance
+    async def migrate(self) -> list[str]:
+        """Open the store if needed, applying missing migrations; return the names of the
+        migrations this call applied (empty when the schema was already current)."""
+
+    async def applied_migrations(self) -> list[str]:
+        """Names of every migration applied to the open store, in order."""
+
+    async def export_rows(self) -> list[ExportRow]:
+        """Every row of every table (``EXPORT_TABLES`` order, exact values, ``EXPORT_COLUMNS``
+        shape), read from one consistent snapshot."""
+
+    async def import_rows(self, rows: Iterable[ExportRow]) -> dict[str, int]:
+        """Load an export into this store, which must be empty (no user, developer or transfer;
+        Conflict otherwise), in one transaction, keeping every id; returns rows per table.
+        Raises InvalidInput for rows that do not fit (nothing is written then)."""

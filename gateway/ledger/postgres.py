@@ -32,7 +32,7 @@ import secrets
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
@@ -49,12 +49,15 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.ledger.base import (
+    EXPORT_COLUMNS,
+    EXPORT_TABLES,
     Account,
     AccountKind,
     Charge,
     ChargeResult,
     Earnings,
     EarningsBreakdown,
+    ExportRow,
     HoldInfo,
     HoldOutcome,
     HoldRequest,
@@ -69,6 +72,7 @@ from gateway.ledger.base import (
     UsageRow,
     UserSummary,
 )
+from gateway.ledger.dump import check_row
 from gateway.ledger.migrations_postgres import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
 from gateway.money import format_cents
 
@@ -112,6 +116,25 @@ _PAYOUT_COLUMNS = """
     p.id, a.name, p.amount, p.state, p.reference, p.created_at, p.completed_at, p.developer_account_id
     FROM payouts p JOIN accounts a ON a.id = p.developer_account_id
 """
+
+# export_rows: one query per table, columns in EXPORT_COLUMNS order, rows in dependency order (a
+# refund after the charge it names; charges in insertion order, ``seq``).
+_EXPORT_QUERIES: dict[str, str] = {
+    "accounts": "SELECT id, kind, name, balance, held, created_at FROM accounts ORDER BY id",
+    "transfers": "SELECT id, kind, amount, reference, account_id, charge_id, created_at FROM transfers "
+    "ORDER BY charge_id IS NOT NULL, created_at, id",
+    "postings": "SELECT id, transfer_id, account_id, amount FROM postings ORDER BY id",
+    "keys": "SELECT id, user_account_id, server, key_hash, prefix, created_at, expires_at, revoked_at, "
+    "spend_limit, spent, held FROM keys ORDER BY created_at, id",
+    "holds": "SELECT call_id, key_id, user_account_id, developer_account_id, server, method, name, amount, fee, "
+    "state, owner, created_at, lease_expires_at, settled_at, charge_id FROM holds ORDER BY created_at, call_id",
+    "charges": "SELECT id, call_id, user_account_id, developer_account_id, amount, fee, refunded, balance_after, "
+    "created_at FROM charges ORDER BY seq",
+    "service_tokens": "SELECT id, developer_account_id, servers, token_hash, prefix, created_at, revoked_at "
+    "FROM service_tokens ORDER BY created_at, id",
+    "payouts": "SELECT id, developer_account_id, amount, state, reference, transfer_id, created_at, completed_at "
+    "FROM payouts ORDER BY created_at, id",
+}
 
 # The connection is gone or the server refuses work: the outcome of an in-flight COMMIT is unknown.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -1448,6 +1471,126 @@ class PostgresLedger:
 
     async def verify(self) -> list[str]:
         return await self._read(_verify)
+
+    # --- maintenance: migrations, export / import -----------------------------------------------
+    async def _applied_before_open(self) -> set[str]:
+        """Migrations recorded in the schema before this ledger opened it (none if it has no tables)."""
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=ACQUIRE_TIMEOUT_S)
+        except _CONNECTION_ERRORS as exc:
+            raise Unavailable(
+                f"cannot connect to the ledger database: {exc}",
+                hint="Check that PostgreSQL is running and the database URL is right",
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise Unavailable(f"cannot open the ledger database: {exc}", hint="Check the database URL") from exc
+        try:
+            schema = self.schema if self.schema is not None else await conn.fetchval("SELECT current_schema()")
+            if schema is None:
+                return set()
+            table = await conn.fetchval("SELECT to_regclass(format('%I.schema_migrations', $1::text))", schema)
+            if table is None:
+                return set()
+            rows = await conn.fetch(f"SELECT name FROM {_quote_ident(schema)}.schema_migrations")
+            return {row[0] for row in rows}
+        finally:
+            await conn.close()
+
+    async def migrate(self) -> list[str]:
+        if self._pool is not None:
+            before = set(await self.applied_migrations())
+        else:
+            before = await self._applied_before_open()
+            await self.open()
+        after = set(await self.applied_migrations())
+        return [name for name, _ in MIGRATIONS if name in after and name not in before]
+
+    async def applied_migrations(self) -> list[str]:
+        async def tx(conn: Conn) -> list[str]:
+            return [row[0] for row in await conn.fetch("SELECT name FROM schema_migrations ORDER BY name")]
+
+        return await self._read(tx)
+
+    async def export_rows(self) -> list[ExportRow]:
+        async def tx(conn: Conn) -> list[ExportRow]:
+            rows: list[ExportRow] = []
+            for table in EXPORT_TABLES:
+                names = [name for name, _ in EXPORT_COLUMNS[table]]
+                for record in await conn.fetch(_EXPORT_QUERIES[table]):
+                    row = dict(zip(names, record, strict=True))
+                    if table == "service_tokens":
+                        row["servers"] = list(row["servers"])
+                    rows.append((table, row))
+            return rows
+
+        return await self._read(tx)
+
+    async def import_rows(self, rows: Iterable[ExportRow]) -> dict[str, int]:
+        by_table: dict[str, list[dict[str, Any]]] = {table: [] for table in EXPORT_TABLES}
+        for table, row in rows:
+            by_table[table].append(check_row(table, row))
+
+        async def tx(conn: Conn) -> tuple[dict[str, int], dict[AccountKind, int]]:
+            # No other transaction may write while the target is checked empty and filled.
+            await conn.execute(
+                "LOCK TABLE accounts, transfers, postings, keys, holds, charges, service_tokens, payouts "
+                "IN EXCLUSIVE MODE"
+            )
+            in_use = await conn.fetchrow(
+                "SELECT (SELECT COUNT(*) FROM accounts WHERE kind IN ('user', 'developer')), "
+                "(SELECT COUNT(*) FROM transfers), (SELECT COUNT(*) FROM keys), (SELECT COUNT(*) FROM holds), "
+                "(SELECT COUNT(*) FROM service_tokens), (SELECT COUNT(*) FROM payouts)"
+            )
+            if any(in_use):
+                where = f"schema {self.schema}" if self.schema is not None else "database"
+                raise Conflict(
+                    f"the target ledger ({where}) is not empty ({in_use[0]} users/developers, "
+                    f"{in_use[1]} transfers); import only into a new, empty ledger",
+                    hint="Point --into at a new database or schema (postgresql://…/db?schema=NAME)",
+                )
+            await conn.execute("DELETE FROM accounts")  # only the system accounts: the dump brings its own
+            counts: dict[str, int] = {}
+            for table in EXPORT_TABLES:
+                batch = by_table[table]
+                counts[table] = len(batch)
+                if not batch:
+                    continue
+                names = [name for name, _ in EXPORT_COLUMNS[table]]
+                # charges.seq numbers charges again in dump (= insertion) order; ids are kept
+                overriding = " OVERRIDING SYSTEM VALUE" if table in ("accounts", "postings") else ""
+                sql = (
+                    f"INSERT INTO {table} ({', '.join(names)}){overriding} "
+                    f"VALUES ({', '.join(f'${i}' for i in range(1, len(names) + 1))})"
+                )
+                try:
+                    await conn.executemany(sql, [[row[name] for name in names] for row in batch])
+                except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+                    raise InvalidInput(f"the {table} rows of the dump do not fit: {exc}") from None
+            for table, column in (("accounts", "id"), ("postings", "id"), ("charges", "seq")):
+                await conn.execute(
+                    "SELECT setval(pg_get_serial_sequence($1, $2), "
+                    f"COALESCE((SELECT max({column}) FROM {table}), 0) + 1, false)",
+                    table if self.schema is None else f"{_quote_ident(self.schema)}.{table}",
+                    column,
+                )
+            now = self._clock()
+            system: dict[AccountKind, int] = {}
+            for kind in _SYSTEM_KINDS:  # a dump without them still gets them
+                await conn.execute(
+                    "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (kind, name) DO NOTHING",
+                    kind.value,
+                    SYSTEM_NAME,
+                    now,
+                )
+                system[kind] = await conn.fetchval(
+                    "SELECT id FROM accounts WHERE kind = $1 AND name = $2", kind.value, SYSTEM_NAME
+                )
+            return counts, system
+
+        # Not idempotent as a whole (a re-run would find the target full): never re-run.
+        counts, self._system = await self._run(tx, idempotent=False)
+        return counts
 
 
 async def _verify(conn: Conn) -> list[str]:

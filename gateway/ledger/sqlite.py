@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -35,12 +35,15 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.ledger.base import (
+    EXPORT_COLUMNS,
+    EXPORT_TABLES,
     Account,
     AccountKind,
     Charge,
     ChargeResult,
     Earnings,
     EarningsBreakdown,
+    ExportRow,
     HoldInfo,
     HoldOutcome,
     HoldRequest,
@@ -55,6 +58,7 @@ from gateway.ledger.base import (
     UsageRow,
     UserSummary,
 )
+from gateway.ledger.dump import check_row
 from gateway.ledger.migrations_sqlite import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
 from gateway.money import format_cents
 
@@ -93,6 +97,27 @@ _PAYOUT_COLUMNS = """
     p.id, a.name, p.amount, p.state, p.reference, p.created_at, p.completed_at
     FROM payouts p JOIN accounts a ON a.id = p.developer_account_id
 """
+
+
+# export_rows: one query per table, columns in EXPORT_COLUMNS order, rows in dependency order (a
+# refund after the charge it names; charges in insertion order, which user_summary relies on).
+_EXPORT_QUERIES: dict[str, str] = {
+    "accounts": "SELECT id, kind, name, balance, held, created_at FROM accounts ORDER BY id",
+    "transfers": "SELECT id, kind, amount, reference, account_id, charge_id, created_at FROM transfers "
+    "ORDER BY charge_id IS NOT NULL, created_at, id",
+    "postings": "SELECT id, transfer_id, account_id, amount FROM postings ORDER BY id",
+    "keys": "SELECT id, user_account_id, server, key_hash, prefix, created_at, expires_at, revoked_at, "
+    "spend_limit, spent, held FROM keys ORDER BY created_at, id",
+    "holds": "SELECT call_id, key_id, user_account_id, developer_account_id, server, method, name, amount, fee, "
+    "state, owner, created_at, lease_expires_at, settled_at, charge_id FROM holds ORDER BY created_at, call_id",
+    "charges": "SELECT id, call_id, user_account_id, developer_account_id, amount, fee, refunded, balance_after, "
+    "created_at FROM charges ORDER BY rowid",
+    "service_tokens": "SELECT id, developer_account_id, servers, token_hash, prefix, created_at, revoked_at "
+    "FROM service_tokens ORDER BY created_at, id",
+    "payouts": "SELECT p.id, p.developer_account_id, p.amount, p.state, p.reference, "
+    "(SELECT t.id FROM transfers t WHERE t.kind = 'payout' AND t.reference = p.id), p.created_at, p.completed_at "
+    "FROM payouts p ORDER BY p.created_at, p.id",
+}
 
 
 _MAX_GROUP = 512  # most writes committed together
@@ -1375,6 +1400,86 @@ class SqliteLedger:
 
     async def verify(self) -> list[str]:
         return await self._read(_verify)
+
+    # --- maintenance: migrations, export / import -----------------------------------------------
+    def _applied_on_disk(self) -> set[str]:
+        """Migrations recorded in the file before this process opened it (none if there is no file)."""
+        if not self.path.exists():
+            return set()
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+            if found.fetchone():
+                return {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+            return set()
+        finally:
+            conn.close()
+
+    async def migrate(self) -> list[str]:
+        before = set(await self.applied_migrations()) if self._wconn is not None else None
+        if before is None:
+            before = await asyncio.get_running_loop().run_in_executor(None, self._applied_on_disk)
+            await self.open()
+        after = set(await self.applied_migrations())
+        return [name for name, _ in MIGRATIONS if name in after and name not in before]
+
+    async def applied_migrations(self) -> list[str]:
+        def tx(conn: Conn) -> list[str]:
+            return [row[0] for row in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+        return await self._read(tx)
+
+    async def export_rows(self) -> list[ExportRow]:
+        def tx(conn: Conn) -> list[ExportRow]:
+            rows: list[ExportRow] = []
+            for table in EXPORT_TABLES:
+                names = [name for name, _ in EXPORT_COLUMNS[table]]
+                for values in conn.execute(_EXPORT_QUERIES[table]):
+                    row = dict(zip(names, values, strict=True))
+                    if table == "service_tokens":
+                        row["servers"] = json.loads(row["servers"])
+                    rows.append((table, row))
+            return rows
+
+        return await self._read(tx)
+
+    async def import_rows(self, rows: Iterable[ExportRow]) -> dict[str, int]:
+        checked = [(table, check_row(table, row)) for table, row in rows]
+
+        def tx(conn: Conn) -> tuple[dict[str, int], dict[AccountKind, int]]:
+            in_use = conn.execute(
+                "SELECT (SELECT COUNT(*) FROM accounts WHERE kind IN ('user', 'developer')), "
+                "(SELECT COUNT(*) FROM transfers), (SELECT COUNT(*) FROM keys), (SELECT COUNT(*) FROM holds), "
+                "(SELECT COUNT(*) FROM service_tokens), (SELECT COUNT(*) FROM payouts)"
+            ).fetchone()
+            if any(in_use):
+                raise Conflict(
+                    f"the target ledger {self.path} is not empty ({in_use[0]} users/developers, "
+                    f"{in_use[1]} transfers); import only into a new, empty ledger",
+                    hint="Point --into at a new database file",
+                )
+            conn.execute("DELETE FROM accounts")  # only the system accounts: the dump brings its own
+            counts = dict.fromkeys(EXPORT_TABLES, 0)
+            for number, (table, row) in enumerate(checked, start=1):
+                values = dict(row)
+                if table == "service_tokens":
+                    values["servers"] = json.dumps(values["servers"])
+                if table == "payouts":
+                    del values["transfer_id"]  # SQLite finds a payout's transfer by its reference
+                names = list(values)
+                try:
+                    conn.execute(
+                        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                        [values[name] for name in names],
+                    )
+                except sqlite3.IntegrityError as exc:
+                    first = next(iter(row.values()))
+                    raise InvalidInput(f"row {number} ({table} {first!r}) of the dump does not fit: {exc}") from None
+                counts[table] += 1
+            return counts, self._tx_system_accounts(conn)  # a dump without them still gets them
+
+        counts, self._system = await self._write(tx)
+        return counts
 
 
 def _verify(conn: Conn) -> list[str]:

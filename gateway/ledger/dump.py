@@ -1,0 +1,127 @@
+"""The ledger dump: a store-neutral JSON-lines file (``agentpay ledger export`` / ``import``).
+
+Line 1 is a header, then one line per row in ``EXPORT_TABLES`` order, then a trailer with the row
+count of every table (a truncated file is refused)::
+
+    {"format": "agentpay-ledger", "version": 1, "source": "sqlite", "tables": ["accounts", ...]}
+    {"table": "accounts", "row": {"id": 1, "kind": "world", ...}}
+    ...
+    {"end": true, "counts": {"accounts": 5, ...}}
+
+Values are exact: integers stay integers (millicents, account ids) and times are JSON floats,
+which Python writes with the shortest repr that reads back as the same double.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+from gateway.errors import InvalidInput
+from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, ExportRow
+
+FORMAT = "agentpay-ledger"
+VERSION = 1
+
+
+def write_dump(rows: Iterable[ExportRow], out: IO[str], *, source: str) -> dict[str, int]:
+    """Write ``rows`` (from ``Ledger.export_rows``) to ``out``; returns rows per table."""
+    counts = dict.fromkeys(EXPORT_TABLES, 0)
+    header = {"format": FORMAT, "version": VERSION, "source": source, "tables": list(EXPORT_TABLES)}
+    out.write(json.dumps(header) + "\n")
+    for table, row in rows:
+        counts[table] += 1
+        out.write(json.dumps({"table": table, "row": row}, ensure_ascii=False, allow_nan=False) + "\n")
+    out.write(json.dumps({"end": True, "counts": counts}) + "\n")
+    return counts
+
+
+def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
+    """The rows of a dump, each checked by ``check_row``; raises InvalidInput (naming the line) for
+    anything that is not a complete dump of this format."""
+    counts = dict.fromkeys(EXPORT_TABLES, 0)
+    position = 0  # index in EXPORT_TABLES of the table being read: tables come in order
+    header_seen = ended = False
+    number = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise InvalidInput(f"line {number} of the dump is not JSON: {exc}") from None
+        if not isinstance(item, dict):
+            raise InvalidInput(f"line {number} of the dump is not a JSON object")
+        if not header_seen:
+            if item.get("format") != FORMAT:
+                raise InvalidInput(
+                    f"line {number}: not an AgentPay ledger dump (format {item.get('format')!r})",
+                    hint="Create the file with `agentpay ledger export FILE`",
+                )
+            if item.get("version") != VERSION:
+                raise InvalidInput(f"line {number}: dump version {item.get('version')!r} is not supported")
+            header_seen = True
+            continue
+        if ended:
+            raise InvalidInput(f"line {number}: data after the end of the dump")
+        if item.get("end") is True:
+            if item.get("counts") != counts:
+                raise InvalidInput(f"line {number}: the dump says it has {item.get('counts')} rows but holds {counts}")
+            ended = True
+            continue
+        table, row = item.get("table"), item.get("row")
+        if table not in EXPORT_COLUMNS or not isinstance(row, dict):
+            known = ", ".join(EXPORT_TABLES)
+            raise InvalidInput(f"line {number}: expected {{'table': <one of {known}>, 'row': {{…}}}}")
+        index = EXPORT_TABLES.index(table)
+        if index < position:
+            raise InvalidInput(f"line {number}: table {table} after {EXPORT_TABLES[position]}: tables are out of order")
+        position = index
+        counts[table] += 1
+        yield table, check_row(table, row, where=f"line {number}")
+    if not header_seen:
+        raise InvalidInput("the dump is empty")
+    if not ended:
+        raise InvalidInput(f"the dump ends at line {number} without its end marker: it is truncated")
+
+
+def check_row(table: str, row: dict[str, Any], *, where: str = "") -> dict[str, Any]:
+    """``row`` with exactly the columns of ``table`` and values of their neutral types (ints for
+    floats' columns are widened). Raises InvalidInput."""
+    columns = EXPORT_COLUMNS.get(table)
+    prefix = f"{where}: " if where else ""
+    if columns is None:
+        raise InvalidInput(f"{prefix}unknown table {table!r}")
+    names = [name for name, _ in columns]
+    if set(row) != set(names):
+        missing = sorted(set(names) - set(row))
+        extra = sorted(set(row) - set(names))
+        raise InvalidInput(f"{prefix}{table} row has missing columns {missing} and unknown columns {extra}")
+    out: dict[str, Any] = {}
+    for name, kind in columns:
+        value = row[name]
+        if value is not None:
+            value = _typed(value, kind)
+            if value is None:
+                raise InvalidInput(f"{prefix}{table}.{name} must be of type {kind}, got {row[name]!r}")
+        out[name] = value
+    return out
+
+
+def _typed(value: Any, kind: str) -> Any:
+    """``value`` as ``kind``, or None when it is not of that type."""
+    if kind == "int":
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        result = float(value)
+        return result if math.isfinite(result) and result == value else None
+    if kind == "text":
+        return value if isinstance(value, str) else None
+    if kind == "texts":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return list(value) if ok else None
+    raise AssertionError(f"unknown column type {kind!r}")
