@@ -498,7 +498,7 @@ async def _relay_json(ctx: Context, upstream: aiohttp.ClientResponse, exchange: 
     await response.prepare(ctx.request)
     await response.write(raw)
     await response.write_eof()
-    await _capture(ctx, exchange, to_capture)
+    _capture(ctx, exchange, to_capture)
     return response
 
 
@@ -535,7 +535,7 @@ async def _relay_sse(
                 if out is None:
                     out = _process_event(ctx, event, exchange, to_capture)
                 await response.write(out)
-                await _capture(ctx, exchange, to_capture)
+                _capture(ctx, exchange, to_capture)
             if not exchange.waiting and rewrite is None and inject is None:
                 tail = parser.pending()
                 parser = None
@@ -678,21 +678,19 @@ def _annotate_list(ctx: Context, item: dict[str, Any], method: str) -> bool:
     return changed
 
 
-async def _capture(ctx: Context, exchange: Exchange, calls: list[Call]) -> None:
-    """Capture calls whose success has just been written to the client."""
-    if not calls:
-        return
+def _capture(ctx: Context, exchange: Exchange, calls: list[Call]) -> None:
+    """Capture calls whose success has just been written to the client. The capture runs in a task
+    owned by ``Billing`` (it survives this handler, and shutdown waits for it): the client's next
+    request on this connection need not wait for the capture's fsync."""
     rt, server = ctx.rt, ctx.server
-    tasks = []
     for call in calls:
         call.settled = True
         rt.sessions.unpark(exchange.session_id, call)
-        tasks.append(rt.billing.settle(call.call_id, capture=True))
+        rt.billing.settle(call.call_id, capture=True)
         rt.metrics.charges.labels(server=server.name).inc()
         rt.metrics.charged_millicents.labels(server=server.name).inc(call.price)
         exchange.charged += call.price
         ctx.fields["charge_id"] = charge_id_for(call.call_id)
-    await asyncio.shield(asyncio.gather(*tasks))
 
 
 # --- 2024-11-05 HTTP+SSE ----------------------------------------------------------------------

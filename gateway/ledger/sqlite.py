@@ -292,9 +292,10 @@ class SqliteLedger:
         self._system: dict[AccountKind, int] = {}
         self._queue_lock = threading.Lock()
         self._flush_scheduled = False
-        self._pending_writes: deque[tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]] = (
-            deque()
-        )
+        self._synchronous_full = True
+        self._pending_writes: deque[
+            tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
+        ] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -431,19 +432,21 @@ class SqliteLedger:
             raise
         return result
 
-    async def _write(self, fn: Callable[[Conn], T]) -> T:
+    async def _write(self, fn: Callable[[Conn], T], *, durable: bool = True) -> T:
         """Run ``fn`` atomically on the writer thread, durable when this returns.
 
         Group commit: operations that arrive while the writer is busy (its fsync) are run together
         in ONE ``BEGIN IMMEDIATE`` transaction, each inside its own SAVEPOINT, so one operation's
         failure or rollback never touches the others, and one fsync makes the whole group durable.
-        Every caller is answered only after that COMMIT."""
+        Every caller is answered only after that COMMIT. A group made only of ``durable=False``
+        writes (holds, voids, lease renewals: a crash that loses them voids the call anyway) commits
+        without fsync (``synchronous=NORMAL``); the next durable commit syncs their WAL frames too."""
         if self._writer is None or self._wconn is None:
             raise Unavailable("the ledger is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._queue_lock:
-            self._pending_writes.append((fn, future, loop))
+            self._pending_writes.append((fn, future, loop, durable))
             schedule = not self._flush_scheduled
             self._flush_scheduled = True
         if schedule:
@@ -463,19 +466,25 @@ class SqliteLedger:
             self._commit_group(conn, batch)
 
     def _commit_group(
-        self, conn: Conn, batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]]
+        self,
+        conn: Conn,
+        batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop, bool]],
     ) -> None:
         outcomes: list[tuple[bool, Any]] = []
+        durable = any(item[3] for item in batch)
         try:
+            if durable != self._synchronous_full:
+                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._synchronous_full = durable
             self._in_txn(conn, "BEGIN IMMEDIATE", lambda c: self._run_group(c, batch, outcomes))
         except BaseException as exc:  # noqa: BLE001 - the group failed to commit: every caller learns it
             outcomes = [(False, exc)] * len(batch)
-        for (_, future, loop), (ok, value) in zip(batch, outcomes, strict=True):
+        for (_, future, loop, _), (ok, value) in zip(batch, outcomes, strict=True):
             loop.call_soon_threadsafe(_settle_future, future, ok, value)
 
     @staticmethod
-    def _run_group(conn: Conn, batch: Sequence[tuple[Any, Any, Any]], outcomes: list[tuple[bool, Any]]) -> None:
-        for fn, _, _ in batch:
+    def _run_group(conn: Conn, batch: Sequence[tuple[Any, ...]], outcomes: list[tuple[bool, Any]]) -> None:
+        for fn, *_ in batch:
             conn.execute("SAVEPOINT op")
             try:
                 result = fn(conn)
@@ -724,7 +733,7 @@ class SqliteLedger:
 
     async def hold(self, req: HoldRequest) -> HoldOutcome:
         self._check_hold_request(req)
-        return await self._write(lambda conn: self._tx_hold(conn, req))
+        return await self._write(lambda conn: self._tx_hold(conn, req), durable=False)
 
     def _tx_hold(self, conn: Conn, req: HoldRequest) -> HoldOutcome:
         user_id = self._account_id(conn, AccountKind.USER, req.user)
@@ -869,7 +878,7 @@ class SqliteLedger:
             self._release(conn, rows)
             return bool(rows)
 
-        return await self._write(tx)
+        return await self._write(tx, durable=False)
 
     @staticmethod
     def _release(conn: Conn, voided: Sequence[Sequence[Any]]) -> None:
@@ -899,7 +908,7 @@ class SqliteLedger:
                 [(expires, call_id) for call_id in call_ids],
             )
 
-        await self._write(tx)
+        await self._write(tx, durable=False)
 
     async def sweep(self, now: float | None = None) -> int:
         def tx(conn: Conn) -> int:
