@@ -14,7 +14,6 @@ from typing import Any
 
 import structlog
 
-from gateway.errors import GatewayError
 from gateway.ledger.base import HoldOutcome, HoldRequest, Ledger
 
 log = structlog.get_logger("gateway.billing")
@@ -79,9 +78,9 @@ class Billing:
                 await self.ledger.capture(call_id)
             else:
                 await self.ledger.void(call_id)
-        except (GatewayError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any store failure: logged, and the lease lapses
             # The hold stays pending; its lease lapses and the sweeper voids it: unbilled, never twice.
-            log.error("settle_failed", call_id=call_id, capture=capture, error=str(exc))
+            log.error("settle_failed", call_id=call_id, capture=capture, error=str(exc), kind=type(exc).__name__)
         finally:
             self._forget(call_id)
 
@@ -114,7 +113,7 @@ class Billing:
             if self._inflight:
                 try:
                     await self.ledger.renew(list(self._inflight), self.lease_s)
-                except (GatewayError, OSError, RuntimeError) as exc:
+                except Exception as exc:  # noqa: BLE001 - the renewer must outlive any store failure
                     log.error("lease_renew_failed", error=str(exc), holds=len(self._inflight))
                 else:
                     self.renewals += 1
@@ -133,8 +132,8 @@ class Billing:
                 voided = await self.ledger.sweep()
                 if voided:
                     log.warning("stale_holds_voided", count=voided)
-            except (GatewayError, OSError, RuntimeError) as exc:
-                log.error("sweep_failed", error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - the sweeper must outlive any store failure
+                log.error("sweep_failed", error=str(exc), kind=type(exc).__name__)
             await asyncio.sleep(self.sweep_interval_s)
 
 

@@ -143,6 +143,7 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
     asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
     asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.exceptions.InternalClientError,  # e.g. "cannot switch to state 15" releasing a killed connection
     OSError,
     TimeoutError,
 )

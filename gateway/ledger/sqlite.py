@@ -123,13 +123,25 @@ _EXPORT_QUERIES: dict[str, str] = {
 _MAX_GROUP = 512  # most writes committed together
 
 
+def _storage_error(exc: BaseException) -> BaseException:
+    """A raw sqlite3 error (disk full, I/O error, locked past the timeout) as the gateway's
+    Unavailable, so callers answer 503 and background loops keep running."""
+    if isinstance(exc, sqlite3.Error):
+        error = Unavailable(
+            f"the ledger database failed: {exc}", hint="Nothing was written; retry shortly or check the disk"
+        )
+        error.__cause__ = exc
+        return error
+    return exc
+
+
 def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
     if future.done():  # the caller was cancelled; the write itself stands
         return
     if ok:
         future.set_result(value)
     else:
-        future.set_exception(value)
+        future.set_exception(_storage_error(value))
 
 
 class _Rollback(Exception):
@@ -504,7 +516,10 @@ class SqliteLedger:
             raise Unavailable("the ledger is not open")
         conn = self._rconn
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, self._in_txn, conn, "BEGIN", fn)
+        try:
+            return await loop.run_in_executor(self._reader, self._in_txn, conn, "BEGIN", fn)
+        except sqlite3.Error as exc:
+            raise _storage_error(exc) from exc
 
     # --- helpers (run inside a transaction) -----------------------------------------------------
     @staticmethod
