@@ -87,6 +87,7 @@ _MIGRATION_LOCK_CLASS = 0x41504C47
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MAX_ATTEMPTS = 6
 ACQUIRE_TIMEOUT_S = 10.0
+SETTLE_POOL_SIZE = 4  # connections reserved for captures and voids
 
 _KEY_COLUMNS = """
     k.id, a.name, k.server, k.prefix, k.created_at, k.expires_at, k.revoked_at,
@@ -297,6 +298,9 @@ class PostgresLedger:
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
+        # Captures and voids get connections of their own: queued behind a burst of new holds they
+        # would leave delivered calls uncaptured for long enough that a crash loses the charge.
+        self._settle_pool: asyncpg.Pool | None = None
         self._system: dict[AccountKind, int] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -318,6 +322,13 @@ class PostgresLedger:
                 server_settings=settings,
                 timeout=ACQUIRE_TIMEOUT_S,
             )
+            self._settle_pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=SETTLE_POOL_SIZE,
+                server_settings=settings,
+                timeout=ACQUIRE_TIMEOUT_S,
+            )
         except _CONNECTION_ERRORS as exc:
             raise Unavailable(
                 f"cannot connect to the ledger database: {exc}",
@@ -332,8 +343,11 @@ class PostgresLedger:
             raise
 
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        pools = (self._pool, self._settle_pool)
+        self._pool = self._settle_pool = None
+        for pool in pools:
+            if pool is None:
+                continue
             try:
                 await asyncio.wait_for(pool.close(), timeout=10)
             except _CONNECTION_ERRORS:  # includes TimeoutError
@@ -388,8 +402,8 @@ class PostgresLedger:
 
     # --- transactions ---------------------------------------------------------------------------
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Conn]:
-        pool = self._pool
+    async def _connection(self, *, settle: bool = False) -> AsyncIterator[Conn]:
+        pool = self._settle_pool if settle else self._pool
         if pool is None:
             raise Unavailable("the ledger is not open")
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
@@ -402,6 +416,7 @@ class PostgresLedger:
         idempotent: bool,
         isolation: str = "read_committed",
         readonly: bool = False,
+        settle: bool = False,
     ) -> T:
         """Run ``fn`` as one transaction. Re-run it after a serialization failure or deadlock only
         when ``idempotent`` (see the module docstring); map database errors to gateway errors."""
@@ -409,7 +424,10 @@ class PostgresLedger:
         while True:
             attempt += 1
             try:
-                async with self._connection() as conn, conn.transaction(isolation=isolation, readonly=readonly):
+                async with (
+                    self._connection(settle=settle) as conn,
+                    conn.transaction(isolation=isolation, readonly=readonly),
+                ):
                     return await fn(conn)
             except _Rollback as rollback:
                 return rollback.result  # type: ignore[return-value]
@@ -854,7 +872,7 @@ class PostgresLedger:
         async def tx(conn: Conn) -> Charge:
             return await self._tx_capture(conn, call_id, amount)
 
-        return await self._run(tx, idempotent=True)
+        return await self._run(tx, idempotent=True, settle=True)
 
     async def _tx_capture(self, conn: Conn, call_id: str, amount: int | None) -> Charge:
         row = await conn.fetchrow(
@@ -979,7 +997,7 @@ class PostgresLedger:
             await self._release(conn, rows)
             return bool(rows)
 
-        return await self._run(tx, idempotent=True)
+        return await self._run(tx, idempotent=True, settle=True)
 
     async def _release(self, conn: Conn, voided: Sequence[Row]) -> None:
         """Give back what voided holds (rows of user_account_id, key_id, amount) reserved,
