@@ -156,6 +156,16 @@ async def check_owners(config: GatewayConfig, ledger: Ledger) -> None:
             )
 
 
+def server_options(config: GatewayConfig) -> dict[str, Any]:
+    """aiohttp server settings for the gateway listener (used by ``serve`` and by the tests)."""
+    return {
+        "handler_cancellation": True,  # a client that goes away cancels its upstream request
+        "access_log": None,  # the canonical request line replaces it (raw paths may embed keys)
+        "max_line_size": config.max_header_bytes,
+        "max_field_size": config.max_header_bytes,
+    }
+
+
 def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Application:
     """The gateway application. The ledger is opened (and closed) with the app."""
     app = web.Application(middlewares=[canonical_log], client_max_size=config.max_body_bytes)

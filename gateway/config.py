@@ -286,6 +286,8 @@ class _Reader:
             return self._constructor.construct_object(node, deep=True)
         except ConstructorError as exc:  # e.g. an invalid timestamp
             raise self.error(f"invalid value: {exc.problem}", node) from None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # e.g. `!!int abc`, a huge integer
+            raise self.error(f"invalid value: {type(exc).__name__}: {str(exc)[:100]}", node) from None
 
     def string(self, node: Node, where: str, *, allow_empty: bool = False) -> str:
         if not isinstance(node, ScalarNode) or node.tag != _STR_TAG:
@@ -394,6 +396,8 @@ def compose_yaml(text: str, file: str) -> Node | None:
         raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=file, line=1) from None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", file=file, line=1) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,7 +573,10 @@ def _origin(r: _Reader, text: str, node: Node) -> str:
     value = text.strip().rstrip("/").lower()
     if value == "null":
         return value
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise r.error(f"allowed_origins: {text!r} is not an origin like https://app.example.com", node) from None
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
         raise r.error(f"allowed_origins: {text!r} is not an origin like https://app.example.com (no path)", node)
     return value
@@ -683,9 +690,10 @@ def _valid_host(host: str) -> bool:
         except ValueError:
             return False
         rest = host[close + 1 :]
-        return rest == "" or (rest.startswith(":") and rest[1:].isdigit() and int(rest[1:]) <= 65535)
+        port = rest[1:]
+        return rest == "" or (rest.startswith(":") and port.isascii() and port.isdigit() and int(port) <= 65535)
     name, sep, port = host.partition(":")
-    if sep and not (port.isdigit() and int(port) <= 65535):
+    if sep and not (port.isascii() and port.isdigit() and int(port) <= 65535):
         return False
     return bool(_HOST_RE.match(name)) and len(name) <= 253
 

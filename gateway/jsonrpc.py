@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -79,19 +80,26 @@ class Incoming:
     is_batch: bool
 
 
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
 def loads(body: bytes | str) -> Any:
-    """Parse JSON (orjson; the standard library for what orjson refuses, e.g. integers over 64 bits)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return json.loads(body)
+    """Parse JSON exactly. orjson is fast but turns integers beyond 64 bits into floats, so a body
+    with a 19+ digit run goes to the standard library, which keeps every integer exact."""
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    if _LONG_NUMBER.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # the standard library decides (and words the error)
+    return json.loads(raw)
 
 
 def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
-    except TypeError:  # integers over 64 bits
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except TypeError:  # integers beyond 64 bits, lone surrogates: ASCII escapes encode anything
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def parse_body(body: bytes, *, max_batch_items: int) -> Incoming:
@@ -102,6 +110,8 @@ def parse_body(body: bytes, *, max_batch_items: int) -> Incoming:
         value = loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ParseError(f"The request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ParseError("The request body nests JSON too deeply") from None
     if isinstance(value, list):
         if not value:
             raise BadRequest("An empty JSON-RPC batch is not a valid request")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Mapping
 
@@ -23,7 +24,16 @@ def generate_secret(kind_prefix: str = API_KEY_PREFIX) -> str:
 
 
 def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    # backslashreplace: a header aiohttp decoded with surrogate escapes still hashes (to no key)
+    return hashlib.sha256(secret.encode("utf-8", "backslashreplace")).hexdigest()
+
+
+_SECRET_IN_TEXT = re.compile(r"(?:apst|ap)_[A-Za-z0-9_\-]{6,}")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with anything shaped like an API key or service token replaced."""
+    return _SECRET_IN_TEXT.sub("<redacted>", text)
 
 
 def display_prefix(secret: str) -> str:
@@ -35,7 +45,7 @@ def display_prefix(secret: str) -> str:
 
 
 def constant_time_equals(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+    return hmac.compare_digest(a.encode("utf-8", "backslashreplace"), b.encode("utf-8", "backslashreplace"))
 
 
 def key_from_headers(headers: Mapping[str, str]) -> str | None:

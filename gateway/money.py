@@ -11,6 +11,8 @@ import re
 from decimal import Decimal
 
 MILLIS_PER_CENT = 1000
+MAX_MILLIS = 10**18  # fits a signed 64-bit column with room for sums
+_MAX_TEXT = 40
 _AMOUNT = re.compile(r"^(?P<sign>-?)(?P<int>\d+)(?:\.(?P<frac>\d+))?$")
 
 
@@ -38,6 +40,8 @@ def parse_cents(value: object, *, allow_negative: bool = False) -> int:
         text = value.strip()
     else:
         raise AmountError(f"amount {value!r} must be a number of cents such as 5 or 0.25")
+    if len(text) > _MAX_TEXT:
+        raise AmountError(f"amount {text[:20]!r}… is too long to be an amount of cents")
     match = _AMOUNT.match(text)
     if match is None:
         raise AmountError(f"amount {text!r} is not a number of cents such as 5 or 0.25")
@@ -45,6 +49,8 @@ def parse_cents(value: object, *, allow_negative: bool = False) -> int:
     if len(frac) > 3:
         raise AmountError(f"amount {text!r} has more than 3 decimal places (the smallest unit is 0.001 cent)")
     millis = int(match.group("int")) * MILLIS_PER_CENT + int(frac.ljust(3, "0") or "0")
+    if millis > MAX_MILLIS:
+        raise AmountError(f"amount {text!r} is larger than the largest supported amount ({MAX_MILLIS // 1000} cents)")
     if match.group("sign"):
         millis = -millis
     if millis < 0 and not allow_negative:

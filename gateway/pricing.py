@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import re
 from collections import deque
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -67,9 +66,30 @@ def glob_literal_count(pattern: str) -> int:
     return sum(1 for c in pattern if c not in _WILDCARDS)
 
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
-    return re.compile("".join(parts), re.DOTALL)
+def glob_match(pattern: str, name: str) -> bool:
+    """Whether ``name`` matches ``pattern`` (``*`` any run, ``?`` one character), in linear time.
+
+    Greedy two-pointer matching with backtracking to the last ``*`` only: a regex with several
+    ``.*`` would backtrack polynomially on a long caller-chosen name (a tool name or resource URI)."""
+    p = n = 0
+    star = -1
+    mark = 0
+    while n < len(name):
+        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == name[n]) and pattern[p] != "*":
+            p += 1
+            n += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, n
+            p += 1
+        elif star != -1:
+            p = star + 1
+            mark += 1
+            n = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 def globs_overlap(a: str, b: str) -> bool:
@@ -114,8 +134,10 @@ def globs_overlap(a: str, b: str) -> bool:
 class _Glob:
     pattern: str
     literal_count: int
-    regex: re.Pattern[str]
     price: int
+
+    def matches(self, name: str) -> bool:
+        return glob_match(self.pattern, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +165,7 @@ class ServerPrices:
         if price is not None:
             return price
         for glob in self.globs.get(kind, ()):
-            if glob.regex.fullmatch(name):
+            if glob.matches(name):
                 return glob.price
         return self.default
 
@@ -230,6 +252,8 @@ def parse_prices(text: str, *, source: str, servers: Collection[str], digest: st
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=source, line=1) from None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", file=source, line=1) from None
     if root is None:
         # An empty file is refused rather than read as "everything free": a half-written file seen
         # during a hot reload must not make every call free. Write `{}` to mean "no prices".
@@ -293,7 +317,7 @@ def parse_prices(text: str, *, source: str, servers: Collection[str], digest: st
                     if not is_glob(name):
                         names[name] = price
                         continue
-                    glob = _Glob(name, glob_literal_count(name), _glob_regex(name), price)
+                    glob = _Glob(name, glob_literal_count(name), price)
                     for other, other_node in patterns:
                         if other.literal_count == glob.literal_count and globs_overlap(other.pattern, name):
                             raise error(

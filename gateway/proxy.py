@@ -157,7 +157,10 @@ async def _dispatch(ctx: Context) -> web.StreamResponse:
 def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfig) -> None:
     if origin is None or origin.lower().rstrip("/") in config.allowed_origins:
         return
-    host = urlsplit(origin).hostname
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:  # not even a URL ("http://[::1")
+        host = None
     if host is not None and (host in _LOOPBACK or host in server.hosts):
         return
     raise OriginForbidden(

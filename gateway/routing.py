@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.errors import BadRequest, UnknownServer
+from gateway.keys import redact_secrets
 
 Endpoint = Literal["mcp", "sse", "messages"]
 _ENDPOINTS: frozenset[str] = frozenset({"mcp", "sse", "messages"})
@@ -53,8 +54,9 @@ def resolve(
     if len(parts) >= 2 and parts[0] == "k":
         path_key = parts[1] or None
         parts = parts[2:]
+    full = host_header.strip().lower().rstrip(".") if host_header else None
     host = host_name(host_header)
-    host_server = hosts.get(host) if host else None
+    host_server = (hosts.get(full) if full else None) or (hosts.get(host) if host else None)
     server: str | None
     if host_server is not None:
         if parts and parts[0] == host_server:
@@ -62,7 +64,7 @@ def resolve(
         server = host_server
     else:
         if not parts or parts[0] not in servers:
-            name = parts[0] if parts else ""
+            name = redact_secrets(parts[0]) if parts else ""
             raise UnknownServer(f"No MCP server named {name!r} is served here" if name else "No server in the path")
         server, parts = parts[0], parts[1:]
     if not parts or parts[0] not in _ENDPOINTS:
@@ -75,9 +77,10 @@ def resolve(
 
 
 def redact_path(raw_path: str) -> str:
-    """The path with any embedded key replaced, safe to log."""
-    if raw_path.startswith("/k/"):
-        rest = raw_path[3:]
-        _, sep, after = rest.partition("/")
-        return "/k/<redacted>" + (sep + after if sep else "")
-    return raw_path
+    """The path with any embedded key replaced, safe to log: the segment after a ``k`` segment, and
+    anything shaped like a key anywhere (mistyped URLs such as ``//k/<key>/…`` or ``/<key>/mcp``)."""
+    segments = raw_path.split("/")
+    for i in range(len(segments) - 1):
+        if segments[i] == "k" and segments[i + 1]:
+            segments[i + 1] = "<redacted>"
+    return redact_secrets("/".join(segments))

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway import logs
 from gateway.admin_api import create_admin_app
-from gateway.app import check_owners, create_app
+from gateway.app import check_owners, create_app, server_options
 from gateway.config import GatewayConfig, parse_listen
 from gateway.errors import ConfigError
 from gateway.ledger import open_ledger
@@ -72,7 +72,7 @@ async def run(
     (bounded by ``drain_grace_s``), close."""
     ssl_context = _ssl_context(config)
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=config.drain_grace_s)
+    runner = web.AppRunner(app, shutdown_timeout=config.drain_grace_s, **server_options(config))
     await runner.setup()
     runners = [runner]
     try:
