@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway.app import create_app
+from gateway.app import create_app, server_options
 from gateway.config import load_config
 from gateway.ledger import open_ledger
 from gateway.ledger.base import AccountKind, Ledger
@@ -125,9 +125,12 @@ async def prepare_ledger(config_path: Path, developers: tuple[str, ...] = ("acme
 @asynccontextmanager
 async def run_gateway(config_path: Path) -> AsyncIterator[Gateway]:
     await prepare_ledger(config_path)
-    app: web.Application = create_app(load_config(config_path))
+    config = load_config(config_path)
+    app: web.Application = create_app(config)
     server = TestServer(app, host="127.0.0.1", port=None)
-    await server.start_server()  # TestServer always sets handler_cancellation=True
+    options = server_options(config)
+    del options["handler_cancellation"]  # TestServer always sets it
+    await server.start_server(**options)
     try:
         yield Gateway(config_path, server)
     finally:
