@@ -164,4 +164,10 @@ CREATE INDEX charges_created ON charges (created_at, id);
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", _INITIAL),
     ("0002_service_tokens_and_payouts", _SERVICE_TOKENS_AND_PAYOUTS),
+    # verify looks postings up by (transfer, account): without it SQLite's planner scanned every posting
+    # of a busy user per captured hold (quadratic; minutes for 50,000 charges)
+    (
+        "0003_postings_by_transfer_and_account",
+        "CREATE INDEX postings_transfer_account ON postings (transfer_id, account_id);",
+    ),
 )
