@@ -74,6 +74,13 @@ from gateway.ledger.base import (
 )
 from gateway.ledger.dump import check_row
 from gateway.ledger.migrations_postgres import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.ledger.rows import charge as _charge
+from gateway.ledger.rows import hold_info as _hold_info
+from gateway.ledger.rows import key_record as _key_record
+from gateway.ledger.rows import payout as _payout
+from gateway.ledger.rows import require_amount as _require_amount
+from gateway.ledger.rows import require_limit as _require_limit
+from gateway.ledger.rows import require_name as _require_name
 from gateway.money import format_cents
 
 T = TypeVar("T")
@@ -172,93 +179,13 @@ class _WouldGoNegative(Exception):
         self.account_id = account_id
 
 
-def _require_amount(value: object, what: str = "amount") -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidInput(f"{what} must be an integer number of millicents, got {value!r}")
-    if value <= 0:
-        raise InvalidInput(f"{what} must be positive, got {value}")
-    return value
-
-
-def _require_name(value: str, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(f"{what} must be a non-empty name")
-    return value
-
-
-def _require_limit(limit: object) -> None:
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
-
-
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _key_record(row: Row) -> KeyRecord:
-    return KeyRecord(
-        id=row[0],
-        user=row[1],
-        server=row[2],
-        prefix=row[3],
-        created_at=row[4],
-        expires_at=row[5],
-        revoked_at=row[6],
-        spend_limit=row[7],
-        spent=row[8],
-        held=row[9],
-    )
-
-
-def _charge(row: Row) -> Charge:
-    return Charge(
-        id=row[0],
-        call_id=row[1],
-        user=row[2],
-        developer=row[3],
-        server=row[4],
-        method=row[5],
-        name=row[6],
-        amount=row[7],
-        fee=row[8],
-        refunded=row[9],
-        created_at=row[10],
-        balance_after=row[11],
-    )
-
-
-def _hold_info(row: Row) -> HoldInfo:
-    return HoldInfo(
-        call_id=row[0],
-        user=row[1],
-        developer=row[2],
-        server=row[3],
-        method=row[4],
-        name=row[5],
-        amount=row[6],
-        fee=row[7],
-        state=HoldState(row[8]),
-        created_at=row[9],
-        expires_at=row[10],
-        charge_id=row[11],
-    )
 
 
 def _token(row: Row) -> ServiceToken:
     return ServiceToken(
         id=row[0], developer=row[1], servers=tuple(row[2]), prefix=row[3], created_at=row[4], revoked_at=row[5]
-    )
-
-
-def _payout(row: Row) -> Payout:
-    return Payout(
-        id=row[0],
-        developer=row[1],
-        amount=row[2],
-        state=PayoutState(row[3]),
-        reference=row[4],
-        created_at=row[5],
-        completed_at=row[6],
     )
 
 

@@ -1,0 +1,90 @@
+"""Row → dataclass mappers and argument checks shared by the SQLite and PostgreSQL stores
+(both select the same columns in the same order)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.errors import InvalidInput
+from gateway.ledger.base import Charge, HoldInfo, HoldState, KeyRecord, Payout, PayoutState
+
+
+def require_amount(value: object, what: str = "amount") -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"{what} must be an integer number of millicents, got {value!r}")
+    if value <= 0:
+        raise InvalidInput(f"{what} must be positive, got {value}")
+    return value
+
+
+def require_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{what} must be a non-empty name")
+    return value
+
+
+def require_limit(limit: object) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
+
+
+def key_record(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        user=row[1],
+        server=row[2],
+        prefix=row[3],
+        created_at=row[4],
+        expires_at=row[5],
+        revoked_at=row[6],
+        spend_limit=row[7],
+        spent=row[8],
+        held=row[9],
+    )
+
+
+def charge(row: Sequence[Any]) -> Charge:
+    return Charge(
+        id=row[0],
+        call_id=row[1],
+        user=row[2],
+        developer=row[3],
+        server=row[4],
+        method=row[5],
+        name=row[6],
+        amount=row[7],
+        fee=row[8],
+        refunded=row[9],
+        created_at=row[10],
+        balance_after=row[11],
+    )
+
+
+def hold_info(row: Sequence[Any]) -> HoldInfo:
+    return HoldInfo(
+        call_id=row[0],
+        user=row[1],
+        developer=row[2],
+        server=row[3],
+        method=row[4],
+        name=row[5],
+        amount=row[6],
+        fee=row[7],
+        state=HoldState(row[8]),
+        created_at=row[9],
+        expires_at=row[10],
+        charge_id=row[11],
+    )
+
+
+def payout(row: Sequence[Any]) -> Payout:
+    return Payout(
+        id=row[0],
+        developer=row[1],
+        amount=row[2],
+        state=PayoutState(row[3]),
+        reference=row[4],
+        created_at=row[5],
+        completed_at=row[6],
+    )
