@@ -12,9 +12,9 @@ import argparse
 import asyncio
 import json
 import time
-import uuid
 from typing import Any
 
+from gateway.billing import new_call_id
 from gateway.keys import display_prefix, generate_secret, hash_secret
 from gateway.ledger import HoldRequest, open_ledger
 
@@ -52,7 +52,7 @@ async def run(database: str, callers: int, seconds: float) -> dict[str, Any]:
         async def caller(deadline: float) -> None:
             nonlocal refused
             while time.perf_counter() < deadline:
-                call_id = uuid.uuid4().hex
+                call_id = new_call_id()  # the gateway's own (time-ordered) call ids
                 t0 = time.perf_counter()
                 outcome = await ledger.hold(
                     HoldRequest(

@@ -34,6 +34,7 @@ from gateway.errors import (
     NotFound,
     Unavailable,
 )
+from gateway.ledger import sqlite_batch
 from gateway.ledger.base import (
     EXPORT_COLUMNS,
     EXPORT_TABLES,
@@ -127,6 +128,9 @@ _EXPORT_QUERIES: dict[str, str] = {
 }
 
 
+_Pending = tuple[Callable[[Conn], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop, bool, tuple[str, Any] | None]
+"""A queued write: (one-at-a-time function, caller's future, its loop, durable?, (batch kind, argument))."""
+
 _MAX_GROUP = 512  # most writes committed together
 
 
@@ -149,6 +153,11 @@ def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_result(value)
     else:
         future.set_exception(_storage_error(value))
+
+
+def _settle_futures(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settled:
+        _settle_future(future, ok, value)
 
 
 class _Rollback(Exception):
@@ -232,9 +241,7 @@ class SqliteLedger:
         self._queue_lock = threading.Lock()
         self._flush_scheduled = False
         self._synchronous_full = True
-        self._pending_writes: deque[
-            tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
-        ] = deque()
+        self._pending_writes: deque[_Pending] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -371,7 +378,7 @@ class SqliteLedger:
             raise
         return result
 
-    async def _write(self, fn: Callable[[Conn], T], *, durable: bool = True) -> T:
+    async def _write(self, fn: Callable[[Conn], T], *, durable: bool = True, batch: tuple[str, Any] | None = None) -> T:
         """Run ``fn`` atomically on the writer thread, durable when this returns.
 
         Group commit: operations that arrive while the writer is busy (its fsync) are run together
@@ -379,13 +386,16 @@ class SqliteLedger:
         failure or rollback never touches the others, and one fsync makes the whole group durable.
         Every caller is answered only after that COMMIT. A group made only of ``durable=False``
         writes (holds, voids, lease renewals: a crash that loses them voids the call anyway) commits
-        without fsync (``synchronous=NORMAL``); the next durable commit syncs their WAL frames too."""
+        without fsync (``synchronous=NORMAL``); the next durable commit syncs their WAL frames too.
+
+        ``batch`` = (kind, argument) marks a hold or capture: a run of those queued together is done
+        by ``sqlite_batch`` in a fixed number of statements (``fn`` is its one-at-a-time fallback)."""
         if self._writer is None or self._wconn is None:
             raise Unavailable("the ledger is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._queue_lock:
-            self._pending_writes.append((fn, future, loop, durable))
+            self._pending_writes.append((fn, future, loop, durable, batch))
             schedule = not self._flush_scheduled
             self._flush_scheduled = True
         if schedule:
@@ -404,11 +414,7 @@ class SqliteLedger:
                 batch = [self._pending_writes.popleft() for _ in range(count)]
             self._commit_group(conn, batch)
 
-    def _commit_group(
-        self,
-        conn: Conn,
-        batch: list[tuple[Callable[[Conn], Any], asyncio.Future[Any], asyncio.AbstractEventLoop, bool]],
-    ) -> None:
+    def _commit_group(self, conn: Conn, batch: list[_Pending]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         durable = any(item[3] for item in batch)
         try:
@@ -418,24 +424,67 @@ class SqliteLedger:
             self._in_txn(conn, "BEGIN IMMEDIATE", lambda c: self._run_group(c, batch, outcomes))
         except BaseException as exc:  # noqa: BLE001 - the group failed to commit: every caller learns it
             outcomes = [(False, exc)] * len(batch)
-        for (_, future, loop, _), (ok, value) in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle_future, future, ok, value)
+        # One wake-up per event loop for the whole group, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, future, loop, _, _), (ok, value) in zip(batch, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((future, ok, value))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_futures, settled)
+
+    def _run_group(self, conn: Conn, batch: Sequence[_Pending], outcomes: list[tuple[bool, Any]]) -> None:
+        """Run each queued write in order, except that a stretch of holds and captures between two
+        other writes runs as one vector of captures, then one vector of holds. They were concurrent,
+        so any order is one the callers could have seen; captures first only frees money earlier."""
+        results: list[tuple[bool, Any] | None] = [None] * len(batch)
+        i = 0
+        while i < len(batch):
+            if batch[i][4] is None:
+                results[i] = self._run_one(conn, batch[i][0])
+                i += 1
+                continue
+            j = i
+            while j < len(batch) and batch[j][4] is not None:
+                j += 1
+            for kind in ("capture", "hold"):
+                run = [n for n in range(i, j) if (marked := batch[n][4]) is not None and marked[0] == kind]
+                for n, outcome in zip(run, self._run_vector(conn, kind, [batch[n] for n in run]), strict=True):
+                    results[n] = outcome
+            i = j
+        outcomes.extend(r for r in results if r is not None)
+
+    def _run_vector(self, conn: Conn, kind: str, run: Sequence[_Pending]) -> list[tuple[bool, Any]]:
+        """A run of holds or captures in one go; on any database error, one at a time instead."""
+        if len(run) < 2:
+            return [self._run_one(conn, item[0]) for item in run]
+        args = [marked[1] for item in run if (marked := item[4]) is not None]
+        conn.execute("SAVEPOINT run")
+        try:
+            if kind == "hold":
+                results = sqlite_batch.hold_many(conn, args, self._clock())
+            else:
+                results = sqlite_batch.capture_many(
+                    conn, args, self._clock(), self._system[AccountKind.PLATFORM_FEE], self._charge_by_id
+                )
+        except sqlite3.Error:
+            conn.execute("ROLLBACK TO run")
+            conn.execute("RELEASE run")
+            return [self._run_one(conn, item[0]) for item in run]
+        conn.execute("RELEASE run")
+        return results
 
     @staticmethod
-    def _run_group(conn: Conn, batch: Sequence[tuple[Any, ...]], outcomes: list[tuple[bool, Any]]) -> None:
-        for fn, *_ in batch:
-            conn.execute("SAVEPOINT op")
-            try:
-                result = fn(conn)
-            except _Rollback as rollback:
-                conn.execute("ROLLBACK TO op")
-                outcomes.append((True, rollback.result))
-            except Exception as exc:  # noqa: BLE001 - reported to this operation's caller only
-                conn.execute("ROLLBACK TO op")
-                outcomes.append((False, exc))
-            else:
-                outcomes.append((True, result))
-            conn.execute("RELEASE op")
+    def _run_one(conn: Conn, fn: Callable[[Conn], Any]) -> tuple[bool, Any]:
+        conn.execute("SAVEPOINT op")
+        try:
+            outcome: tuple[bool, Any] = (True, fn(conn))
+        except _Rollback as rollback:
+            conn.execute("ROLLBACK TO op")
+            outcome = (True, rollback.result)
+        except Exception as exc:  # noqa: BLE001 - reported to this operation's caller only
+            conn.execute("ROLLBACK TO op")
+            outcome = (False, exc)
+        conn.execute("RELEASE op")
+        return outcome
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn`` in one read transaction (one consistent snapshot) on the reader thread."""
@@ -675,7 +724,7 @@ class SqliteLedger:
 
     async def hold(self, req: HoldRequest) -> HoldOutcome:
         self._check_hold_request(req)
-        return await self._write(lambda conn: self._tx_hold(conn, req), durable=False)
+        return await self._write(lambda conn: self._tx_hold(conn, req), durable=False, batch=("hold", req))
 
     def _tx_hold(self, conn: Conn, req: HoldRequest) -> HoldOutcome:
         user_id = self._account_id(conn, AccountKind.USER, req.user)
@@ -748,7 +797,9 @@ class SqliteLedger:
     async def capture(self, call_id: str, amount: int | None = None) -> Charge:
         if amount is not None:
             _require_amount(amount, "capture amount")
-        return await self._write(lambda conn: self._tx_capture(conn, call_id, amount))
+        return await self._write(
+            lambda conn: self._tx_capture(conn, call_id, amount), batch=("capture", (call_id, amount))
+        )
 
     def _tx_capture(self, conn: Conn, call_id: str, amount: int | None) -> Charge:
         row = conn.execute(
