@@ -5,6 +5,7 @@ refusal, its replay, and nothing of anybody else's."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -155,8 +156,8 @@ async def test_captures_queued_with_holds_free_money_the_holds_can_use(ledger: L
         assert (await ledger.hold(hold_req(f"held-{i}", amount=100))).ok
     calls: list[Callable[[], Awaitable[Any]]] = []
     for i in range(3):
-        calls.append(lambda i=i: ledger.capture(f"held-{i}", 50))
-        calls.append(lambda i=i: ledger.hold(hold_req(f"new-{i}", amount=60)))
+        calls.append(functools.partial(ledger.capture, f"held-{i}", 50))
+        calls.append(functools.partial(ledger.hold, hold_req(f"new-{i}", amount=60)))
     results = await together(ledger, calls)
     assert all(isinstance(r, Charge) for r in results[0::2])
     holds = results[1::2]
@@ -173,10 +174,12 @@ async def test_a_large_group_of_hold_capture_pairs_charges_each_exactly_once(
     ledger: Ledger, hold_req: HoldFactory, size: int
 ) -> None:
     await ledger.topup("alice", 10 * size)
-    holds = await together(ledger, [lambda i=i: ledger.hold(hold_req(f"c{i}", amount=7, fee=1)) for i in range(size)])
+    holds = await together(
+        ledger, [functools.partial(ledger.hold, hold_req(f"c{i}", amount=7, fee=1)) for i in range(size)]
+    )
     assert all(isinstance(h, HoldOutcome) and h.status is HoldStatus.OK for h in holds)
     assert sorted(h.available for h in holds) == [10 * size - 7 * n for n in range(size, 0, -1)]
-    charges = await together(ledger, [lambda i=i: ledger.capture(f"c{i}") for i in range(size)])
+    charges = await together(ledger, [functools.partial(ledger.capture, f"c{i}") for i in range(size)])
     assert len({c.id for c in charges}) == size
     assert {c.balance_after for c in charges} == {10 * size - 7 * size}  # a full capture frees nothing
     account = await ledger.get_account(AccountKind.USER, "alice")
@@ -200,6 +203,6 @@ async def test_a_check_constraint_failure_in_a_group_fails_only_its_own_capture(
         ledger, [lambda: ledger.capture("fine-1"), lambda: ledger.capture("broken"), lambda: ledger.capture("fine-2")]
     )
     assert isinstance(results[0], Charge) and isinstance(results[2], Charge)
-    assert isinstance(results[1], Exception) and not isinstance(results[1], Charge)
+    assert isinstance(results[1], Exception)
     account = await ledger.get_account(AccountKind.USER, "alice")
     assert account.balance == 800
