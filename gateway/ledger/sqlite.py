@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -131,6 +132,9 @@ _EXPORT_QUERIES: dict[str, str] = {
 _Pending = tuple[Callable[[Conn], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop, bool, tuple[str, Any] | None]
 """A queued write: (one-at-a-time function, caller's future, its loop, durable?, (batch kind, argument))."""
 
+_Settled = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", bool, Any]
+"""An answer on its way to a caller: (its loop, its future, ok?, result or exception)."""
+
 _MAX_GROUP = 512  # most writes committed together
 
 
@@ -153,6 +157,15 @@ def _settle_future(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_result(value)
     else:
         future.set_exception(_storage_error(value))
+
+
+def _settle_all(settled: Sequence[_Settled]) -> None:
+    """From a ledger thread: answer callers, one wake-up per event loop rather than per caller."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for loop, future, ok, value in settled:
+        by_loop.setdefault(loop, []).append((future, ok, value))
+    for loop, answers in by_loop.items():
+        loop.call_soon_threadsafe(_settle_futures, answers)
 
 
 def _settle_futures(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -240,7 +253,11 @@ class SqliteLedger:
         self._system: dict[AccountKind, int] = {}
         self._queue_lock = threading.Lock()
         self._flush_scheduled = False
-        self._synchronous_full = True
+        self._syncer: ThreadPoolExecutor | None = None
+        self._sync_lock = threading.Lock()
+        self._sync_scheduled = False
+        self._sync_waiting: list[_Settled] = []
+        self._wal_fd: int | None = None  # used on the syncer thread only
         self._pending_writes: deque[_Pending] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -250,6 +267,7 @@ class SqliteLedger:
         loop = asyncio.get_running_loop()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-reader")
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sync")
         try:
             self._wconn = await loop.run_in_executor(self._writer, self._open_writer)
             self._rconn = await loop.run_in_executor(self._reader, self._connect)
@@ -265,8 +283,13 @@ class SqliteLedger:
             if conn is not None:
                 await loop.run_in_executor(executor, conn.close)
             executor.shutdown(wait=True)
-        self._writer = self._reader = None
+        if self._syncer is not None:  # after the writer: its last commits' callers are answered
+            self._syncer.shutdown(wait=True)
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+        self._writer = self._reader = self._syncer = None
         self._wconn = self._rconn = None
+        self._wal_fd = None
 
     async def __aenter__(self) -> SqliteLedger:
         await self.open()
@@ -320,6 +343,8 @@ class SqliteLedger:
         try:
             self._migrate(conn)
             self._system = self._in_txn(conn, "BEGIN IMMEDIATE", self._tx_system_accounts)
+            # Commits write their WAL frames; the syncer thread fsyncs them (see _commit_group).
+            conn.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
             conn.close()
             raise
@@ -384,9 +409,13 @@ class SqliteLedger:
         Group commit: operations that arrive while the writer is busy (its fsync) are run together
         in ONE ``BEGIN IMMEDIATE`` transaction, each inside its own SAVEPOINT, so one operation's
         failure or rollback never touches the others, and one fsync makes the whole group durable.
-        Every caller is answered only after that COMMIT. A group made only of ``durable=False``
-        writes (holds, voids, lease renewals: a crash that loses them voids the call anyway) commits
-        without fsync (``synchronous=NORMAL``); the next durable commit syncs their WAL frames too.
+        Every caller is answered only after that COMMIT; a ``durable`` write (the default: captures,
+        top-ups, refunds, payouts) only once the WAL is also fsynced. The fsync runs on a syncer
+        thread, not the writer: the writer commits the next group (e.g. the next call's hold) while
+        the previous group's frames are being synced, and one fsync covers every commit before it.
+        That is ``synchronous=FULL``'s guarantee (a write is on disk before its caller hears of it)
+        without its serialisation. ``durable=False`` writes (holds, voids, lease renewals: a crash
+        that loses them voids the call anyway) are answered at COMMIT, visible to every process.
 
         ``batch`` = (kind, argument) marks a hold or capture: a run of those queued together is done
         by ``sqlite_batch`` in a fixed number of statements (``fn`` is its one-at-a-time fallback)."""
@@ -416,20 +445,58 @@ class SqliteLedger:
 
     def _commit_group(self, conn: Conn, batch: list[_Pending]) -> None:
         outcomes: list[tuple[bool, Any]] = []
-        durable = any(item[3] for item in batch)
+        committed = False
         try:
-            if durable != self._synchronous_full:
-                conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-                self._synchronous_full = durable
             self._in_txn(conn, "BEGIN IMMEDIATE", lambda c: self._run_group(c, batch, outcomes))
+            committed = True
         except BaseException as exc:  # noqa: BLE001 - the group failed to commit: every caller learns it
             outcomes = [(False, exc)] * len(batch)
-        # One wake-up per event loop for the whole group, not one per operation.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_, future, loop, _, _), (ok, value) in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(loop, []).append((future, ok, value))
-        for loop, settled in by_loop.items():
-            loop.call_soon_threadsafe(_settle_futures, settled)
+        now: list[_Settled] = []
+        after_sync: list[_Settled] = []
+        for (_, future, loop, durable, _), (ok, value) in zip(batch, outcomes, strict=True):
+            (after_sync if committed and durable else now).append((loop, future, ok, value))
+        _settle_all(now)
+        if after_sync:
+            with self._sync_lock:
+                self._sync_waiting.extend(after_sync)
+                schedule = not self._sync_scheduled
+                self._sync_scheduled = True
+            if schedule and self._syncer is not None:
+                self._syncer.submit(self._sync_writes)
+
+    def _sync_writes(self) -> None:
+        """On the syncer thread: fsync the WAL, then answer everyone whose commit it covers."""
+        while True:
+            with self._sync_lock:
+                if not self._sync_waiting:
+                    self._sync_scheduled = False
+                    return
+                waiting, self._sync_waiting = self._sync_waiting, []
+            try:
+                self._fsync_wal()
+            except OSError as exc:
+                failure = Unavailable(
+                    f"the ledger could not make its writes durable (fsync of the WAL failed: {exc.strerror})",
+                    hint="Check the disk under the ledger file; the write may or may not have been kept",
+                )
+                waiting = [(loop, future, False, failure) for loop, future, _, _ in waiting]
+            _settle_all(waiting)
+
+    def _fsync_wal(self) -> None:
+        """fsync the WAL file: every frame committed before this call is on disk after it. The
+        writer's connection keeps the WAL file alive; the inode check covers a WAL recreated by
+        another process after ours was checkpointed away."""
+        wal = f"{self.path}-wal"
+        try:
+            inode = os.stat(wal).st_ino
+        except FileNotFoundError:
+            return  # no WAL: everything was checkpointed into the database file, which SQLite synced
+        if self._wal_fd is None or os.fstat(self._wal_fd).st_ino != inode:
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+            self._wal_fd = os.open(wal, os.O_RDONLY)
+        os.fsync(self._wal_fd)
 
     def _run_group(self, conn: Conn, batch: Sequence[_Pending], outcomes: list[tuple[bool, Any]]) -> None:
         """Run each queued write in order, except that a stretch of holds and captures between two
