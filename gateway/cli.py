@@ -47,7 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub, top=False)
         return sub
 
-    command("serve", "run the gateway")
+    serve = command("serve", "run the gateway")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N gateway processes sharing the port (SO_REUSEPORT); about one per core",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set on each worker
     demo = command("demo", "run the gateway in front of a built-in demo MCP server, with a ready user and key")
     demo.add_argument("--upstream-port", type=int, default=9000)
     command("check-config", "validate the config and price table; exit non-zero on any problem")
@@ -300,9 +308,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _maintenance(args)
         config = load_config(config_path(args.config))
         if args.command == "serve":
+            if args.workers < 1:
+                raise GatewayError(f"--workers must be at least 1, got {args.workers}")
+            if args.workers > 1:
+                from gateway.workers import run_workers
+
+                return run_workers(str(config.path), args.workers)
             from gateway.serve import serve
 
-            return serve(config)
+            return serve(config, reuse_port=args.reuse_port)
         if args.command == "demo":
             from gateway.demo import run_demo
 

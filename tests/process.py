@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +60,9 @@ async def wait_ready(port: int, proc: asyncio.subprocess.Process, log_path: Path
 
 
 @asynccontextmanager
-async def run_gateway_process(config_path: Path, scheme: str = "http") -> AsyncIterator[GatewayProcess]:
+async def run_gateway_process(
+    config_path: Path, scheme: str = "http", serve_args: Sequence[str] = ()
+) -> AsyncIterator[GatewayProcess]:
     port = free_port()
     config = yaml.safe_load(config_path.read_text())
     config["listen"] = f"127.0.0.1:{port}"
@@ -76,6 +78,7 @@ async def run_gateway_process(config_path: Path, scheme: str = "http") -> AsyncI
             "--config",
             str(config_path),
             "serve",
+            *serve_args,
             stdout=log_file,
             stderr=log_file,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
