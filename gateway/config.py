@@ -148,6 +148,7 @@ class GatewayConfig:
     rate_burst: int = 1000  # requests a key may make at once before the rate applies
     max_header_bytes: int = 16384  # longest request line / single header accepted
     client_body_timeout_s: float = 30.0  # time a client has to send its whole request body
+    client_header_timeout_s: float = 10.0  # time a client has to send a request's line and headers
     stream_idle_timeout_s: float = 3600.0  # a relayed stream with no upstream bytes for this long is closed
     session_secret: str | None = field(default=None, repr=False)  # signs session ids; share across replicas
     tls_cert: Path | None = None  # PEM certificate chain: terminate TLS on `listen` (HTTP/1.1)
@@ -409,6 +410,7 @@ _TOP_KEYS = (
     "trusted_proxies", "log_format", "admin_listen", "admin_token", "key_cache_s",
     "resume_window_s", "tls_cert", "tls_key", "max_concurrent_per_key", "rate_per_key", "rate_burst",
     "max_header_bytes", "client_body_timeout_s", "stream_idle_timeout_s", "session_secret",
+    "client_header_timeout_s",
 )  # fmt: skip
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
@@ -532,6 +534,7 @@ def parse_config(
         rate_burst=opt("rate_burst", lambda n, w: r.integer(n, w, minimum=1), 1000),
         max_header_bytes=opt("max_header_bytes", lambda n, w: r.integer(n, w, minimum=1024), 16384),
         client_body_timeout_s=opt("client_body_timeout_s", lambda n, w: r.number(n, w, positive=True), 30.0),
+        client_header_timeout_s=opt("client_header_timeout_s", lambda n, w: r.number(n, w, positive=True), 10.0),
         session_secret=environ.get(SESSION_SECRET_ENV) or opt("session_secret", r.env_string, None),
         stream_idle_timeout_s=opt("stream_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 3600.0),
     )

@@ -95,6 +95,55 @@ def loads(body: bytes | str) -> Any:
     return json.loads(raw)
 
 
+# Members whose value decides what a call is, what it costs or how it is billed. A body where one
+# object names one of them twice is refused: parsers disagree on which copy counts (json and orjson
+# keep the last, some streaming parsers the first), so the gateway could price one tool while the
+# upstream runs another.
+_SINGLE_MEMBERS = frozenset({"jsonrpc", "id", "method", "params", "name", "uri", "taskId", "_meta"})
+# Byte-level pre-check: a member can be named twice only if its literal spelling occurs twice, or if
+# one spelling is escaped (JSON spells these names differently only with \u escapes).
+_SINGLE_MEMBER_LITERALS = tuple(b'"' + name.encode() + b'"' for name in sorted(_SINGLE_MEMBERS))
+
+
+def _may_repeat_a_member(raw: bytes) -> bool:
+    if b"\\u" in raw:
+        return True
+    for literal in _SINGLE_MEMBER_LITERALS:
+        at = raw.find(literal)
+        if at >= 0 and raw.find(literal, at + 1) >= 0:
+            return True
+    return False
+
+
+def _refuse_repeated_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: the object, unless it names a member of ``_SINGLE_MEMBERS`` twice."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen and name in _SINGLE_MEMBERS:
+                raise BadRequest(
+                    f'The request names the member "{name}" twice in one JSON object',
+                    hint=f'Send "{name}" once: JSON parsers disagree on which copy counts, so the gateway '
+                    "will not guess which one the upstream would use",
+                )
+            seen.add(name)
+    return obj
+
+
+def _loads_request(raw: bytes) -> Any:
+    """Parse a client's body like ``loads``, refusing objects that repeat a ``_SINGLE_MEMBERS`` name
+    (BadRequest). orjson keeps the fast path for bodies that cannot repeat one; the rest (and
+    everything orjson refuses: other encodings, a BOM, invalid JSON, 19+ digit numbers) is parsed
+    by the standard library with a hook that sees every member as written, escapes decoded."""
+    if _LONG_NUMBER.search(raw) is None and not _may_repeat_a_member(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # the standard library decides (and words the error)
+    return json.loads(raw, object_pairs_hook=_refuse_repeated_members)
+
+
 def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
@@ -107,7 +156,7 @@ def parse_body(body: bytes, *, max_batch_items: int) -> Incoming:
     if not body.strip():
         raise ParseError("The request body is empty; expected a JSON-RPC message")
     try:
-        value = loads(body)
+        value = _loads_request(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ParseError(f"The request body is not valid JSON ({exc})") from None
     except RecursionError:

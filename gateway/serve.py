@@ -17,6 +17,7 @@ from gateway.admin_api import create_admin_app
 from gateway.app import check_owners, create_app, server_options
 from gateway.config import GatewayConfig, parse_listen
 from gateway.errors import ConfigError
+from gateway.http_server import GatewayRunner
 from gateway.ledger import open_ledger
 from gateway.money import format_cents
 from gateway.operations import Operations
@@ -67,25 +68,35 @@ async def run(
     config: GatewayConfig,
     *,
     on_ready: Callable[[], Awaitable[None]] | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop accepting, let in-flight calls finish and settle
     (bounded by ``drain_grace_s``), close."""
     ssl_context = _ssl_context(config)
     app = create_app(config)
-    runner = web.AppRunner(app, shutdown_timeout=config.drain_grace_s, **server_options(config))
+    runner = GatewayRunner(
+        app,
+        header_timeout_s=config.client_header_timeout_s,
+        shutdown_timeout=config.drain_grace_s,
+        **server_options(config),
+    )
     await runner.setup()
     runners = [runner]
     try:
-        await web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=ssl_context).start()
+        await web.TCPSite(
+            runner, config.listen_host, config.listen_port, ssl_context=ssl_context, reuse_port=reuse_port or None
+        ).start()
         if config.admin_listen is not None:
             rt = app[RUNTIME]
             admin = create_admin_app(lambda: Operations(rt.ledger, rt.config), config.admin_token)
             admin[RUNTIME] = rt
-            admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=5)
+            admin_runner = GatewayRunner(
+                admin, header_timeout_s=config.client_header_timeout_s, access_log=None, shutdown_timeout=5
+            )
             await admin_runner.setup()
             runners.insert(0, admin_runner)
             host, port = parse_listen(config.admin_listen)
-            await web.TCPSite(admin_runner, host, port, ssl_context=ssl_context).start()
+            await web.TCPSite(admin_runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -112,11 +123,12 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def serve(config: GatewayConfig) -> int:
+def serve(config: GatewayConfig, *, reuse_port: bool = False) -> int:
+    """Serve in this process; ``reuse_port`` when it is one of ``serve --workers N``'s workers."""
     logs.configure(config.log_format)
     asyncio.run(check(config))
     try:
-        _run_loop(run(config))
+        _run_loop(run(config, reuse_port=reuse_port))
     except OSError as exc:
         raise ConfigError(f"cannot listen: {exc}", file=str(config.path)) from None
     return 0

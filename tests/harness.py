@@ -15,11 +15,13 @@ import httpx2
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway.app import create_app, server_options
 from gateway.config import load_config
+from gateway.http_server import GatewayRunner
 from gateway.ledger import open_ledger
 from gateway.ledger.base import AccountKind, Ledger
 from gateway.operations import Operations
@@ -58,6 +60,18 @@ def write_config(
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+class GatewayTestServer(TestServer):
+    """aiohttp's test server, serving through the gateway's own HTTP server (``GatewayRunner``):
+    fixed parser-error bodies and the request-header deadline, as ``agentpay serve`` has them."""
+
+    def __init__(self, app: web.Application, *, header_timeout_s: float | None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.header_timeout_s = header_timeout_s
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, header_timeout_s=self.header_timeout_s, **kwargs)
 
 
 @dataclass
@@ -127,7 +141,7 @@ async def run_gateway(config_path: Path) -> AsyncIterator[Gateway]:
     await prepare_ledger(config_path)
     config = load_config(config_path)
     app: web.Application = create_app(config)
-    server = TestServer(app, host="127.0.0.1", port=None)
+    server = GatewayTestServer(app, header_timeout_s=config.client_header_timeout_s, host="127.0.0.1", port=None)
     options = server_options(config)
     del options["handler_cancellation"]  # TestServer always sets it
     await server.start_server(**options)
@@ -145,7 +159,7 @@ async def mcp_client(
     if key is not None:
         headers[header] = f"Bearer {key}" if header == "Authorization" else key
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0))
-    async with http, Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
+    async with http, Client(streamable_http_client(url, http_client=http), mode=mode) as client:
         yield client
 
 

@@ -8,6 +8,8 @@ never a hang. Whatever an upstream answers, ``classify_response`` returns an ``O
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -15,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import jsonrpc
-from gateway.errors import GatewayError, HeaderMismatch
+from gateway.errors import INVALID_REQUEST, BadRequest, GatewayError, HeaderMismatch
 from gateway.jsonrpc import Incoming, Outcome
 from tests.fuzz.common import assert_clear, fuzz, tried
 
@@ -291,20 +293,164 @@ def test_integers_beyond_64_bits_are_kept_exactly(big: int) -> None:
     assert jsonrpc.loads(json.dumps(result)) == result
 
 
-@pytest.mark.xfail(
-    reason="hardening: parse_body keeps the last of duplicate members (json/orjson semantics) and the "
-    "proxy forwards the original bytes; an upstream whose parser keeps the first (simdjson on-demand, "
-    "some streaming parsers) would run a tool other than the one priced. Refusing duplicate members "
-    "(object_pairs_hook) removes the parser differential",
-    strict=True,
-)
+DUPLICATE_BODIES = {
+    "name in params": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"premium_x","name":"echo"}}',
+    "method": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"tools/list","params":{"name":"premium_x"}}',
+    "params": b'{"jsonrpc":"2.0","id":1,"params":{"name":"x"},"params":{"name":"echo"},"method":"tools/call"}',
+    "an escaped second name": (
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"premium_x","\\u006eame":"echo"}}'
+    ),
+    "an escaped first name, upper-case hex": (
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"\\u006Eame":"echo","name":"premium_x"}}'
+    ),
+    "a fully escaped method": b'{"jsonrpc":"2.0","id":1,"method":"ping","\\u006d\\u0065thod":"tools/call"}',
+    "uri": b'{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"weather://alerts/x","uri":"a"}}',
+    "taskId": b'{"jsonrpc":"2.0","id":1,"method":"tasks/result","params":{"taskId":"a","taskId":"b"}}',
+    "id": b'{"jsonrpc":"2.0","id":1,"id":2,"method":"tools/call","params":{"name":"x"}}',
+    "jsonrpc": b'{"jsonrpc":"1.0","jsonrpc":"2.0","id":1,"method":"ping"}',
+    "_meta": b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{},"_meta":{}}}',
+    "in one batch item": (
+        b'[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"a","method":"b"}]'
+    ),
+    "with a 19-digit id (standard library path)": (
+        b'{"jsonrpc":"2.0","id":1234567890123456789,"method":"tools/call","params":{"name":"a","name":"b"}}'
+    ),
+    "after a UTF-8 BOM": b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}',
+    "in UTF-16": '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}'.encode("utf-16"),
+    "in UTF-16-LE without a BOM": (
+        '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}'.encode("utf-16-le")
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATE_BODIES))
+def test_duplicate_members_are_refused(case: str) -> None:
+    with pytest.raises(BadRequest) as refused:
+        jsonrpc.parse_body(DUPLICATE_BODIES[case], max_batch_items=8)
+    assert refused.value.jsonrpc_code == INVALID_REQUEST and refused.value.http_status == 400
+    assert re.fullmatch(r'The request names the member "\w+" twice in one JSON object', refused.value.message)
+    assert "Send" in refused.value.hint
+    assert check_parse(DUPLICATE_BODIES[case], max_batch_items=8) is None
+
+
+def test_the_refusal_names_the_repeated_member() -> None:
+    with pytest.raises(BadRequest, match='member "name" twice'):
+        jsonrpc.parse_body(DUPLICATE_BODIES["an escaped second name"], max_batch_items=8)
+
+
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"premium_report","name":"echo"}}',
-        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"tools/list","params":{"name":"premium_report"}}',
-        b'{"jsonrpc":"2.0","id":1,"params":{"name":"x"},"params":{"name":"echo"},"method":"tools/call"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"a":1,"a":2}}}',
+        b'[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}},'
+        b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"y"}}]',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"name":"y","id":"\\u0041"}}}',
+    ],
+    ids=["a repeated member that prices nothing", "the same names in two batch items", "the same names nested"],
+)
+def test_names_repeated_only_across_objects_or_outside_the_pricing_members_are_accepted(body: bytes) -> None:
+    incoming = check_parse(body, max_batch_items=8)
+    assert incoming is not None
+    parsed = json.loads(body)
+    assert [m.body for m in incoming.messages] == (parsed if isinstance(parsed, list) else [parsed])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "x"}}),
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 8,
+                "method": "tools/call",
+                "params": {"name": "get_forecast", "arguments": {"city": "Paris"}},
+            }
+        ),
+        json.dumps({"jsonrpc": "2.0", "id": "r1", "method": "resources/read", "params": {"uri": "weather://a/b"}}),
+        json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}),
     ],
 )
-def test_duplicate_members_are_refused(body: bytes) -> None:
-    assert check_parse(body, max_batch_items=8) is None
+def test_an_ordinary_request_is_parsed_by_orjson_alone(body: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The duplicate check must not cost the hot path a standard-library parse (issue 7)."""
+
+    def slow_path(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the standard library parsed an ordinary request")
+
+    monkeypatch.setattr(json, "loads", slow_path)  # the module gateway.jsonrpc falls back to
+    assert check_parse(body.encode(), max_batch_items=8) is not None
+
+
+# Messages as trees of (name, spelling, value) members, so that a member may be named twice and a
+# name may be written with \u escapes; the model says which trees repeat a pricing member.
+SINGLE = ("jsonrpc", "id", "method", "params", "name", "uri", "taskId", "_meta")
+
+
+@dataclass(frozen=True)
+class Obj:
+    members: tuple[tuple[str, str, Any], ...]
+
+
+def spell(name: str, how: str) -> str:
+    if how == "plain":
+        return json.dumps(name, ensure_ascii=False)
+    if how == "first escaped":
+        return '"' + f"\\u{ord(name[0]):04x}" + json.dumps(name[1:], ensure_ascii=False)[1:]
+    hex_format = "{:04X}" if how == "escaped, upper-case hex" else "{:04x}"
+    return '"' + "".join("\\u" + hex_format.format(ord(c)) for c in name) + '"'
+
+
+def encode_tree(value: Any) -> str:
+    if isinstance(value, Obj):
+        return "{" + ",".join(f"{spell(n, how)}:{encode_tree(v)}" for n, how, v in value.members) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(encode_tree(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def repeats_a_pricing_member(value: Any) -> bool:
+    if isinstance(value, Obj):
+        names = [n for n, _, _ in value.members]
+        if any(names.count(n) > 1 for n in SINGLE):
+            return True
+        return any(repeats_a_pricing_member(v) for _, _, v in value.members)
+    return isinstance(value, list) and any(repeats_a_pricing_member(v) for v in value)
+
+
+member_names = st.sampled_from([*SINGLE, "arguments", "x", "n\u00e4me", "Name", "names"])
+spellings = st.sampled_from(["plain", "plain", "plain", "escaped", "first escaped", "escaped, upper-case hex"])
+leaves = st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(["2.0", "tools/call", "echo", "a\\u"])
+trees = st.recursive(
+    leaves,
+    lambda kids: (
+        st.lists(kids, max_size=3)
+        | st.lists(st.tuples(member_names, spellings, kids), max_size=4).map(lambda m: Obj(tuple(m)))
+    ),
+    max_leaves=12,
+)
+BASE = (("jsonrpc", "2.0"), ("id", 1), ("method", "tools/call"))
+tree_messages = st.builds(
+    lambda base, params, extra, order: Obj(tuple(sorted((*base, *params, *extra), key=lambda m: order.index(m[0])))),
+    st.lists(st.sampled_from(BASE), unique=True).map(lambda ms: [(n, "plain", v) for n, v in ms]),
+    st.lists(st.tuples(st.just("params"), spellings, trees), max_size=2),
+    st.lists(st.tuples(member_names, spellings, trees), max_size=2),
+    st.permutations([*SINGLE, "arguments", "x", "n\u00e4me", "Name", "names"]),
+)
+
+
+@fuzz(400)
+@given(value=tree_messages | st.lists(tree_messages, min_size=1, max_size=3))
+def test_a_body_is_refused_for_a_repeated_member_exactly_when_one_object_repeats_a_pricing_member(
+    value: Any,
+) -> None:
+    tried("jsonrpc.parse_body repeated members")
+    body = encode_tree(value).encode()
+    try:
+        incoming = jsonrpc.parse_body(body, max_batch_items=8)
+    except GatewayError as exc:
+        assert_clear(exc)
+        assert ("names the member" in exc.message) == repeats_a_pricing_member(value), exc.message
+        return
+    assert not repeats_a_pricing_member(value)
+    parsed = json.loads(body)
+    assert [m.body for m in incoming.messages] == (parsed if isinstance(parsed, list) else [parsed])

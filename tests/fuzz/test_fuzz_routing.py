@@ -152,7 +152,7 @@ def test_key_from_headers_takes_only_a_bearer_token_or_x_api_key(pairs: list[tup
         assert not (api_key and api_key.strip())
         return
     assert key and key == key.strip()
-    from_bearer = bool(auth) and auth.strip().lower().startswith("bearer ") and key == auth.strip()[7:].strip()
+    from_bearer = auth is not None and auth.strip().lower().startswith("bearer ") and key == auth.strip()[7:].strip()
     assert from_bearer or key == (api_key or "").strip(), "the key came from a header that does not carry keys"
     assert keys.display_prefix(key) != key or len(key) <= 11
 

@@ -95,7 +95,7 @@ def test_raw_bytes_of_the_events_and_pending_are_exactly_the_input(data: bytes, 
         assert event.name is None or isinstance(event.name, str)
 
 
-new_data = st.text(st.characters(blacklist_characters="\r", blacklist_categories=("Cs",)), max_size=40)
+new_data = st.text(st.characters(exclude_characters="\r", exclude_categories=["Cs"]), max_size=40)
 
 
 @fuzz(600)
@@ -120,8 +120,8 @@ def test_with_data_round_trips_through_the_parser(data: bytes, replacement: str,
 @fuzz(400)
 @given(
     replacement=new_data,
-    event=st.none() | st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=8),
-    event_id=st.none() | st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=8),
+    event=st.none() | st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=8),
+    event_id=st.none() | st.text(st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=8),
 )
 def test_encode_round_trips(replacement: str, event: str | None, event_id: str | None) -> None:
     tried("sse.encode round trip")
