@@ -199,6 +199,7 @@ class Gateway:
     upstream: str
     database: str  # a URL, or "sqlite" for a file in workdir
     paid: bool
+    workers: int = 1  # serve --workers N
     max_connections: int = 256
     extra: dict[str, Any] = field(default_factory=dict)
     port: int = 0
@@ -226,7 +227,7 @@ class Gateway:
         assert self.config is not None
         self.proc = Proc(
             self.name,
-            [PY, "-m", "gateway", "--config", str(self.config), "serve"],
+            [PY, "-m", "gateway", "--config", str(self.config), "serve", "--workers", str(self.workers)],
             self.port,
             self.workdir / "gateway.log",
         )

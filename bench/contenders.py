@@ -68,6 +68,8 @@ ORDER = [
     "agentpay_free",
     "agentpay_sqlite",
     "agentpay_pg",
+    "agentpay_sqlite_w2",
+    "agentpay_pg_w2",
 ]
 LABELS = {
     "direct": "direct (no proxy)",
@@ -78,6 +80,8 @@ LABELS = {
     "agentpay_free": "AgentPay free call",
     "agentpay_sqlite": "AgentPay paid call, SQLite",
     "agentpay_pg": "AgentPay paid call, PostgreSQL",
+    "agentpay_sqlite_w2": "AgentPay paid call, SQLite, 2 workers",
+    "agentpay_pg_w2": "AgentPay paid call, PostgreSQL, 2 workers",
 }
 
 
@@ -202,14 +206,16 @@ def litellm(up: Upstream, workdir: Path, tools: Tools) -> Contender:
 
 
 def agentpay_gateway(
-    key: str, up: Upstream, workdir: Path, *, database: str, paid: bool, sse: bool = False
+    key: str, up: Upstream, workdir: Path, *, database: str, paid: bool, sse: bool = False, workers: int = 1
 ) -> Contender:
     notes = {
         "agentpay_free": "price 0: key checked, nothing held",
-        "agentpay_sqlite": "1¢ per call: hold + capture, SQLite WAL synchronous=FULL",
+        "agentpay_sqlite": "1¢ per call: hold + capture, SQLite WAL; every capture fsynced before it counts",
         "agentpay_pg": "1¢ per call: hold + capture, PostgreSQL (fresh database)",
+        "agentpay_sqlite_w2": "as the SQLite paid call, `serve --workers 2` (SO_REUSEPORT), one ledger file",
+        "agentpay_pg_w2": "as the PostgreSQL paid call, `serve --workers 2` (SO_REUSEPORT)",
     }
-    gw = agentpay.Gateway(key, workdir / key, up.sse_url if sse else up.url, database, paid)
+    gw = agentpay.Gateway(key, workdir / key, up.sse_url if sse else up.url, database, paid, workers=workers)
     c = Contender(key, LABELS[key], note=notes[key], gateway=gw)
     return c
 

@@ -276,6 +276,27 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _met(r["rss_at_10k_mb_extrapolated"] <= 500 if extrapolated else r["rss_open_mb"] <= 500),
             )
         )
+    big = next((r for r in lrows if r.get("database") == "sqlite" and r.get("callers") == 256), None)
+    if big and "captures_per_s" in big:
+        rows.append(
+            (
+                "ledger captures/s, SQLite, 256 concurrent callers",
+                "≥ 20,000 with concurrent callers",
+                f"{big['captures_per_s']:,.0f}/s (capture p99 {big['capture_p99_ms']} ms)",
+                _met(big["captures_per_s"] >= 20_000),
+            )
+        )
+    w_sq, w_pg = ratio(a, "agentpay_sqlite_w2", "agentpay_sqlite"), ratio(a, "agentpay_pg_w2", "agentpay_pg")
+    if w_sq is not None or w_pg is not None:
+        rows.append(
+            (
+                "scaling from 1 to 2 workers (paid, aiohttp upstream; 2 cores shared with wrk and the upstream)",
+                "measure (no target)",
+                f"SQLite {_f(w_sq)}×, PostgreSQL {_f(w_pg)}× the 1-worker throughput; "
+                f"2-worker SQLite {_f(ratio(a, 'agentpay_sqlite_w2', 'reference'))}× reference",
+                "measured",
+            )
+        )
     pg_a, pg_f = ratio(a, "agentpay_pg", "agentpay_sqlite"), ratio(f, "agentpay_pg", "agentpay_sqlite")
     rows.append(
         (

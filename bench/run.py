@@ -72,7 +72,7 @@ FULL = Params(
     c32_s=6,
     c1_s=5,
     ledger_s=5,
-    ledger_callers=(1, 32),
+    ledger_callers=(1, 32, 256),
     relay_calls_c1=60,
     relay_calls_c16=96,
     memory_streams=10_000,
@@ -343,15 +343,19 @@ async def run_phase(kind: str, p: Params, tools: install.Tools, work: Path, pg_r
             cs.append(contenders.litellm(up, d, tools))
         cs.append(contenders.agentpay_gateway("agentpay_free", up, d, database="sqlite", paid=False))
         cs.append(contenders.agentpay_gateway("agentpay_sqlite", up, d, database="sqlite", paid=True))
-        pg = contenders.agentpay_gateway("agentpay_pg", up, d, database="", paid=True)
-        if pg_reason is None:
-            url = await agentpay.create_pg_database()
-            pg_urls.append(url)
-            assert pg.gateway is not None
-            pg.gateway.database = url
-        else:
-            pg.unavailable = pg_reason
-        cs.append(pg)
+        pgs = [contenders.agentpay_gateway("agentpay_pg", up, d, database="", paid=True)]
+        if kind == "aiohttp":  # 1 -> 2 workers (serve --workers 2), on the upstream that shows proxy cost
+            cs.append(contenders.agentpay_gateway("agentpay_sqlite_w2", up, d, database="sqlite", paid=True, workers=2))
+            pgs.append(contenders.agentpay_gateway("agentpay_pg_w2", up, d, database="", paid=True, workers=2))
+        for pg in pgs:
+            if pg_reason is None:
+                url = await agentpay.create_pg_database()
+                pg_urls.append(url)
+                assert pg.gateway is not None
+                pg.gateway.database = url
+            else:
+                pg.unavailable = pg_reason
+            cs.append(pg)
         for c in cs:
             if not c.unavailable:
                 log(f"  starting {c.key}")
