@@ -18,6 +18,15 @@ under concurrency from many connections and gateway replicas:
   payout transitions); for the others the caller gets ``Unavailable`` and nothing was written.
   Nothing is ever replayed after a lost connection: the outcome of a COMMIT whose reply never
   arrived is unknown, so the caller gets ``Unavailable`` (and retries with its idempotency key).
+* Group commit: the holds, captures, voids and lease renewals one process issues concurrently are
+  queued and committed together, a batch per transaction (``_submit``, ``_tx_batch``), so a busy
+  user's account row is locked and committed once per batch instead of once per call. The batch
+  takes its locks in the same global order (holds by call id, accounts by id, keys by id), reads
+  balances and caps from the locked rows, checks each operation on its own in arrival order, and
+  writes the outcome set-wise (one UPDATE per changed account or key with its summed deltas). A
+  batch of holds, voids and renewals only commits with ``synchronous_commit = off`` (visible to
+  every replica at once, not forced to disk: a crash voids those holds anyway); a batch with a
+  capture commits durably before any of its callers is answered.
 * ``verify`` reads every invariant from one REPEATABLE READ, READ ONLY snapshot.
 * ``sweep`` claims lapsed holds with ``FOR UPDATE SKIP LOCKED``, so replicas sweeping at once void
   each hold exactly once without waiting on each other.
@@ -31,9 +40,10 @@ import re
 import secrets
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
 
@@ -94,7 +104,10 @@ _MIGRATION_LOCK_CLASS = 0x41504C47
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MAX_ATTEMPTS = 6
 ACQUIRE_TIMEOUT_S = 10.0
-SETTLE_POOL_SIZE = 4  # connections reserved for captures and voids
+SETTLE_POOL_SIZE = 4  # connections reserved for the group-commit batches (holds, captures, voids, renewals)
+MAX_BATCH = 512  # most hold/capture/void/renew operations committed in one transaction
+BATCH_WORKERS = 1  # batches of one process in flight at once (each on its own connection)
+DRAIN_ON_CLOSE_S = 10.0  # close() lets queued operations finish for this long
 
 _KEY_COLUMNS = """
     k.id, a.name, k.server, k.prefix, k.created_at, k.expires_at, k.revoked_at,
@@ -179,6 +192,223 @@ class _WouldGoNegative(Exception):
         self.account_id = account_id
 
 
+# --- group commit: the operations a batch carries ------------------------------------------------
+@dataclass(eq=False, slots=True)
+class _HoldOp:
+    req: HoldRequest
+    future: asyncio.Future[Any]
+
+
+@dataclass(eq=False, slots=True)
+class _CaptureOp:
+    call_id: str
+    amount: int | None
+    future: asyncio.Future[Any]
+
+
+@dataclass(eq=False, slots=True)
+class _VoidOp:
+    call_id: str
+    future: asyncio.Future[Any]
+
+
+@dataclass(eq=False, slots=True)
+class _RenewOp:
+    call_ids: tuple[str, ...]
+    lease_s: float
+    future: asyncio.Future[Any]
+
+
+_Op: TypeAlias = _HoldOp | _CaptureOp | _VoidOp | _RenewOp
+
+
+def _call_of(op: _Op) -> str | None:
+    """The call id an operation settles, or None for a renewal (renewals never conflict: they extend
+    whatever is still pending when they run)."""
+    if isinstance(op, _HoldOp):
+        return op.req.call_id
+    if isinstance(op, _RenewOp):
+        return None
+    return op.call_id
+
+
+@dataclass(slots=True)
+class _Balance:
+    """An account row locked by the batch, as the batch's operations change it."""
+
+    kind: str
+    name: str
+    balance: int
+    held: int
+    d_balance: int = 0
+    d_held: int = 0
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+    def add(self, balance: int, held: int) -> None:
+        self.balance += balance
+        self.held += held
+        self.d_balance += balance
+        self.d_held += held
+
+
+@dataclass(slots=True)
+class _KeyCap:
+    """A key row locked by the batch (its spending cap), as the batch's operations change it."""
+
+    spend_limit: int | None
+    spent: int
+    held: int
+    d_spent: int = 0
+    d_held: int = 0
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.spend_limit is None else self.spend_limit - self.spent - self.held
+
+    def add(self, spent: int, held: int) -> None:
+        self.spent += spent
+        self.held += held
+        self.d_spent += spent
+        self.d_held += held
+
+
+@dataclass(slots=True)
+class _HoldRow:
+    """A hold row locked (or inserted) by the batch."""
+
+    key_id: str | None
+    user_id: int
+    developer_id: int
+    amount: int
+    fee: int
+    state: str
+    charge_id: str | None
+    server: str
+    method: str
+    name: str
+
+
+@dataclass(slots=True)
+class _Writes:
+    """Everything a batch writes, gathered while its operations are checked, written set-wise."""
+
+    refused: list[str] = field(default_factory=list)  # holds inserted, then refused: deleted again
+    transfers: list[tuple[str, int, str, int]] = field(default_factory=list)  # id, amount, reference, user
+    postings: list[tuple[str, int, int]] = field(default_factory=list)  # transfer, account, amount
+    charges: list[tuple[str, str, int, int, int, int, int]] = field(default_factory=list)
+    settled: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # call id -> (state, charge id)
+    leases: dict[str, float] = field(default_factory=dict)  # call id -> new lease expiry
+
+
+_HOLD_FIELDS = ("call_id", "key_id", "user", "developer", "server", "method", "name", "amount", "fee", "owner")
+# A batch's reads and locks, in one statement and in the one global lock order (UNION ALL runs its
+# branches in order, and an InitPlan runs before its node returns a row):
+#   r    the new holds ($1-$11) with their user, developer and key owner resolved;
+#   h    (branch 1) the existing holds the batch settles, replays or renews ($13), locked in call id order;
+#   ins  the new holds whose parties resolve, inserted in call id order (a conflict means a replay;
+#        a concurrent insert of the same call id is waited for), run by the InitPlan of ``a`` before
+#        ``a`` locks its first account row;
+#   a    (branch 2) accounts locked in id order: the users of the new holds, $14, the user of every
+#        pending hold the batch settles ($15) and the developer of every one it captures ($16);
+#   k    (branch 3) keys locked in id order: those of the new holds and of the pending holds it settles;
+#   (branch 4) each new hold's resolved parties, and whether it was inserted.
+_LOCK_BATCH = """
+WITH r AS MATERIALIZED (
+    SELECT r.n, r.call_id, r.key_id, r.server, r.method, r.name, r.amount, r.fee, r.owner, r.lease_s,
+           u.id AS user_id, d.id AS developer_id, k.user_account_id AS key_owner
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[],
+                $9::bigint[], $10::text[], $11::float8[])
+         WITH ORDINALITY AS r (call_id, key_id, u, d, server, method, name, amount, fee, owner, lease_s, n)
+    LEFT JOIN accounts u ON u.kind = 'user' AND u.name = r.u
+    LEFT JOIN accounts d ON d.kind = 'developer' AND d.name = r.d
+    LEFT JOIN keys k ON k.id = r.key_id
+), ins AS (
+    INSERT INTO holds (call_id, key_id, user_account_id, developer_account_id, server, method, name, amount, fee,
+                       owner, created_at, lease_expires_at)
+    SELECT call_id, key_id, user_id, developer_id, server, method, name, amount, fee, owner, $12, $12 + lease_s
+    FROM r
+    WHERE user_id IS NOT NULL AND developer_id IS NOT NULL AND (key_id IS NULL OR key_owner = user_id)
+    ORDER BY call_id
+    ON CONFLICT (call_id) DO NOTHING
+    RETURNING call_id, user_account_id
+), h AS (
+    SELECT call_id, key_id, user_account_id, developer_account_id, amount, fee, state, charge_id, server, method, name
+    FROM holds WHERE call_id = ANY($13::text[]) ORDER BY call_id FOR NO KEY UPDATE
+), a AS (
+    SELECT id, kind, name, balance, held FROM accounts
+    WHERE id = ANY(ARRAY(
+        SELECT user_account_id FROM ins
+        UNION SELECT user_id FROM r WHERE user_id IS NOT NULL
+        UNION SELECT unnest($14::bigint[])
+        UNION SELECT user_account_id FROM h WHERE state = 'pending' AND call_id = ANY($15::text[])
+        UNION SELECT developer_account_id FROM h WHERE state = 'pending' AND call_id = ANY($16::text[])))
+    ORDER BY id FOR NO KEY UPDATE
+), k AS (
+    SELECT id, spend_limit, spent, held FROM keys
+    WHERE id = ANY(ARRAY(
+        SELECT key_id FROM r WHERE key_id IS NOT NULL
+        UNION SELECT key_id FROM h WHERE state = 'pending' AND call_id = ANY($15::text[]) AND key_id IS NOT NULL))
+    ORDER BY id FOR NO KEY UPDATE
+)
+SELECT 1, call_id, key_id, user_account_id, developer_account_id, amount, fee, state, charge_id, server, method, name
+FROM h
+UNION ALL SELECT 2, name, kind, id, balance, held, NULL, NULL, NULL, NULL, NULL, NULL FROM a
+UNION ALL SELECT 3, id, NULL, spend_limit, spent, held, NULL, NULL, NULL, NULL, NULL, NULL FROM k
+UNION ALL SELECT 4, r.call_id, NULL, r.user_id, r.developer_id, r.key_owner, r.n, i.call_id, NULL, NULL, NULL, NULL
+FROM r LEFT JOIN ins i ON i.call_id = r.call_id
+"""
+# Everything a batch writes, in one statement: refused holds deleted again, charge transfers, hold
+# transitions and lease renewals, postings, charges, then each changed account and key once with its
+# summed deltas. Foreign keys between these rows are checked at the end of the statement.
+# $27 = 'off' for a batch of holds, voids and renewals only (not forced to disk), NULL otherwise.
+_WRITE_BATCH = """
+WITH refused AS (
+    DELETE FROM holds WHERE call_id = ANY($1::text[])
+), transfer AS (
+    INSERT INTO transfers (id, kind, amount, reference, account_id, created_at)
+    SELECT t.id, 'charge', t.amount, t.reference, t.account_id, $2
+    FROM unnest($3::text[], $4::bigint[], $5::text[], $6::bigint[]) WITH ORDINALITY
+         AS t (id, amount, reference, account_id, n)
+    ORDER BY t.n
+), hold AS (
+    UPDATE holds h SET state = COALESCE(v.state, h.state), charge_id = COALESCE(v.charge_id, h.charge_id),
+        settled_at = CASE WHEN v.state IS NULL THEN h.settled_at ELSE $2 END,
+        lease_expires_at = COALESCE(v.lease, h.lease_expires_at)
+    FROM unnest($7::text[], $8::text[], $9::text[], $10::float8[]) AS v (call_id, state, charge_id, lease)
+    WHERE h.call_id = v.call_id
+), posting AS (
+    INSERT INTO postings (transfer_id, account_id, amount)
+    SELECT p.t, p.a, p.m FROM unnest($11::text[], $12::bigint[], $13::bigint[]) WITH ORDINALITY AS p (t, a, m, n)
+    ORDER BY p.n
+), charge AS (
+    INSERT INTO charges (id, call_id, user_account_id, developer_account_id, amount, fee, balance_after, created_at)
+    SELECT c.id, c.call_id, c.u, c.d, c.amount, c.fee, c.after, $2
+    FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::bigint[], $19::bigint[], $20::bigint[])
+         WITH ORDINALITY AS c (id, call_id, u, d, amount, fee, after, n)
+    ORDER BY c.n
+), account AS (
+    UPDATE accounts a SET balance = a.balance + v.b, held = a.held + v.h
+    FROM unnest($21::bigint[], $22::bigint[], $23::bigint[]) AS v (id, b, h) WHERE a.id = v.id
+), key AS (
+    UPDATE keys k SET held = k.held + v.h, spent = k.spent + v.s
+    FROM unnest($24::text[], $25::bigint[], $26::bigint[]) AS v (id, h, s) WHERE k.id = v.id
+)
+SELECT CASE WHEN $27::text IS NULL THEN NULL ELSE set_config('synchronous_commit', $27::text, true) END
+"""
+
+
+def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the caller was cancelled; what the batch wrote stands
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -214,21 +444,30 @@ class PostgresLedger:
         schema: str | None = None,
         min_size: int = 1,
         max_size: int = 10,
+        batch_workers: int = BATCH_WORKERS,
     ) -> None:
         if schema is not None and not _SCHEMA_NAME.match(schema):
             raise InvalidInput(
                 f"schema name {schema!r} must be 1-63 letters, digits or '_' (not starting with a digit)"
             )
+        if not 1 <= batch_workers <= SETTLE_POOL_SIZE:
+            raise InvalidInput(f"batch_workers must be between 1 and {SETTLE_POOL_SIZE}, got {batch_workers!r}")
         self.dsn = dsn
         self.schema = schema
         self._clock = clock
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
-        # Captures and voids get connections of their own: queued behind a burst of new holds they
-        # would leave delivered calls uncaptured for long enough that a crash loses the charge.
+        # The group-commit batches (holds, captures, voids, renewals) run on connections of their
+        # own, never queued behind reads or top-ups for a pooled connection.
         self._settle_pool: asyncpg.Pool | None = None
         self._system: dict[AccountKind, int] = {}
+        # Group commit (see ``_submit``): queued operations, the call ids of batches in flight, and
+        # the tasks draining the queue (at most ``batch_workers``).
+        self._batch_workers = batch_workers
+        self._queue: deque[_Op] = deque()
+        self._busy: set[str] = set()
+        self._drainers: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -249,11 +488,13 @@ class PostgresLedger:
                 server_settings=settings,
                 timeout=ACQUIRE_TIMEOUT_S,
             )
+            # The batch statements take arrays: a custom plan per execution costs more than the
+            # batch itself, and the generic plan (index lookups per element) fits every size.
             self._settle_pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=1,
                 max_size=SETTLE_POOL_SIZE,
-                server_settings=settings,
+                server_settings=settings | {"plan_cache_mode": "force_generic_plan"},
                 timeout=ACQUIRE_TIMEOUT_S,
             )
         except _CONNECTION_ERRORS as exc:
@@ -270,6 +511,8 @@ class PostgresLedger:
             raise
 
     async def close(self) -> None:
+        if self._drainers:  # let operations already queued finish (or fail) before the pools go
+            await asyncio.wait(set(self._drainers), timeout=DRAIN_ON_CLOSE_S)
         pools = (self._pool, self._settle_pool)
         self._pool = self._settle_pool = None
         for pool in pools:
@@ -344,18 +587,23 @@ class PostgresLedger:
         isolation: str = "read_committed",
         readonly: bool = False,
         settle: bool = False,
+        conn: Conn | None = None,
     ) -> T:
-        """Run ``fn`` as one transaction. Re-run it after a serialization failure or deadlock only
-        when ``idempotent`` (see the module docstring); map database errors to gateway errors."""
+        """Run ``fn`` as one transaction (on ``conn`` when given, else on a pooled connection). Re-run
+        it after a serialization failure or deadlock only when ``idempotent`` (see the module
+        docstring); map database errors to gateway errors."""
         attempt = 0
         while True:
             attempt += 1
             try:
+                if conn is not None:
+                    async with conn.transaction(isolation=isolation, readonly=readonly):
+                        return await fn(conn)
                 async with (
-                    self._connection(settle=settle) as conn,
-                    conn.transaction(isolation=isolation, readonly=readonly),
+                    self._connection(settle=settle) as pooled,
+                    pooled.transaction(isolation=isolation, readonly=readonly),
                 ):
-                    return await fn(conn)
+                    return await fn(pooled)
             except _Rollback as rollback:
                 return rollback.result  # type: ignore[return-value]
             except _RaceLost:
@@ -386,6 +634,420 @@ class PostgresLedger:
     async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``fn`` in one REPEATABLE READ, READ ONLY transaction: one consistent snapshot."""
         return await self._run(fn, idempotent=True, isolation="repeatable_read", readonly=True)
+
+    # --- group commit of holds, captures, voids and lease renewals -------------------------------
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, op: _Op) -> Any:
+        """Queue a hold, capture, void or renewal and wait for its own outcome.
+
+        Group commit: operations that arrive while a batch is in flight wait in ``_queue``; a
+        drainer task (``_drain``) takes them all as the next batch and runs it as ONE transaction
+        (``_tx_batch``), so a user's account row is locked, updated and committed once per batch
+        instead of once per call. Each operation is checked on its own, in arrival order, against
+        the rows the batch locked, and gets exactly the result or exception it would get alone; a
+        refused or failing operation writes nothing and does not disturb the others. A batch holds
+        at most one operation per call id (a later one waits for the next batch), so an operation
+        always sees the committed outcome of an earlier one on the same call.
+
+        A caller cancelled before its batch starts is dropped (nothing written); once the batch has
+        started, its write stands, as when a COMMIT is under way."""
+        if self._settle_pool is None:
+            raise Unavailable("the ledger is not open")
+        self._queue.append(op)
+        if len(self._drainers) < self._batch_workers:
+            self._drainers.add(asyncio.get_running_loop().create_task(self._drain()))
+        return await op.future
+
+    async def _drain(self) -> None:
+        """Run batches until the queue holds nothing this drainer may take, on one connection kept
+        while there is work (the pool resets a connection, a round trip, each time it is released).
+
+        The queue is checked again after the connection is released, and the drainer leaves
+        ``_drainers`` with no await in between: an operation queued at any moment is either taken
+        here or finds no drainer and starts one."""
+        batch: list[_Op] = []
+        try:
+            while True:
+                if not batch:
+                    batch = self._take_batch()
+                    if not batch:
+                        return
+                try:
+                    async with self._connection(settle=True) as conn:
+                        while batch:
+                            await self._run_batch(batch, conn)
+                            batch = self._take_batch()
+                            if conn.is_closed():  # lost during the batch: the pool replaces it
+                                break
+                except GatewayError as exc:  # the ledger is not open
+                    self._answer(batch, [(False, exc)] * len(batch))
+                    batch = []
+                except _CONNECTION_ERRORS as exc:  # no connection to be had: the batch in hand never ran
+                    error = Unavailable(
+                        f"cannot reach the ledger database ({type(exc).__name__}: {exc}); nothing was written",
+                        hint="Retry shortly; check that PostgreSQL is up",
+                    )
+                    self._answer(batch, [(False, error)] * len(batch))
+                    batch = []
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._drainers.discard(task)
+
+    def _take_batch(self) -> list[_Op]:
+        """The next batch: queued operations in arrival order, skipping cancelled ones; an operation
+        on a call id already in this batch (or in a batch in flight) stays queued, in order. Its
+        call ids are busy until ``_answer``."""
+        batch: list[_Op] = []
+        calls: set[str] = set()
+        deferred: list[_Op] = []
+        while self._queue and len(batch) < MAX_BATCH:
+            op = self._queue.popleft()
+            if op.future.done():  # its caller was cancelled before the batch began: nothing written
+                continue
+            call = _call_of(op)
+            if call is not None:
+                if call in calls or call in self._busy:
+                    deferred.append(op)
+                    continue
+                calls.add(call)
+            batch.append(op)
+        self._queue.extendleft(reversed(deferred))
+        self._busy |= calls
+        return batch
+
+    def _answer(self, batch: Sequence[_Op], outcomes: Sequence[tuple[bool, Any]]) -> None:
+        """Give each caller of ``batch`` its (ok, result or exception); its call ids are free again."""
+        for op, (ok, value) in zip(batch, outcomes, strict=True):
+            _deliver(op.future, ok, value)
+            if (call := _call_of(op)) is not None:
+                self._busy.discard(call)
+
+    async def _run_batch(self, batch: list[_Op], conn: Conn) -> None:
+        """Run one batch on ``conn`` and answer each of its callers. A database error the
+        per-operation checks did not foresee (a constraint, say) rolls the batch back: its
+        operations are then run one transaction each, so only the operation at fault fails."""
+        outcomes: list[tuple[bool, Any]]
+        try:
+            try:
+                outcomes = await self._run(lambda c: self._tx_batch(c, batch), idempotent=True, conn=conn)
+            except GatewayError as exc:
+                unforeseen = not isinstance(exc, Unavailable) and isinstance(exc.__cause__, asyncpg.PostgresError)
+                if unforeseen and len(batch) > 1:
+                    outcomes = await self._run_singly(batch)
+                else:
+                    outcomes = [(False, exc)] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - a bug in the batch code: every caller gets the error
+            outcomes = [(False, exc)] * len(batch)
+        except BaseException:  # cancelled (the loop is closing): the callers must not wait forever
+            self._answer(batch, [(False, Unavailable("the ledger was closed while the operation ran"))] * len(batch))
+            raise
+        self._answer(batch, outcomes)
+
+    async def _run_singly(self, batch: Sequence[_Op]) -> list[tuple[bool, Any]]:
+        """Each operation of a batch as a transaction of its own (``_single_*``)."""
+        outcomes: list[tuple[bool, Any]] = []
+        for op in batch:
+            if op.future.done():  # its caller is gone; the batch wrote nothing for it
+                outcomes.append((True, None))
+                continue
+            try:
+                if isinstance(op, _HoldOp):
+                    outcomes.append((True, await self._single_hold(op.req)))
+                elif isinstance(op, _CaptureOp):
+                    outcomes.append((True, await self._single_capture(op.call_id, op.amount)))
+                elif isinstance(op, _VoidOp):
+                    outcomes.append((True, await self._single_void(op.call_id)))
+                else:
+                    await self._single_renew(op.call_ids, op.lease_s)
+                    outcomes.append((True, None))
+            except Exception as exc:  # noqa: BLE001 - this operation's caller gets it; the others go on
+                outcomes.append((False, exc))
+        return outcomes
+
+    async def _tx_batch(self, conn: Conn, batch: Sequence[_Op]) -> list[tuple[bool, Any]]:
+        """One batch as one transaction; each operation's (ok, result or exception), in order.
+
+        One statement (``_LOCK_BATCH``) inserts the new holds and locks, in the one global order,
+        the keyed rows (the existing holds the batch settles, replays or renews, ``FOR NO KEY
+        UPDATE`` in call id order; the new holds, inserted in call id order), then accounts by id,
+        then keys by id. Balances, held amounts and spending caps are read from the locked rows;
+        every guard is checked per operation, in arrival order, in Python; then everything is
+        written in one statement (``_WRITE_BATCH``): one UPDATE per changed account or key row with
+        its summed deltas, one multi-row INSERT per table, refused holds deleted again.
+
+        A batch without a capture commits with ``synchronous_commit = off``: its holds, voids and
+        lease renewals are visible to every replica once it commits, but not forced to disk (a crash
+        voids them anyway). A batch with a capture commits durably before any caller is answered.
+        Round trips: BEGIN, ``_LOCK_BATCH``, ``_WRITE_BATCH``, COMMIT (and a read of the earlier
+        charges when a capture is repeated)."""
+        now = self._clock()
+        results: dict[int, tuple[bool, Any]] = {}
+        reqs = [(i, op.req) for i, op in enumerate(batch) if isinstance(op, _HoldOp)]
+        lock_calls: set[str] = {req.call_id for _, req in reqs}  # a new hold's call id may be a replay
+        settle_calls: set[str] = set()
+        capture_calls: set[str] = set()
+        for op in batch:
+            if isinstance(op, _CaptureOp):
+                capture_calls.add(op.call_id)
+            elif isinstance(op, _VoidOp):
+                settle_calls.add(op.call_id)
+            elif isinstance(op, _RenewOp):
+                lock_calls.update(op.call_ids)
+        settle_calls |= capture_calls
+        lock_calls |= settle_calls
+
+        # 1. one statement: insert the new holds, lock the holds, accounts and keys the batch touches
+        holds: dict[str, _HoldRow] = {}
+        accounts: dict[int, _Balance] = {}
+        keys: dict[str, _KeyCap] = {}
+        resolved: dict[int, Row] = {}  # position in ``reqs`` -> (user id, developer id, key owner, inserted)
+        for r in await conn.fetch(
+            _LOCK_BATCH,
+            *([getattr(req, name) for _, req in reqs] for name in _HOLD_FIELDS),
+            [float(req.lease_s) for _, req in reqs],
+            now,
+            sorted(lock_calls),
+            [self._system[AccountKind.PLATFORM_FEE]] if capture_calls else [],
+            sorted(settle_calls),
+            sorted(capture_calls),
+        ):
+            if r[0] == 1:
+                holds[r[1]] = _HoldRow(r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11])
+            elif r[0] == 2:
+                accounts[r[3]] = _Balance(r[2], r[1], int(r[4]), int(r[5]))
+            elif r[0] == 3:
+                keys[r[1]] = _KeyCap(None if r[3] is None else int(r[3]), int(r[4]), int(r[5]))
+            else:
+                resolved[int(r[6]) - 1] = r
+        inserted: set[str] = set()
+        parties: dict[int, tuple[int, int]] = {}
+        for n, (i, req) in enumerate(reqs):
+            row = resolved[n]
+            if row[7] is not None:
+                inserted.add(req.call_id)
+                parties[i] = (int(row[3]), int(row[4]))
+                continue
+            try:  # not inserted: a replay, or a user, developer or key that does not resolve
+                parties[i] = self._check_parties(req, (row[3], row[4], row[5]))
+            except GatewayError as exc:
+                results[i] = (False, exc)
+
+        # 2. every operation checked and applied in arrival order
+        writes = _Writes()
+        replayed_charges: dict[int, str] = {}
+        for i, op in enumerate(batch):
+            if i in results:
+                continue
+            value: Any = None
+            try:
+                if isinstance(op, _HoldOp):
+                    is_new = op.req.call_id in inserted
+                    value = self._batch_hold(op.req, parties[i], is_new, holds, accounts, keys, writes)
+                elif isinstance(op, _CaptureOp):
+                    captured = self._batch_capture(op, holds, accounts, keys, writes, now)
+                    if isinstance(captured, str):
+                        replayed_charges[i] = captured
+                    else:
+                        value = captured
+                elif isinstance(op, _VoidOp):
+                    value = self._batch_void(op.call_id, holds, accounts, keys, writes)
+                else:
+                    expires = now + op.lease_s
+                    for call_id in op.call_ids:
+                        hold = holds.get(call_id)
+                        if hold is not None and hold.state == HoldState.PENDING:
+                            writes.leases[call_id] = expires
+            except GatewayError as exc:
+                results[i] = (False, exc)
+            else:
+                results[i] = (True, value)
+
+        # 3. the writes, then the charges that replayed captures return
+        await self._write_batch(conn, writes, accounts, keys, now, durable=bool(capture_calls))
+        if replayed_charges:
+            rows = await conn.fetch(
+                f"SELECT {_CHARGE_COLUMNS} WHERE c.id = ANY($1::text[])", sorted(set(replayed_charges.values()))
+            )
+            by_id = {row[0]: _charge(row) for row in rows}
+            for i, charge_id in replayed_charges.items():
+                results[i] = (True, by_id[charge_id])
+        return [results[i] for i in range(len(batch))]
+
+    @staticmethod
+    def _batch_hold(
+        req: HoldRequest,
+        parties: tuple[int, int],
+        is_new: bool,
+        holds: dict[str, _HoldRow],
+        accounts: dict[int, _Balance],
+        keys: dict[str, _KeyCap],
+        writes: _Writes,
+    ) -> HoldOutcome:
+        """``hold``'s checks and outcome (see ``_reserve``), against the batch's locked rows."""
+        user_id, developer_id = parties
+        account = accounts[user_id]
+        key = None if req.key_id is None else keys[req.key_id]
+        remaining = None if key is None else key.remaining
+        if not is_new:
+            stored = holds.get(req.call_id)
+            if stored is None:  # committed after this statement's snapshot was taken: run the batch again
+                raise _RaceLost
+            if (stored.user_id, stored.developer_id, stored.server, stored.name, stored.amount) != (
+                user_id,
+                developer_id,
+                req.server,
+                req.name,
+                req.amount,
+            ):
+                raise IdempotencyConflict(
+                    f"call id {req.call_id!r} was already used for a different user, developer, server, name or amount"
+                )
+            return HoldOutcome(HoldStatus.REPLAYED, available=account.available, spend_remaining=remaining)
+        if account.available < req.amount:
+            writes.refused.append(req.call_id)
+            return HoldOutcome(HoldStatus.INSUFFICIENT_FUNDS, available=account.available, spend_remaining=remaining)
+        if key is not None and key.spend_limit is not None and key.spent + key.held + req.amount > key.spend_limit:
+            writes.refused.append(req.call_id)
+            return HoldOutcome(HoldStatus.SPEND_LIMIT, available=account.available, spend_remaining=remaining)
+        account.add(0, req.amount)
+        if key is not None:
+            key.add(0, req.amount)
+        holds[req.call_id] = _HoldRow(
+            req.key_id,
+            user_id,
+            developer_id,
+            req.amount,
+            req.fee,
+            HoldState.PENDING,
+            None,
+            req.server,
+            req.method,
+            req.name,
+        )
+        return HoldOutcome(
+            HoldStatus.OK, available=account.available, spend_remaining=None if key is None else key.remaining
+        )
+
+    def _batch_capture(
+        self,
+        op: _CaptureOp,
+        holds: dict[str, _HoldRow],
+        accounts: dict[int, _Balance],
+        keys: dict[str, _KeyCap],
+        writes: _Writes,
+        now: float,
+    ) -> Charge | str:
+        """``_tx_capture`` against the batch's locked rows: the new Charge, or the id of the charge an
+        earlier capture of the call made."""
+        call_id = op.call_id
+        hold = holds.get(call_id)
+        if hold is None:
+            raise NotFound(f"no hold for call {call_id!r}")
+        if hold.state == HoldState.CAPTURED:
+            assert hold.charge_id is not None
+            return hold.charge_id
+        if hold.state == HoldState.VOIDED:
+            raise Conflict(f"the hold for call {call_id!r} was voided; it cannot be captured")
+        amount = hold.amount if op.amount is None else op.amount
+        if amount > hold.amount:
+            raise InvalidInput(
+                f"cannot capture {format_cents(amount)} cents: the hold for call {call_id!r} "
+                f"reserved only {format_cents(hold.amount)}"
+            )
+        fee = hold.fee * amount // hold.amount
+        platform = self._system[AccountKind.PLATFORM_FEE]
+        legs = [(hold.user_id, -amount), (hold.developer_id, amount - fee), (platform, fee)]
+        user, developer = accounts[hold.user_id], accounts[hold.developer_id]
+        # the guard of _post: no leg may take an account's available balance below zero
+        if user.available + hold.amount - amount < 0 or any(
+            accounts[account].available + value < 0 for account, value in legs[1:]
+        ):
+            raise Conflict(f"the ledger refused a capture of call {call_id!r} that would overdraw an account")
+        user.add(-amount, -hold.amount)
+        developer.add(amount - fee, 0)
+        accounts[platform].add(fee, 0)
+        if hold.key_id is not None:
+            keys[hold.key_id].add(amount, -hold.amount)
+        charge_id = "ch_" + call_id  # as in _tx_capture
+        hold.state, hold.charge_id = HoldState.CAPTURED, charge_id
+        balance_after = user.available
+        writes.transfers.append((charge_id, amount, call_id, hold.user_id))
+        writes.postings.extend((charge_id, account, value) for account, value in legs if value != 0)
+        writes.charges.append((charge_id, call_id, hold.user_id, hold.developer_id, amount, fee, balance_after))
+        writes.settled[call_id] = (HoldState.CAPTURED, charge_id)
+        return Charge(
+            id=charge_id,
+            call_id=call_id,
+            user=user.name,
+            developer=developer.name,
+            server=hold.server,
+            method=hold.method,
+            name=hold.name,
+            amount=amount,
+            fee=fee,
+            refunded=0,
+            created_at=now,
+            balance_after=balance_after,
+        )
+
+    @staticmethod
+    def _batch_void(
+        call_id: str,
+        holds: dict[str, _HoldRow],
+        accounts: dict[int, _Balance],
+        keys: dict[str, _KeyCap],
+        writes: _Writes,
+    ) -> bool:
+        hold = holds.get(call_id)
+        if hold is None or hold.state != HoldState.PENDING:
+            return False
+        accounts[hold.user_id].add(0, -hold.amount)
+        if hold.key_id is not None:
+            keys[hold.key_id].add(0, -hold.amount)
+        hold.state = HoldState.VOIDED
+        writes.settled[call_id] = (HoldState.VOIDED, None)
+        return True
+
+    @staticmethod
+    async def _write_batch(
+        conn: Conn,
+        writes: _Writes,
+        accounts: dict[int, _Balance],
+        keys: dict[str, _KeyCap],
+        now: float,
+        *,
+        durable: bool,
+    ) -> None:
+        """Write what a batch decided, in one statement (``_WRITE_BATCH``)."""
+        changed = sorted(writes.settled.keys() | writes.leases.keys())
+        moved = sorted((account_id, a) for account_id, a in accounts.items() if a.d_balance or a.d_held)
+        capped = sorted((key_id, k) for key_id, k in keys.items() if k.d_spent or k.d_held)
+        if not (writes.refused or writes.transfers or changed or moved or capped):
+            return  # nothing changed (a replay, a refused void): nothing to commit but row locks
+        settled = [writes.settled.get(call_id) for call_id in changed]
+        await conn.execute(
+            _WRITE_BATCH,
+            writes.refused,
+            now,
+            *([t[j] for t in writes.transfers] for j in range(4)),
+            changed,
+            [None if s is None else s[0] for s in settled],
+            [None if s is None else s[1] for s in settled],
+            [writes.leases.get(call_id) for call_id in changed],
+            *([p[j] for p in writes.postings] for j in range(3)),
+            *([c[j] for c in writes.charges] for j in range(7)),
+            [account_id for account_id, _ in moved],
+            [a.d_balance for _, a in moved],
+            [a.d_held for _, a in moved],
+            [key_id for key_id, _ in capped],
+            [k.d_held for _, k in capped],
+            [k.d_spent for _, k in capped],
+            None if durable else "off",
+        )
 
     # --- helpers (run inside a transaction) -----------------------------------------------------
     @staticmethod
@@ -692,6 +1354,11 @@ class PostgresLedger:
             req.developer,
             req.key_id,
         )
+        return self._check_parties(req, row)
+
+    @staticmethod
+    def _check_parties(req: HoldRequest, row: Sequence[Any]) -> tuple[int, int]:
+        """(user id, developer id) from a row of (user id, developer id, key owner) looked up for ``req``."""
         user_id, developer_id, key_owner = row[0], row[1], row[2]
         if user_id is None:
             raise NotFound(f"no user named {req.user!r}")
@@ -778,6 +1445,11 @@ class PostgresLedger:
 
     async def hold(self, req: HoldRequest) -> HoldOutcome:
         self._check_hold_request(req)
+        outcome: HoldOutcome = await self._submit(_HoldOp(req, self._future()))
+        return outcome
+
+    async def _single_hold(self, req: HoldRequest) -> HoldOutcome:
+        """``hold`` as a transaction of its own (when a batch has to be split up)."""
 
         async def tx(conn: Conn) -> HoldOutcome:
             user_id, developer_id = await self._parties(conn, req)
@@ -795,7 +1467,10 @@ class PostgresLedger:
     async def capture(self, call_id: str, amount: int | None = None) -> Charge:
         if amount is not None:
             _require_amount(amount, "capture amount")
+        charge: Charge = await self._submit(_CaptureOp(call_id, amount, self._future()))
+        return charge
 
+    async def _single_capture(self, call_id: str, amount: int | None) -> Charge:
         async def tx(conn: Conn) -> Charge:
             return await self._tx_capture(conn, call_id, amount)
 
@@ -913,7 +1588,10 @@ class PostgresLedger:
 
     async def void(self, call_id: str) -> bool:
         """Release a pending hold. False when it was not pending, or no such hold exists."""
+        released: bool = await self._submit(_VoidOp(call_id, self._future()))
+        return released
 
+    async def _single_void(self, call_id: str) -> bool:
         async def tx(conn: Conn) -> bool:
             rows = await conn.fetch(
                 "UPDATE holds SET state = 'voided', settled_at = $1 WHERE call_id = $2 AND state = 'pending' "
@@ -943,7 +1621,9 @@ class PostgresLedger:
     async def renew(self, call_ids: Sequence[str], lease_s: float) -> None:
         if not call_ids:
             return
+        await self._submit(_RenewOp(tuple(call_ids), lease_s, self._future()))
 
+    async def _single_renew(self, call_ids: Sequence[str], lease_s: float) -> None:
         async def tx(conn: Conn) -> None:
             await conn.execute(
                 "WITH claimed AS (SELECT call_id FROM holds WHERE call_id = ANY($2::text[]) AND state = 'pending' "
