@@ -13,10 +13,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway import jsonrpc, proxy
+from gateway import jsonrpc, logs, proxy
 from gateway.auth import Authenticator
 from gateway.billing import Billing, spawn
 from gateway.config import GatewayConfig
+from gateway.deadlines import Deadlines
 from gateway.errors import AuthError, ConfigError, GatewayError, MethodNotAllowed, MissingKey
 from gateway.ledger import open_ledger
 from gateway.ledger.base import Ledger
@@ -24,11 +25,11 @@ from gateway.limits import KeyLimits, TooManyRequests
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_document
 from gateway.reload import PriceBook
-from gateway.routing import redact_path
+from gateway.routing import Router, redact_path
 from gateway.runtime import RUNTIME, Runtime
 from gateway.service_api import ServiceApi
 from gateway.sessions import Sessions, SessionSigner
-from gateway.upstream import new_session
+from gateway.upstream_client import UpstreamClient
 
 log = structlog.get_logger("gateway")
 _KNOWN_METHODS = frozenset(
@@ -100,15 +101,12 @@ async def canonical_log(
     finally:
         fields["status"] = status
         fields["ms"] = round((time.perf_counter() - started) * 1000, 2)
-        rt = request.app[RUNTIME]
         if "server" in fields:
             method = fields.get("method", request.method)
-            rt.metrics.requests.labels(
-                server=fields["server"],
-                method=method if method in _KNOWN_METHODS else "other",
-                outcome=fields.get("outcome", "error"),
-            ).inc()
-        log.info("request", **fields)
+            request.app[RUNTIME].metrics.count_request(
+                fields["server"], method if method in _KNOWN_METHODS else "other", fields.get("outcome", "error")
+            )
+        logs.info_fields(log, "request", fields)
 
 
 async def _not_found(request: web.Request) -> web.Response:
@@ -189,6 +187,9 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
     rt.hosts = {host.lower(): name for name, srv in config.servers.items() for host in srv.hosts}
     metrics.track_pending(lambda: billing.inflight)
     app[RUNTIME] = rt
+    app[proxy.DEADLINES] = Deadlines()
+    app[proxy.UPSTREAMS] = {}
+    app[proxy.ROUTER] = Router(frozenset(config.servers), rt.hosts)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_start_draining)
     service = ServiceApi(the_ledger, rt.auth, frozenset(config.servers))
@@ -227,7 +228,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await check_owners(config, rt.ledger)
         for server in config.servers.values():
             if server.upstream is not None:
-                rt.upstreams[server.name] = new_session(
+                app[proxy.UPSTREAMS][server.name] = UpstreamClient(
                     connect_timeout_s=server.connect_timeout_s, max_connections=server.max_connections
                 )
         spawn(rt.prices.watch(), tasks)
@@ -248,6 +249,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for session in rt.upstreams.values():
-            await session.close()
+        for client in app[proxy.UPSTREAMS].values():
+            await client.close()
+        app[proxy.DEADLINES].close()
         await rt.ledger.close()

@@ -33,10 +33,19 @@ class Authenticator:
 
     async def lookup(self, secret: str) -> KeyRecord | None:
         digest = hash_secret(secret)
-        now = self._clock()
+        cached = self._cached(digest)
+        if cached is not None:
+            return cached
+        return await self._fetch(digest)
+
+    def _cached(self, digest: str) -> KeyRecord | None:
         cached = self._cache.get(digest)
-        if cached is not None and now - cached[1] < self._cache_s:
+        if cached is not None and self._clock() - cached[1] < self._cache_s:
             return cached[0]
+        return None
+
+    async def _fetch(self, digest: str) -> KeyRecord | None:
+        now = self._clock()
         record = await self._ledger.find_key(digest)
         if record is not None:
             if len(self._cache) >= _MAX_CACHE:
@@ -48,10 +57,12 @@ class Authenticator:
         """The key record for a secret valid on ``server``, or an AuthError saying what is wrong."""
         if not secret:
             raise MissingKey(f"No API key was sent for server {server!r}")
-        record = await self.lookup(secret)
-        shown = display_prefix(secret)
+        digest = hash_secret(secret)
+        record = self._cached(digest)  # a cache hit needs no await
         if record is None:
-            raise InvalidKey(f"The API key {shown} is not a valid AgentPay key")
+            record = await self._fetch(digest)
+        if record is None:
+            raise InvalidKey(f"The API key {display_prefix(secret)} is not a valid AgentPay key")
         if record.revoked_at is not None:
             raise RevokedKey(f"The API key {record.prefix} has been revoked")
         if record.expires_at is not None and record.expires_at <= self._wall():

@@ -8,19 +8,19 @@ voids lapsed holds of crashed processes, and settlement tasks that survive handl
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Coroutine
 from typing import Any
 
 import structlog
 
+from gateway.ids import time_ordered_hex
 from gateway.ledger.base import HoldOutcome, HoldRequest, Ledger
 
 log = structlog.get_logger("gateway.billing")
 
 
 def new_call_id() -> str:
-    return uuid.uuid4().hex
+    return time_ordered_hex()
 
 
 def charge_id_for(call_id: str) -> str:

@@ -30,7 +30,8 @@ class _Bucket:
 
 
 class KeyLimits:
-    """``acquire(key)`` before a request, ``release(key)`` after; raises TooManyRequests."""
+    """``acquire(key)`` before a request, ``release(key)`` after; raises TooManyRequests. With both
+    limits off (0) nothing is tracked: ``inflight`` is then 0."""
 
     def __init__(
         self,
@@ -43,11 +44,14 @@ class KeyLimits:
         self.max_concurrent = max_concurrent
         self.rate = rate_per_s
         self.burst = burst
+        self.enabled = max_concurrent > 0 or rate_per_s > 0  # else nothing is counted or refused
         self._clock = clock
         self._inflight: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
 
     def acquire(self, key_id: str) -> None:
+        if not self.enabled:
+            return
         now = self._clock()
         if self.rate > 0:
             bucket = self._buckets.get(key_id)
@@ -72,6 +76,8 @@ class KeyLimits:
         self._inflight[key_id] = current + 1
 
     def release(self, key_id: str) -> None:
+        if not self.enabled:
+            return
         current = self._inflight.get(key_id, 0) - 1
         if current <= 0:
             self._inflight.pop(key_id, None)

@@ -45,6 +45,39 @@ class Metrics:
             ["digest"],
             registry=self.registry,
         )
+        # Counts made on the request path are kept as plain integers and added to the counters above
+        # when the metrics are rendered (the only way they are read, so a scrape sees every count):
+        # ``labels(...).inc()`` validates and takes a lock each time, a dict update does not. Label
+        # sets are bounded (servers from the config, known methods, a fixed set of outcomes).
+        self._request_counts: dict[tuple[str, str, str], int] = {}
+        self._charge_counts: dict[str, list[int]] = {}  # server -> [charges, millicents]
+        self._latency: dict[str, Histogram] = {}  # server -> its histogram child
+
+    def count_request(self, server: str, method: str, outcome: str) -> None:
+        key = (server, method, outcome)
+        self._request_counts[key] = self._request_counts.get(key, 0) + 1
+
+    def count_charge(self, server: str, millicents: int) -> None:
+        counts = self._charge_counts.get(server)
+        if counts is None:
+            counts = self._charge_counts[server] = [0, 0]
+        counts[0] += 1
+        counts[1] += millicents
+
+    def observe_upstream(self, server: str, seconds: float) -> None:
+        child = self._latency.get(server)
+        if child is None:
+            child = self._latency[server] = self.upstream_latency.labels(server=server)
+        child.observe(seconds)
+
+    def _add_counts(self) -> None:
+        requests, self._request_counts = self._request_counts, {}
+        for (server, method, outcome), count in requests.items():
+            self.requests.labels(server=server, method=method, outcome=outcome).inc(count)
+        charges, self._charge_counts = self._charge_counts, {}
+        for server, (count, millicents) in charges.items():
+            self.charges.labels(server=server).inc(count)
+            self.charged_millicents.labels(server=server).inc(millicents)
 
     def track_pending(self, count: Callable[[], int]) -> None:
         self.pending_holds.set_function(lambda: float(count()))
@@ -54,4 +87,5 @@ class Metrics:
         self.price_table.labels(digest=digest).set(1)
 
     def render(self) -> bytes:
+        self._add_counts()
         return generate_latest(self.registry)

@@ -25,6 +25,7 @@ from aiohttp import web
 from gateway import jsonrpc, sse
 from gateway.billing import charge_id_for, new_call_id
 from gateway.config import GatewayConfig, ServerConfig
+from gateway.deadlines import Deadlines
 from gateway.errors import (
     PAYMENT_REQUIRED,
     BadRequest,
@@ -41,16 +42,21 @@ from gateway.keys import key_from_headers
 from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus, KeyRecord
 from gateway.money import format_cents
 from gateway.pricing import PriceTable
-from gateway.routing import Route, resolve
+from gateway.routing import Route, Router
 from gateway.runtime import RUNTIME, Runtime
 from gateway.sessions import Call, LegacyChannel
 from gateway.upstream import ForwardedFor, downstream_headers, upstream_headers
+from gateway.upstream_client import UpstreamClient, UpstreamResponse
 
 LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields", dict)
+DEADLINES: web.AppKey[Deadlines] = web.AppKey("deadlines", Deadlines)  # the request path's timeouts
+UPSTREAMS: web.AppKey[dict[str, UpstreamClient]] = web.AppKey("upstreams", dict)  # server -> its client
+ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 PRICE_META = "io.agentpay/price"
 RECEIPT_META = "io.agentpay/receipt"
 PAYMENT_META = "io.agentpay/payment_required"
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_SMALLER_BODY = "Send a smaller request"
 _CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 
@@ -91,26 +97,22 @@ class Context:
     route: Route
     server: ServerConfig
     key: KeyRecord
+    fields: dict[str, Any]  # the request's canonical log line
+    deadlines: Deadlines
     upstream_session: str | None = None  # the upstream's own Mcp-Session-Id (the client sees it signed)
-
-    @property
-    def fields(self) -> dict[str, Any]:
-        return self.request[LOG_FIELDS]
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     fields = request[LOG_FIELDS]
-    route = resolve(
-        request.headers.get("Host"),
-        request.rel_url.raw_path,
-        servers=rt.config.servers.keys(),
-        hosts=rt.hosts,
-    )
+    headers = request.headers
+    route = request.app[ROUTER].resolve(headers.get("Host"), request.rel_url.raw_path)
     server = rt.config.servers[route.server]
     fields["server"] = server.name
-    _check_origin(request.headers.get("Origin"), server, rt.config)
-    key = await rt.auth.authenticate(route.path_key or key_from_headers(request.headers), server.name)
+    origin = headers.get("Origin")
+    if origin is not None:
+        _check_origin(origin, server, rt.config)
+    key = await rt.auth.authenticate(route.path_key or key_from_headers(headers), server.name)
     fields["key"] = key.prefix
     if server.upstream is None:
         raise UnknownServer(
@@ -119,7 +121,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
     rt.limits.acquire(key.id)
     try:
-        return await _dispatch(Context(request, rt, route, server, key))
+        return await _dispatch(Context(request, rt, route, server, key, fields, request.app[DEADLINES]))
     finally:
         rt.limits.release(key.id)
 
@@ -154,8 +156,8 @@ async def _dispatch(ctx: Context) -> web.StreamResponse:
     raise MethodNotAllowed(f"Method {request.method} is not supported on an MCP endpoint", allow="POST, GET, DELETE")
 
 
-def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfig) -> None:
-    if origin is None or origin.lower().rstrip("/") in config.allowed_origins:
+def _check_origin(origin: str, server: ServerConfig, config: GatewayConfig) -> None:
+    if origin.lower().rstrip("/") in config.allowed_origins:
         return
     try:
         host = urlsplit(origin).hostname
@@ -169,18 +171,34 @@ def _check_origin(origin: str | None, server: ServerConfig, config: GatewayConfi
     )
 
 
-async def _read_body(request: web.Request, config: GatewayConfig) -> bytes:
+def _body_if_arrived(request: web.Request, config: GatewayConfig) -> bytes | None:
+    """The request body if it has all arrived with the head (the usual case), else None."""
     limit = config.max_body_bytes
-    hint = "Send a smaller request"
     if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"The request body is {request.content_length} bytes; the limit is {limit}", hint=hint)
+        raise BodyTooLarge(
+            f"The request body is {request.content_length} bytes; the limit is {limit}", hint=_SMALLER_BODY
+        )
+    content = request.content
+    if not content.is_eof():
+        return None
+    body = content.read_nowait()
+    if len(body) > limit:
+        raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=_SMALLER_BODY)
+    return body
+
+
+async def _read_body(request: web.Request, config: GatewayConfig, deadlines: Deadlines) -> bytes:
+    body = _body_if_arrived(request, config)
+    if body is not None:
+        return body
+    limit = config.max_body_bytes
     chunks = bytearray()
     try:
-        async with asyncio.timeout(config.client_body_timeout_s):
+        async with deadlines.timeout(config.client_body_timeout_s):
             async for chunk in request.content.iter_any():
                 chunks += chunk
                 if len(chunks) > limit:
-                    raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=hint)
+                    raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=_SMALLER_BODY)
     except TimeoutError:
         raise ClientTooSlow(
             f"The request body did not arrive within {config.client_body_timeout_s:g}s", hint="Send the body promptly"
@@ -217,7 +235,9 @@ async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jso
 
 
 async def _post(ctx: Context, session_id: str | None) -> web.StreamResponse:
-    body = await _read_body(ctx.request, ctx.rt.config)
+    body = _body_if_arrived(ctx.request, ctx.rt.config)
+    if body is None:
+        body = await _read_body(ctx.request, ctx.rt.config, ctx.deadlines)
     exchange = Exchange(ctx.key, session_id, watched=ctx.rt.sessions.pending(session_id))
     incoming, forwarded = await _admit_all(ctx, body, exchange)
     if not forwarded:
@@ -377,7 +397,7 @@ def _is_trusted(peer: str, proxies: tuple[str, ...]) -> bool:
 
 async def _open_upstream(
     ctx: Context, method: str, url: str, *, body: bytes | None, accept_sse: bool = False
-) -> aiohttp.ClientResponse:
+) -> UpstreamResponse:
     server, request = ctx.server, ctx.request
     headers = upstream_headers(
         request.headers, forwarded=_forwarded_for(request, ctx.rt.config), extra=server.upstream_headers
@@ -388,15 +408,13 @@ async def _open_upstream(
         headers["Mcp-Session-Id"] = ctx.upstream_session
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(server.read_timeout_s):
-            upstream = await ctx.rt.upstreams[server.name].request(
-                method, url, data=body, headers=headers, allow_redirects=False
-            )
+        async with ctx.deadlines.timeout(server.read_timeout_s):
+            upstream = await request.app[UPSTREAMS][server.name].request(method, url, data=body, headers=headers)
     except TimeoutError:
         raise UpstreamTimeout(f"Server {server.name!r} did not answer within {server.read_timeout_s:g}s") from None
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamError(f"Server {server.name!r} is unreachable ({type(exc).__name__})") from None
-    ctx.rt.metrics.upstream_latency.labels(server=server.name).observe(time.perf_counter() - started)
+    ctx.rt.metrics.observe_upstream(server.name, time.perf_counter() - started)
     ctx.fields["upstream_status"] = upstream.status
     return upstream
 
@@ -407,7 +425,7 @@ async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> w
     url = server.upstream
     if request.rel_url.query_string:
         url = f"{url}?{request.rel_url.query_string}"
-    upstream: aiohttp.ClientResponse | None = None
+    upstream: UpstreamResponse | None = None
     try:
         upstream = await _open_upstream(ctx, request.method, url, body=body)
         if exchange.lists and not rt.prices.table.has_prices(server.name):
@@ -421,7 +439,8 @@ async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> w
             if upstream.status >= 500:
                 fields["outcome"] = "upstream_error"
             _release(ctx, exchange)
-            return await _stream_raw(ctx, upstream)
+            whole = _whole_answer(ctx, upstream)
+            return whole if whole is not None else await _stream_raw(ctx, upstream)
         if content_type.startswith("text/event-stream"):
             return await _relay_sse(ctx, upstream, exchange)
         return await _relay_json(ctx, upstream, exchange)
@@ -438,7 +457,7 @@ async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> w
             fields["outcome"] = "charged" if exchange.charged else ("refused" if exchange.refusals else "ok")
 
 
-def _client_headers(ctx: Context, upstream: aiohttp.ClientResponse) -> Any:
+def _client_headers(ctx: Context, upstream: UpstreamResponse) -> Any:
     """The upstream's response headers for the client, with its session id signed to the caller's key."""
     headers = downstream_headers(upstream.headers.items())
     session = headers.get("Mcp-Session-Id")
@@ -447,8 +466,31 @@ def _client_headers(ctx: Context, upstream: aiohttp.ClientResponse) -> Any:
     return headers
 
 
-async def _stream_raw(ctx: Context, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Relay status, headers and body untouched, chunk by chunk as they arrive."""
+def _arrived(upstream: UpstreamResponse) -> bytes | None:
+    """The whole response body when it has already arrived, else None. A small answer usually comes
+    in the same packets as its headers: then it is taken as it is, with no wait and so no timer."""
+    content = upstream.content
+    if content.is_eof() and content.exception() is None:
+        return content.read_nowait()
+    return None
+
+
+def _whole_answer(ctx: Context, upstream: UpstreamResponse) -> web.Response | None:
+    """The upstream's answer relayed untouched in one response, if its body has already arrived."""
+    body = _arrived(upstream)
+    if body is None:
+        return None
+    return web.Response(
+        status=upstream.status, reason=upstream.reason, body=body, headers=_client_headers(ctx, upstream)
+    )
+
+
+async def _stream_raw(ctx: Context, upstream: UpstreamResponse) -> web.StreamResponse:
+    """Relay status, headers and body untouched: in one response when the body has already arrived,
+    else chunk by chunk as they arrive."""
+    whole = _whole_answer(ctx, upstream)
+    if whole is not None:
+        return whole
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(_client_headers(ctx, upstream))
     content_length = upstream.headers.get("Content-Length")
@@ -456,7 +498,7 @@ async def _stream_raw(ctx: Context, upstream: aiohttp.ClientResponse) -> web.Str
         response.content_length = int(content_length)
     await response.prepare(ctx.request)
     try:
-        async for chunk in _chunks(upstream, None, ctx.rt.config.stream_idle_timeout_s):
+        async for chunk in _chunks(upstream, None, ctx.rt.config.stream_idle_timeout_s, ctx.deadlines):
             assert isinstance(chunk, bytes)
             await response.write(chunk)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
@@ -469,17 +511,19 @@ async def _stream_raw(ctx: Context, upstream: aiohttp.ClientResponse) -> web.Str
     return response
 
 
-async def _relay_json(ctx: Context, upstream: aiohttp.ClientResponse, exchange: Exchange) -> web.StreamResponse:
+async def _relay_json(ctx: Context, upstream: UpstreamResponse, exchange: Exchange) -> web.StreamResponse:
     server = ctx.server
-    try:
-        async with asyncio.timeout(server.read_timeout_s):
-            raw = await upstream.read()
-    except TimeoutError:
-        raise UpstreamTimeout(
-            f"Server {server.name!r} did not finish its answer within {server.read_timeout_s:g}s"
-        ) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError(f"Server {server.name!r} broke off its answer ({type(exc).__name__})") from None
+    raw = _arrived(upstream)
+    if raw is None:
+        try:
+            async with ctx.deadlines.timeout(server.read_timeout_s):
+                raw = await upstream.read()
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"Server {server.name!r} did not finish its answer within {server.read_timeout_s:g}s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"Server {server.name!r} broke off its answer ({type(exc).__name__})") from None
     to_capture: list[Call] = []
     if raw.strip():
         try:
@@ -495,11 +539,12 @@ async def _relay_json(ctx: Context, upstream: aiohttp.ClientResponse, exchange: 
                 raw = jsonrpc.dumps(value)
     elif exchange.refusals:
         raw = jsonrpc.dumps(exchange.refusals)
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(_client_headers(ctx, upstream))
-    response.content_length = len(raw)
+    # Written here, not by aiohttp after the handler returns: a call is captured only once its
+    # success has been written to the client. Headers and body go out in one write.
+    response = web.Response(
+        status=upstream.status, reason=upstream.reason, body=raw, headers=_client_headers(ctx, upstream)
+    )
     await response.prepare(ctx.request)
-    await response.write(raw)
     await response.write_eof()
     _capture(ctx, exchange, to_capture)
     return response
@@ -507,7 +552,7 @@ async def _relay_json(ctx: Context, upstream: aiohttp.ClientResponse, exchange: 
 
 async def _relay_sse(
     ctx: Context,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     exchange: Exchange,
     *,
     rewrite: Callable[[sse.Event], bytes | None] | None = None,
@@ -523,7 +568,7 @@ async def _relay_sse(
     try:
         for refusal in exchange.refusals:
             await response.write(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
-        async for chunk in _chunks(upstream, inject, ctx.rt.config.stream_idle_timeout_s):
+        async for chunk in _chunks(upstream, inject, ctx.rt.config.stream_idle_timeout_s, ctx.deadlines):
             if isinstance(chunk, _Injected):
                 await response.write(chunk.data)
                 continue
@@ -566,12 +611,14 @@ class _Injected:
     data: bytes
 
 
-async def _chunks(upstream: aiohttp.ClientResponse, inject: asyncio.Queue[bytes] | None, idle_s: float) -> Any:
+async def _chunks(
+    upstream: UpstreamResponse, inject: asyncio.Queue[bytes] | None, idle_s: float, deadlines: Deadlines
+) -> Any:
     """Upstream body chunks as they arrive, merged with injected events when there is an injection
     queue. Raises TimeoutError when the upstream sends nothing for ``idle_s``."""
     if inject is None:
         while True:
-            async with asyncio.timeout(idle_s):
+            async with deadlines.timeout(idle_s):
                 chunk = await upstream.content.readany()
             if not chunk:
                 return
@@ -690,8 +737,7 @@ def _capture(ctx: Context, exchange: Exchange, calls: list[Call]) -> None:
         call.settled = True
         rt.sessions.unpark(exchange.session_id, call)
         rt.billing.settle(call.call_id, capture=True)
-        rt.metrics.charges.labels(server=server.name).inc()
-        rt.metrics.charged_millicents.labels(server=server.name).inc(call.price)
+        rt.metrics.count_charge(server.name, call.price)
         exchange.charged += call.price
         ctx.fields["charge_id"] = charge_id_for(call.call_id)
 
@@ -760,7 +806,7 @@ async def _legacy_post(ctx: Context) -> web.StreamResponse:
     channel = rt.sessions.legacy.get(channel_id)
     if channel is None or channel.key_id != ctx.key.id or channel.server != ctx.server.name:
         raise SessionNotFound("Unknown or closed SSE session", hint="Reconnect to the SSE endpoint")
-    body = await _read_body(ctx.request, rt.config)
+    body = await _read_body(ctx.request, rt.config, ctx.deadlines)
     exchange = Exchange(ctx.key)
     incoming, forwarded = await _admit_all(ctx, body, exchange)
     for refusal in exchange.refusals:

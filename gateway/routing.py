@@ -47,16 +47,23 @@ def resolve(
     if "%2f" in lowered or "%5c" in lowered or "\\" in raw_path:
         raise BadRequest("Encoded slashes are not allowed in gateway paths")
     segments = raw_path.split("/")
-    if not raw_path.startswith("/") or any(s in (".", "..") or "%2e" in s.lower() for s in segments):
+    # "%2e" cannot span a "/", so looking in the whole path is looking in every segment
+    if (
+        not raw_path.startswith("/")
+        or "%2e" in lowered
+        or ("." in raw_path and any(s in (".", "..") for s in segments))
+    ):
         raise BadRequest("Dot-segments are not allowed in gateway paths")
     parts = segments[1:]
     path_key: str | None = None
     if len(parts) >= 2 and parts[0] == "k":
         path_key = parts[1] or None
         parts = parts[2:]
-    full = host_header.strip().lower().rstrip(".") if host_header else None
-    host = host_name(host_header)
-    host_server = (hosts.get(full) if full else None) or (hosts.get(host) if host else None)
+    host_server: str | None = None
+    if hosts and host_header:
+        full = host_header.strip().lower().rstrip(".")
+        host = host_name(host_header)
+        host_server = (hosts.get(full) if full else None) or (hosts.get(host) if host else None)
     server: str | None
     if host_server is not None:
         if parts and parts[0] == host_server:
@@ -76,9 +83,34 @@ def resolve(
     return Route(server=server, endpoint=endpoint, path_key=path_key, tail=tail)  # type: ignore[arg-type]
 
 
+class Router:
+    """``resolve`` for one gateway's servers and hosts, remembering the routes it found for paths
+    (``/<server>/mcp`` and the like: a handful per server). Only plain routes are remembered, never
+    one whose path embeds a key or carries a tail, and at most ``max_routes`` of them."""
+
+    def __init__(self, servers: Collection[str], hosts: Mapping[str, str], *, max_routes: int = 1024) -> None:
+        self._servers = servers
+        self._hosts = hosts
+        self._max = max_routes
+        self._routes: dict[tuple[str | None, str], Route] = {}
+
+    def resolve(self, host_header: str | None, raw_path: str) -> Route:
+        key = (host_header if self._hosts else None, raw_path)  # without host routing the Host is moot
+        route = self._routes.get(key)
+        if route is None:
+            route = resolve(host_header, raw_path, servers=self._servers, hosts=self._hosts)
+            if route.path_key is None and not route.tail:
+                if len(self._routes) >= self._max:
+                    self._routes.clear()
+                self._routes[key] = route
+        return route
+
+
 def redact_path(raw_path: str) -> str:
     """The path with any embedded key replaced, safe to log: the segment after a ``k`` segment, and
     anything shaped like a key anywhere (mistyped URLs such as ``//k/<key>/…`` or ``/<key>/mcp``)."""
+    if "/k/" not in raw_path and "_" not in raw_path:  # no ``k`` segment, nothing key-shaped: as it is
+        return raw_path
     segments = raw_path.split("/")
     for i in range(len(segments) - 1):
         if segments[i] == "k" and segments[i + 1]:

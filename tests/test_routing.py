@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from gateway.errors import BadRequest, UnknownServer
-from gateway.routing import redact_path, resolve
+from gateway.routing import Router, redact_path, resolve
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import FAULT_PRICES, prepare_ledger, run_gateway, tool_call, write_config
 from tests.process import run_gateway_process
@@ -109,3 +109,16 @@ async def test_tls_is_terminated_when_a_certificate_is_configured(tmp_path: Path
             with pytest.raises(aiohttp.ClientError):
                 async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{gw.port}/healthz"):
                     pass
+
+
+def test_the_router_remembers_plain_routes_only() -> None:
+    router = Router(SERVERS, HOSTS, max_routes=2)
+    first = router.resolve("gw", "/weather/mcp")
+    assert router.resolve("gw", "/weather/mcp") is first
+    assert router.resolve("gw", "/k/ap_secret/maps/mcp").path_key == "ap_secret"
+    assert all("ap_secret" not in path for _, path in router._routes)  # a path with a key is never kept
+    assert router.resolve("weather.example.com", "/mcp").server == "weather"  # host routing still applies
+    router.resolve("gw", "/maps/sse")
+    assert len(router._routes) <= 2
+    with pytest.raises(UnknownServer):
+        router.resolve("gw", "/nope/mcp")
