@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import aiohttp
 from aiohttp import web
 
 from gateway.auth import Authenticator
@@ -28,7 +27,6 @@ class Runtime:
     sessions: Sessions
     signer: SessionSigner
     limits: KeyLimits
-    upstreams: dict[str, aiohttp.ClientSession] = field(default_factory=dict)
     hosts: dict[str, str] = field(default_factory=dict)  # lower-case Host -> server name
     draining: bool = False
 

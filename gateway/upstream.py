@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus what the gateway recomputes or must not pass on.
@@ -71,17 +70,3 @@ def downstream_headers(upstream: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
         if name.lower() not in _NOT_DOWNSTREAM:
             out.add(name, value)
     return out
-
-
-def new_session(*, connect_timeout_s: float, max_connections: int) -> aiohttp.ClientSession:
-    """A pooled session for one upstream. No total/read timeout here: JSON bodies are bounded by
-    the caller's read timeout, SSE streams have none."""
-    connector = aiohttp.TCPConnector(limit=max_connections, ttl_dns_cache=60, enable_cleanup_closed=True)
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=True,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
-    )

@@ -14,6 +14,7 @@ by the others' sweepers when its leases lapse).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -40,7 +41,8 @@ class Supervisor:
         self.procs = [self._spawn() for _ in range(self.count)]
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(list(self.argv))
+        supervisor = os.getpid()
+        return subprocess.Popen(list(self.argv), preexec_fn=lambda: _terminate_with_parent(supervisor))
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         self.stopping = True
@@ -79,6 +81,18 @@ class Supervisor:
                 continue  # no child left to wait for (all exited): the loop above sees it
             except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
                 continue
+
+
+def _terminate_with_parent(supervisor: int) -> None:
+    """In the forked worker, before exec (Linux): SIGTERM it when the supervisor dies, even by
+    SIGKILL, so workers never outlive their supervisor. SIGTERM makes the worker drain as usual."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor:  # it died between fork and prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def worker_argv(config_path: str) -> list[str]:

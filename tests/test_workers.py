@@ -111,3 +111,24 @@ async def test_workers_below_one_is_refused(tmp_path: Path) -> None:
         _, err = await proc.communicate()
     assert proc.returncode == 1
     assert b"--workers must be at least 1" in err
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    async with run_upstream(json_response=True, stateless=True) as up:
+        config = write_config(tmp_path, {"weather": up.url})
+        await prepare_ledger(config)
+        async with run_gateway_process(config, serve_args=["--workers", "2"]) as gw:
+            pids = await workers_ready(gw, 2)
+            assert await gw.stop(signal.SIGKILL) == -signal.SIGKILL
+            async with asyncio.timeout(30):
+                while True:
+                    if not any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
+                        return
+                    await asyncio.sleep(0.05)  # the orphaned workers drain and exit; bounded by the timeout
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return "zombie"
