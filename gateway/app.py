@@ -161,6 +161,7 @@ def server_options(config: GatewayConfig) -> dict[str, Any]:
         "access_log": None,  # the canonical request line replaces it (raw paths may embed keys)
         "max_line_size": config.max_header_bytes,
         "max_field_size": config.max_header_bytes,
+        "keepalive_timeout": config.client_idle_timeout_s,  # aiohttp's default keeps idle sockets an hour
     }
 
 

@@ -149,6 +149,7 @@ class GatewayConfig:
     max_header_bytes: int = 16384  # longest request line / single header accepted
     client_body_timeout_s: float = 30.0  # time a client has to send its whole request body
     client_header_timeout_s: float = 10.0  # time a client has to send a request's line and headers
+    client_idle_timeout_s: float = 75.0  # an idle kept-alive client connection is closed after this
     stream_idle_timeout_s: float = 3600.0  # a relayed stream with no upstream bytes for this long is closed
     session_secret: str | None = field(default=None, repr=False)  # signs session ids; share across replicas
     tls_cert: Path | None = None  # PEM certificate chain: terminate TLS on `listen` (HTTP/1.1)
@@ -411,6 +412,7 @@ _TOP_KEYS = (
     "resume_window_s", "tls_cert", "tls_key", "max_concurrent_per_key", "rate_per_key", "rate_burst",
     "max_header_bytes", "client_body_timeout_s", "stream_idle_timeout_s", "session_secret",
     "client_header_timeout_s",
+    "client_idle_timeout_s",
 )  # fmt: skip
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
@@ -535,6 +537,7 @@ def parse_config(
         max_header_bytes=opt("max_header_bytes", lambda n, w: r.integer(n, w, minimum=1024), 16384),
         client_body_timeout_s=opt("client_body_timeout_s", lambda n, w: r.number(n, w, positive=True), 30.0),
         client_header_timeout_s=opt("client_header_timeout_s", lambda n, w: r.number(n, w, positive=True), 10.0),
+        client_idle_timeout_s=opt("client_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 75.0),
         session_secret=environ.get(SESSION_SECRET_ENV) or opt("session_secret", r.env_string, None),
         stream_idle_timeout_s=opt("stream_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 3600.0),
     )

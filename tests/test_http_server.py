@@ -242,6 +242,19 @@ async def test_a_kept_alive_connection_may_idle_past_the_deadline_and_its_next_r
         assert upstream.completed == ["echo", "echo"]
 
 
+async def test_an_idle_kept_alive_connection_is_closed_after_client_idle_timeout_s(tmp_path: Path) -> None:
+    async with gateway(tmp_path, client_idle_timeout_s=DEADLINE) as (gw, _, key):
+        loop = asyncio.get_running_loop()
+        async with connection(port_of(gw)) as (reader, writer):
+            writer.write(head(key, close=False) + BODY)
+            status, _, _ = await read_response(reader)
+            assert status == 200
+            idle_since = loop.time()
+            async with asyncio.timeout(PATIENCE):
+                assert await reader.read() == b""
+            assert loop.time() - idle_since >= DEADLINE * 0.9
+
+
 async def test_headers_sent_in_pieces_within_the_deadline_are_served(tmp_path: Path) -> None:
     async with gateway(tmp_path, client_header_timeout_s=5) as (gw, upstream, key):
         async with connection(port_of(gw)) as (reader, writer):
