@@ -450,8 +450,9 @@ class PostgresLedger:
             raise InvalidInput(
                 f"schema name {schema!r} must be 1-63 letters, digits or '_' (not starting with a digit)"
             )
-        if not 1 <= batch_workers <= SETTLE_POOL_SIZE:
-            raise InvalidInput(f"batch_workers must be between 1 and {SETTLE_POOL_SIZE}, got {batch_workers!r}")
+        # < the pool: a drainer that falls back to one operation at a time takes a second connection
+        if not 1 <= batch_workers < SETTLE_POOL_SIZE:
+            raise InvalidInput(f"batch_workers must be between 1 and {SETTLE_POOL_SIZE - 1}, got {batch_workers!r}")
         self.dsn = dsn
         self.schema = schema
         self._clock = clock

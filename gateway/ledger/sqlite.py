@@ -165,7 +165,10 @@ def _settle_all(settled: Sequence[_Settled]) -> None:
     for loop, future, ok, value in settled:
         by_loop.setdefault(loop, []).append((future, ok, value))
     for loop, answers in by_loop.items():
-        loop.call_soon_threadsafe(_settle_futures, answers)
+        try:
+            loop.call_soon_threadsafe(_settle_futures, answers)
+        except RuntimeError:  # that loop is closed: nobody is left to answer (the writes stand)
+            continue
 
 
 def _settle_futures(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -258,6 +261,7 @@ class SqliteLedger:
         self._sync_scheduled = False
         self._sync_waiting: list[_Settled] = []
         self._wal_fd: int | None = None  # used on the syncer thread only
+        self._fsync_failed: str | None = None  # once an fsync failed, nothing is durable any more
         self._pending_writes: deque[_Pending] = deque()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -268,6 +272,7 @@ class SqliteLedger:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-reader")
         self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sync")
+        self._fsync_failed = None
         try:
             self._wconn = await loop.run_in_executor(self._writer, self._open_writer)
             self._rconn = await loop.run_in_executor(self._reader, self._connect)
@@ -463,6 +468,11 @@ class SqliteLedger:
                 self._sync_scheduled = True
             if schedule and self._syncer is not None:
                 self._syncer.submit(self._sync_writes)
+            elif schedule:  # closed under us (not in the open/close order): fail, never hang
+                with self._sync_lock:
+                    waiting, self._sync_waiting, self._sync_scheduled = self._sync_waiting, [], False
+                gone = Unavailable("the ledger was closed before its writes were made durable")
+                _settle_all([(loop, future, False, gone) for loop, future, _, _ in waiting])
 
     def _sync_writes(self) -> None:
         """On the syncer thread: fsync the WAL, then answer everyone whose commit it covers."""
@@ -473,11 +483,17 @@ class SqliteLedger:
                     return
                 waiting, self._sync_waiting = self._sync_waiting, []
             try:
+                if self._fsync_failed is not None:
+                    raise OSError(0, self._fsync_failed)
                 self._fsync_wal()
             except OSError as exc:
+                # Linux may drop the pages of a failed fsync, so a later fsync that succeeds proves
+                # nothing: from the first failure on, no durable write is confirmed again.
+                self._fsync_failed = self._fsync_failed or exc.strerror or str(exc)
                 failure = Unavailable(
-                    f"the ledger could not make its writes durable (fsync of the WAL failed: {exc.strerror})",
-                    hint="Check the disk under the ledger file; the write may or may not have been kept",
+                    f"the ledger could not make its writes durable (fsync of the WAL failed: {self._fsync_failed})",
+                    hint="Check the disk under the ledger file and restart the gateway; "
+                    "the write may or may not have been kept",
                 )
                 waiting = [(loop, future, False, failure) for loop, future, _, _ in waiting]
             _settle_all(waiting)
@@ -496,6 +512,11 @@ class SqliteLedger:
                 os.close(self._wal_fd)
                 self._wal_fd = None
             self._wal_fd = os.open(wal, os.O_RDONLY)
+            directory = os.open(self.path.parent, os.O_RDONLY)  # a new WAL's directory entry, too
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         os.fsync(self._wal_fd)
 
     def _run_group(self, conn: Conn, batch: Sequence[_Pending], outcomes: list[tuple[bool, Any]]) -> None:
@@ -517,6 +538,7 @@ class SqliteLedger:
                 for n, outcome in zip(run, self._run_vector(conn, kind, [batch[n] for n in run]), strict=True):
                     results[n] = outcome
             i = j
+        assert all(r is not None for r in results), "every queued write has an outcome"
         outcomes.extend(r for r in results if r is not None)
 
     def _run_vector(self, conn: Conn, kind: str, run: Sequence[_Pending]) -> list[tuple[bool, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import Unavailable
-from gateway.ledger.base import HoldStatus
+from gateway.ledger.base import AccountKind, HoldStatus
 from gateway.ledger.sqlite import SqliteLedger
 
 from .conftest import HoldFactory
@@ -79,7 +79,45 @@ async def test_a_failed_fsync_fails_the_captures_it_covered(
     with pytest.raises(Unavailable, match="fsync of the WAL failed"):
         await ledger.capture("call")
     monkeypatch.setattr(os, "fsync", real_fsync)
-    # The commit itself stands (like any write whose fsync failed, it may or may not survive a power
-    # loss); a retried capture is idempotent and answers with the same charge once the disk is back.
+    # Linux may drop the pages of a failed fsync, so a later successful fsync proves nothing: this
+    # ledger confirms no durable write again, even once the disk is back.
+    assert (await ledger.hold(hold_req("later", amount=100))).ok
+    with pytest.raises(Unavailable, match="fsync of the WAL failed"):
+        await ledger.capture("later")
+    # Reopened (a restarted gateway), the commits stand and a retried capture is idempotent.
+    await ledger.close()
+    await ledger.open()
     assert (await ledger.capture("call")).id == "ch_call"
+    assert (await ledger.capture("later")).id == "ch_later"
     assert await ledger.verify() == []
+
+
+async def test_a_caller_whose_event_loop_closed_does_not_stall_the_writer(sqlite_ledger: SqliteLedger) -> None:
+    """A write queued from an event loop that is gone by the time it commits is dropped quietly;
+    the writer goes on answering everyone else."""
+    ledger = sqlite_ledger
+    assert ledger._writer is not None
+    release, started = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait(10)
+
+    ledger._writer.submit(block)
+    assert started.wait(10)
+
+    def caller_on_a_loop_that_then_closes() -> None:
+        other = asyncio.new_event_loop()
+        task = other.create_task(ledger.topup("alice", 5, reference="from-a-closed-loop"))
+        other.run_until_complete(asyncio.sleep(0))  # the top-up reaches the writer's queue
+        task.cancel()
+        other.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        other.close()
+
+    thread = threading.Thread(target=caller_on_a_loop_that_then_closes)
+    thread.start()
+    thread.join(10)
+    release.set()
+    # The closed loop's top-up still commits; later callers are answered.
+    await asyncio.wait_for(ledger.topup("alice", 7, reference="after"), 10)
+    assert (await ledger.get_account(AccountKind.USER, "alice")).balance == 1_000 + 5 + 7
