@@ -513,7 +513,10 @@ class PostgresLedger:
 
     async def close(self) -> None:
         if self._drainers:  # let operations already queued finish (or fail) before the pools go
-            await asyncio.wait(set(self._drainers), timeout=DRAIN_ON_CLOSE_S)
+            _, late = await asyncio.wait(set(self._drainers), timeout=DRAIN_ON_CLOSE_S)
+            for task in late:  # cancelled drainers answer their callers (Unavailable) on the way out
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         pools = (self._pool, self._settle_pool)
         self._pool = self._settle_pool = None
         for pool in pools:
@@ -693,6 +696,10 @@ class PostgresLedger:
                     )
                     self._answer(batch, [(False, error)] * len(batch))
                     batch = []
+                except BaseException:  # cancelled (closing) or a bug: nobody may wait forever, no call stays busy
+                    gone = Unavailable("the ledger stopped before the operation ran; nothing was written")
+                    self._answer(batch, [(False, gone)] * len(batch))  # no-op for callers already answered
+                    raise
         finally:
             task = asyncio.current_task()
             if task is not None:
