@@ -84,6 +84,7 @@ from gateway.ledger.base import (
 )
 from gateway.ledger.dump import check_row
 from gateway.ledger.migrations_postgres import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.ledger.rows import HOLD_INSERT_COLUMNS, hold_row
 from gateway.ledger.rows import charge as _charge
 from gateway.ledger.rows import hold_info as _hold_info
 from gateway.ledger.rows import key_record as _key_record
@@ -1382,22 +1383,10 @@ class PostgresLedger:
     async def _insert_hold(self, conn: Conn, req: HoldRequest, user_id: int, developer_id: int, now: float) -> bool:
         """Insert the hold row; False when a hold with this call id already exists."""
         inserted = await conn.fetchval(
-            "INSERT INTO holds (call_id, key_id, user_account_id, developer_account_id, server, method, "
-            "name, amount, fee, owner, created_at, lease_expires_at) "
+            f"INSERT INTO holds ({HOLD_INSERT_COLUMNS}) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
             "ON CONFLICT (call_id) DO NOTHING RETURNING call_id",
-            req.call_id,
-            req.key_id,
-            user_id,
-            developer_id,
-            req.server,
-            req.method,
-            req.name,
-            req.amount,
-            req.fee,
-            req.owner,
-            now,
-            now + req.lease_s,
+            *hold_row(req, user_id, developer_id, now),
         )
         return inserted is not None
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway.errors import InvalidInput
-from gateway.ledger.base import Charge, HoldInfo, HoldState, KeyRecord, Payout, PayoutState
+from gateway.ledger.base import Charge, HoldInfo, HoldRequest, HoldState, KeyRecord, Payout, PayoutState
 
 
 def require_amount(value: object, what: str = "amount") -> int:
@@ -87,4 +87,28 @@ def payout(row: Sequence[Any]) -> Payout:
         reference=row[4],
         created_at=row[5],
         completed_at=row[6],
+    )
+
+
+HOLD_INSERT_COLUMNS = (
+    "call_id, key_id, user_account_id, developer_account_id, server, method, name, amount, fee, owner, "
+    "created_at, lease_expires_at"
+)
+
+
+def hold_row(req: HoldRequest, user_id: int, developer_id: int, now: float) -> tuple[Any, ...]:
+    """The values of a new hold row, in ``HOLD_INSERT_COLUMNS`` order (both stores)."""
+    return (
+        req.call_id,
+        req.key_id,
+        user_id,
+        developer_id,
+        req.server,
+        req.method,
+        req.name,
+        req.amount,
+        req.fee,
+        req.owner,
+        now,
+        now + req.lease_s,
     )

@@ -62,6 +62,7 @@ from gateway.ledger.base import (
 )
 from gateway.ledger.dump import check_row
 from gateway.ledger.migrations_sqlite import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.ledger.rows import HOLD_INSERT_COLUMNS, hold_row
 from gateway.ledger.rows import charge as _charge
 from gateway.ledger.rows import hold_info as _hold_info
 from gateway.ledger.rows import key_record as _key_record
@@ -826,23 +827,9 @@ class SqliteLedger:
                 raise InvalidInput(f"key {req.key_id} does not belong to user {req.user!r}")
         now = self._clock()
         inserted = conn.execute(
-            "INSERT INTO holds (call_id, key_id, user_account_id, developer_account_id, server, method, "
-            "name, amount, fee, owner, created_at, lease_expires_at) "
+            f"INSERT INTO holds ({HOLD_INSERT_COLUMNS}) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (call_id) DO NOTHING",
-            (
-                req.call_id,
-                req.key_id,
-                user_id,
-                developer_id,
-                req.server,
-                req.method,
-                req.name,
-                req.amount,
-                req.fee,
-                req.owner,
-                now,
-                now + req.lease_s,
-            ),
+            hold_row(req, user_id, developer_id, now),
         ).rowcount
         if inserted != 1:
             self._replayed_hold(conn, req, user_id, developer_id)

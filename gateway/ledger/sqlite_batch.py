@@ -26,6 +26,7 @@ from typing import Any
 
 from gateway.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
 from gateway.ledger.base import Charge, HoldOutcome, HoldRequest, HoldState, HoldStatus
+from gateway.ledger.rows import HOLD_INSERT_COLUMNS, hold_row
 from gateway.money import format_cents
 
 Conn = sqlite3.Connection
@@ -166,28 +167,12 @@ def hold_many(conn: Conn, reqs: Sequence[HoldRequest], now: float) -> list[Outco
         holds[req.call_id] = _Hold(
             req.key_id, user_id, developer_id, req.server, req.method, req.name, req.amount, req.fee, "pending", None
         )
-        inserts.append(
-            (
-                req.call_id,
-                req.key_id,
-                user_id,
-                developer_id,
-                req.server,
-                req.method,
-                req.name,
-                req.amount,
-                req.fee,
-                req.owner,
-                now,
-                now + req.lease_s,
-            )
-        )
+        inserts.append(hold_row(req, user_id, developer_id, now))
         outcomes.append(
             (True, HoldOutcome(HoldStatus.OK, available[user_id], None if key is None else key.remaining()))
         )
     conn.executemany(
-        "INSERT INTO holds (call_id, key_id, user_account_id, developer_account_id, server, method, "
-        "name, amount, fee, owner, created_at, lease_expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO holds ({HOLD_INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         inserts,
     )
     conn.executemany(

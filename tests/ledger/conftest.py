@@ -13,10 +13,12 @@ import functools
 import os
 import re
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -223,3 +225,22 @@ def hold_req() -> HoldFactory:
         )
 
     return make
+
+
+@contextmanager
+def thread_paused(executor: Executor | None) -> Iterator[None]:
+    """Keep a ledger's single-thread executor (SQLite's writer or syncer) busy inside the block:
+    everything submitted meanwhile waits and then runs together."""
+    assert executor is not None, "the ledger is not open"
+    release, started = threading.Event(), threading.Event()
+
+    def block() -> None:
+        started.set()
+        release.wait(10)
+
+    executor.submit(block)
+    assert started.wait(10)
+    try:
+        yield
+    finally:
+        release.set()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,28 +16,17 @@ from gateway.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
 from gateway.ledger.base import AccountKind, Charge, HoldOutcome, HoldStatus, Ledger
 from gateway.ledger.sqlite import SqliteLedger
 
-from .conftest import HoldFactory, StoreSpec
+from .conftest import HoldFactory, StoreSpec, thread_paused
 
 
 @contextmanager
 def writer_paused(ledger: Ledger) -> Iterator[None]:
     """On SQLite, keep the writer thread busy so that everything queued meanwhile is one group."""
-    if not isinstance(ledger, SqliteLedger) or ledger._writer is None:
+    if not isinstance(ledger, SqliteLedger):
         yield
         return
-    release = threading.Event()
-    started = threading.Event()
-
-    def block() -> None:
-        started.set()
-        release.wait(10)
-
-    ledger._writer.submit(block)
-    assert started.wait(10)
-    try:
+    with thread_paused(ledger._writer):
         yield
-    finally:
-        release.set()
 
 
 async def together(ledger: Ledger, calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:

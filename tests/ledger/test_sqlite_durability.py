@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from gateway.errors import Unavailable
 from gateway.ledger.base import AccountKind, HoldStatus
 from gateway.ledger.sqlite import SqliteLedger
 
-from .conftest import HoldFactory
+from .conftest import HoldFactory, thread_paused
 
 
 @pytest.fixture
@@ -33,29 +32,12 @@ async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
         await ledger.close()
 
 
-@contextmanager
-def syncer_paused(ledger: SqliteLedger) -> Iterator[None]:
-    assert ledger._syncer is not None
-    release, started = threading.Event(), threading.Event()
-
-    def block() -> None:
-        started.set()
-        release.wait(10)
-
-    ledger._syncer.submit(block)
-    assert started.wait(10)
-    try:
-        yield
-    finally:
-        release.set()
-
-
 async def test_a_capture_is_answered_only_after_its_fsync_while_holds_go_on(
     sqlite_ledger: SqliteLedger, hold_req: HoldFactory
 ) -> None:
     ledger = sqlite_ledger
     assert (await ledger.hold(hold_req("first", amount=100))).ok
-    with syncer_paused(ledger):
+    with thread_paused(ledger._syncer):
         capture = asyncio.ensure_future(ledger.capture("first"))
         # The next call's hold commits and is answered although the capture's fsync has not run.
         second = await asyncio.wait_for(ledger.hold(hold_req("second", amount=100)), 10)
@@ -96,15 +78,6 @@ async def test_a_caller_whose_event_loop_closed_does_not_stall_the_writer(sqlite
     """A write queued from an event loop that is gone by the time it commits is dropped quietly;
     the writer goes on answering everyone else."""
     ledger = sqlite_ledger
-    assert ledger._writer is not None
-    release, started = threading.Event(), threading.Event()
-
-    def block() -> None:
-        started.set()
-        release.wait(10)
-
-    ledger._writer.submit(block)
-    assert started.wait(10)
 
     def caller_on_a_loop_that_then_closes() -> None:
         other = asyncio.new_event_loop()
@@ -114,10 +87,10 @@ async def test_a_caller_whose_event_loop_closed_does_not_stall_the_writer(sqlite
         other.run_until_complete(asyncio.gather(task, return_exceptions=True))
         other.close()
 
-    thread = threading.Thread(target=caller_on_a_loop_that_then_closes)
-    thread.start()
-    thread.join(10)
-    release.set()
+    with thread_paused(ledger._writer):
+        thread = threading.Thread(target=caller_on_a_loop_that_then_closes)
+        thread.start()
+        thread.join(10)
     # The closed loop's top-up still commits; later callers are answered.
     await asyncio.wait_for(ledger.topup("alice", 7, reference="after"), 10)
     assert (await ledger.get_account(AccountKind.USER, "alice")).balance == 1_000 + 5 + 7
