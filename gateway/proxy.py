@@ -235,9 +235,7 @@ async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jso
 
 
 async def _post(ctx: Context, session_id: str | None) -> web.StreamResponse:
-    body = _body_if_arrived(ctx.request, ctx.rt.config)
-    if body is None:
-        body = await _read_body(ctx.request, ctx.rt.config, ctx.deadlines)
+    body = await _read_body(ctx.request, ctx.rt.config, ctx.deadlines)
     exchange = Exchange(ctx.key, session_id, watched=ctx.rt.sessions.pending(session_id))
     incoming, forwarded = await _admit_all(ctx, body, exchange)
     if not forwarded:
@@ -439,8 +437,7 @@ async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> w
             if upstream.status >= 500:
                 fields["outcome"] = "upstream_error"
             _release(ctx, exchange)
-            whole = _whole_answer(ctx, upstream)
-            return whole if whole is not None else await _stream_raw(ctx, upstream)
+            return await _stream_raw(ctx, upstream)
         if content_type.startswith("text/event-stream"):
             return await _relay_sse(ctx, upstream, exchange)
         return await _relay_json(ctx, upstream, exchange)

@@ -178,6 +178,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 @pytest.fixture
+async def pg(tmp_path: Path) -> AsyncIterator[StoreSpec]:
+    """A fresh PostgreSQL schema only (for tests of PostgreSQL-specific behaviour), dropped after."""
+    spec = StoreSpec.fresh("postgres", tmp_path)
+    try:
+        yield spec
+    finally:
+        await spec.drop()
+
+
+@pytest.fixture
 async def ledger(store: StoreSpec, clock: FakeClock) -> AsyncIterator[SqliteLedger | PostgresLedger]:
     """An open ledger with user 'alice' and developer 'acme' (no money yet), on each store."""
     opened = store.open(clock)

@@ -27,15 +27,6 @@ AnyLedger = SqliteLedger | PostgresLedger
 
 
 @pytest.fixture
-async def pg(tmp_path: Path) -> AsyncIterator[StoreSpec]:
-    spec = StoreSpec.fresh("postgres", tmp_path)
-    try:
-        yield spec
-    finally:
-        await spec.drop()
-
-
-@pytest.fixture
 async def ledger(pg: StoreSpec, clock: FakeClock) -> AsyncIterator[PostgresLedger]:
     """An open PostgreSQL ledger with user 'alice' (10,000) and developer 'acme'."""
     opened = PostgresLedger(pg.location, clock=clock, schema=pg.schema, max_size=5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -18,15 +17,6 @@ from gateway.ledger.migrations_postgres import MIGRATIONS
 from gateway.ledger.postgres import PostgresLedger
 
 from .conftest import FakeClock, HoldFactory, StoreSpec
-
-
-@pytest.fixture
-async def pg(tmp_path: Path) -> AsyncIterator[StoreSpec]:
-    spec = StoreSpec.fresh("postgres", tmp_path)
-    try:
-        yield spec
-    finally:
-        await spec.drop()
 
 
 @pytest.fixture
