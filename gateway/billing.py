@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from gateway.ids import time_ordered_hex
+from gateway.ids import TimeOrderedIds, time_ordered_hex
 from gateway.ledger.base import HoldOutcome, HoldRequest, Ledger
 
 log = structlog.get_logger("gateway.billing")
@@ -41,6 +41,11 @@ class Billing:
         self._progress = asyncio.Event()
         self.renewals = 0  # lease renewal rounds that renewed at least one hold
         self._renewed = asyncio.Event()
+        self._ids = TimeOrderedIds()
+
+    def new_call_id(self) -> str:
+        """A fresh call id, as ``new_call_id()`` makes, with the random part read in batches."""
+        return self._ids.next()
 
     @property
     def inflight(self) -> int:

@@ -10,10 +10,35 @@ lower-case hex digits, the same shape as ``uuid4().hex``.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
+
+_RANDOM_BYTES = 10  # 80 bits per id
+_BATCH = 256  # ids per read of the system's random source
 
 
 def time_ordered_hex() -> str:
     """32 hex digits: 12 of Unix milliseconds, then 20 random (80 bits: unguessable, no collisions)."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(_RANDOM_BYTES)}"
+
+
+class TimeOrderedIds:
+    """``time_ordered_hex`` for a busy caller: the random part comes from the operating system's
+    CSPRNG (``os.urandom``, as ``secrets`` uses) read 256 ids at a time, instead of one system
+    call per id (~1 µs each; 3% of the event loop's samples under load). Not thread-safe: one per
+    event loop. Bytes are used once and dropped, so no two ids share random bits."""
+
+    __slots__ = ("_buffer", "_offset")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._offset = 0
+
+    def next(self) -> str:
+        start = self._offset
+        if start + _RANDOM_BYTES > len(self._buffer):
+            self._buffer = os.urandom(_RANDOM_BYTES * _BATCH)
+            start = 0
+        self._offset = start + _RANDOM_BYTES
+        return f"{time.time_ns() // 1_000_000:012x}{self._buffer[start : self._offset].hex()}"

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import jsonrpc, sse
-from gateway.billing import charge_id_for, new_call_id
+from gateway.billing import charge_id_for
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.deadlines import Deadlines
 from gateway.errors import (
@@ -276,7 +276,7 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
             f"A priced {method} must be a request with an id, not a notification",
             hint="Give the message an id so its result can be returned and billed",
         )
-    call_id = new_call_id()
+    call_id = rt.billing.new_call_id()
     outcome = await rt.billing.hold(
         HoldRequest(
             call_id=call_id,
@@ -760,7 +760,7 @@ async def _legacy_stream(ctx: Context) -> web.StreamResponse:
     assert server.sse_upstream is not None
     ctx.fields["method"] = "sse"
     exchange = Exchange(ctx.key)
-    channel_id = new_call_id()
+    channel_id = rt.billing.new_call_id()
     channel: LegacyChannel | None = None
     upstream = await _open_upstream(ctx, "GET", server.sse_upstream, body=None, accept_sse=True)
     if upstream.status >= 300 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):

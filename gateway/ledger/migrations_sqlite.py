@@ -164,4 +164,17 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "0003_postings_by_transfer_and_account",
         "CREATE INDEX postings_transfer_account ON postings (transfer_id, account_id);",
     ),
+    # Every index is written by each hold or capture. These four answered no query another index
+    # does not: postings_transfer and charges_developer are prefixes of postings_transfer_account
+    # and charges_developer_recent; holds_user_pending and holds_key_pending served only verify's
+    # sums over pending holds, which holds_pending_lease (the same rows) serves as well.
+    (
+        "0004_drop_redundant_hot_path_indexes",
+        """
+DROP INDEX postings_transfer;
+DROP INDEX charges_developer;
+DROP INDEX holds_user_pending;
+DROP INDEX holds_key_pending;
+""",
+    ),
 )

@@ -607,11 +607,12 @@ class SqliteLedger:
         return None if row is None or row[0] is None else int(row[0])
 
     @staticmethod
-    def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]]) -> None:
+    def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]], *, balancing: int = 0) -> None:
         """Write balanced postings and apply them to balances. A leg that would take a
-        non-world account's available balance below zero raises ``_WouldGoNegative``."""
+        non-world account's available balance below zero raises ``_WouldGoNegative``.
+        ``balancing``: the sum of legs of this transfer the caller has already written itself."""
         legs = [(account, amount) for account, amount in legs if amount != 0]
-        if sum(amount for _, amount in legs) != 0:
+        if balancing + sum(amount for _, amount in legs) != 0:
             raise AssertionError(f"unbalanced transfer {transfer_id}: {legs}")
         for account, amount in legs:
             conn.execute(
@@ -817,13 +818,21 @@ class SqliteLedger:
         return await self._write(lambda conn: self._tx_hold(conn, req), durable=False, batch=("hold", req))
 
     def _tx_hold(self, conn: Conn, req: HoldRequest) -> HoldOutcome:
-        user_id = self._account_id(conn, AccountKind.USER, req.user)
-        developer_id = self._account_id(conn, AccountKind.DEVELOPER, req.developer)
+        # the user, the developer and the key's owner in one statement (the checks in this order)
+        user_id, developer_id, key_owner = conn.execute(
+            "SELECT (SELECT id FROM accounts WHERE kind = 'user' AND name = ?), "
+            "(SELECT id FROM accounts WHERE kind = 'developer' AND name = ?), "
+            "(SELECT user_account_id FROM keys WHERE id = ?)",
+            (req.user, req.developer, req.key_id),
+        ).fetchone()
+        if user_id is None:
+            raise NotFound(f"no user named {req.user!r}")
+        if developer_id is None:
+            raise NotFound(f"no developer named {req.developer!r}")
         if req.key_id is not None:
-            row = conn.execute("SELECT user_account_id FROM keys WHERE id = ?", (req.key_id,)).fetchone()
-            if row is None:
+            if key_owner is None:
                 raise NotFound(f"no key {req.key_id!r}")
-            if row[0] != user_id:
+            if key_owner != user_id:
                 raise InvalidInput(f"key {req.key_id} does not belong to user {req.user!r}")
         now = self._clock()
         inserted = conn.execute(
@@ -879,13 +888,15 @@ class SqliteLedger:
 
     def _tx_capture(self, conn: Conn, call_id: str, amount: int | None) -> Charge:
         row = conn.execute(
-            "SELECT key_id, user_account_id, developer_account_id, amount, fee, state, charge_id "
-            "FROM holds WHERE call_id = ?",
+            "SELECT h.key_id, h.user_account_id, h.developer_account_id, h.amount, h.fee, h.state, h.charge_id, "
+            "h.server, h.method, h.name, u.name, d.name FROM holds h "
+            "JOIN accounts u ON u.id = h.user_account_id JOIN accounts d ON d.id = h.developer_account_id "
+            "WHERE h.call_id = ?",
             (call_id,),
         ).fetchone()
         if row is None:
             raise NotFound(f"no hold for call {call_id!r}")
-        key_id, user_id, developer_id, held, hold_fee, state, charge_id = row
+        key_id, user_id, developer_id, held, hold_fee, state, charge_id, server, method, name, user, developer = row
         if state == HoldState.CAPTURED:
             return self._charge_by_id(conn, charge_id)
         if state == HoldState.VOIDED:
@@ -914,25 +925,45 @@ class SqliteLedger:
         ).rowcount
         if updated != 1:
             raise Conflict(f"the hold for call {call_id!r} is no longer pending")
-        conn.execute("UPDATE accounts SET held = held - ? WHERE id = ?", (held, user_id))
         if key_id is not None:
             conn.execute("UPDATE keys SET held = held - ?, spent = spent + ? WHERE id = ?", (held, amount, key_id))
+        # The user's leg and the release of the hold in one update: what was held is no longer held,
+        # and the amount captured (at most that) leaves the balance, so the available balance cannot
+        # fall (the CHECK on accounts still guards it). The other legs go through _post's guard.
+        conn.execute(
+            "INSERT INTO postings (transfer_id, account_id, amount) VALUES (?, ?, ?)", (charge_id, user_id, -amount)
+        )
+        balance_after = int(
+            conn.execute(
+                "UPDATE accounts SET balance = balance - ?, held = held - ? WHERE id = ? RETURNING balance - held",
+                (amount, held, user_id),
+            ).fetchone()[0]
+        )
         self._post(
             conn,
             charge_id,
-            [
-                (user_id, -amount),
-                (developer_id, amount - fee),
-                (self._system[AccountKind.PLATFORM_FEE], fee),
-            ],
+            [(developer_id, amount - fee), (self._system[AccountKind.PLATFORM_FEE], fee)],
+            balancing=-amount,
         )
-        balance_after = self._available(conn, user_id)
         conn.execute(
             "INSERT INTO charges (id, call_id, user_account_id, developer_account_id, amount, fee, "
             "balance_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (charge_id, call_id, user_id, developer_id, amount, fee, balance_after, now),
         )
-        return self._charge_by_id(conn, charge_id)
+        return Charge(
+            id=charge_id,
+            call_id=call_id,
+            user=user,
+            developer=developer,
+            server=server,
+            method=method,
+            name=name,
+            amount=amount,
+            fee=fee,
+            refunded=0,
+            created_at=now,
+            balance_after=balance_after,
+        )
 
     async def void(self, call_id: str) -> bool:
         """Release a pending hold. False when it was not pending, or no such hold exists (a hold
