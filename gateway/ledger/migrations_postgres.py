@@ -170,4 +170,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         "0003_postings_by_transfer_and_account",
         "CREATE INDEX postings_transfer_account ON postings (transfer_id, account_id);",
     ),
+    # Every index is written by each hold or capture. These answered no query another index does not:
+    # postings_transfer is a prefix of postings_transfer_account; holds_user_pending and
+    # holds_key_pending served only verify's sums over pending holds, which holds_pending_lease (the
+    # same rows) serves as well. (SQLite's charges_developer, dropped by its 0004, never existed here.)
+    (
+        "0004_drop_redundant_hot_path_indexes",
+        """
+DROP INDEX postings_transfer;
+DROP INDEX holds_user_pending;
+DROP INDEX holds_key_pending;
+""",
+    ),
 )
