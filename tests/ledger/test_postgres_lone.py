@@ -122,3 +122,30 @@ async def test_a_lone_hold_or_void_commits_without_waiting_for_the_disk_and_a_lo
         alice = await ledger.get_account(AccountKind.USER, "alice")
         assert (alice.balance, alice.held) == (900, 0)
         assert await ledger.verify() == []
+
+
+async def test_without_the_session_functions_as_behind_a_transaction_pooler_every_operation_takes_the_batch_path(
+    pg: StoreSpec, tmp_path: Path, clock: FakeClock, hold_req: HoldFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a pooler in transaction mode a statement may land on a server connection where
+    ``_prepare_settle_connection`` never ran: the call fails with "function does not exist", writes
+    nothing, and the batch path answers it, with the same outcomes as ever."""
+
+    async def functions_never_created(conn: asyncpg.Connection) -> None:
+        return None
+
+    monkeypatch.setattr("gateway.ledger.postgres._prepare_settle_connection", functions_never_created)
+    postgres = PostgresLedger(pg.location, clock=clock, schema=pg.schema)
+    oracle = SqliteLedger(tmp_path / "oracle.db", clock=clock)
+    async with postgres, oracle:
+        pg_setup, oracle_setup = await _prepare(postgres, hold_req), await _prepare(oracle, hold_req)
+        clock.advance(5)
+        seen = _spy_on_batches(monkeypatch)
+        alone_pg = [await _outcome(op) for op in _round(postgres, pg_setup, hold_req)]
+        alone_oracle = [await _outcome(op) for op in _round(oracle, oracle_setup, hold_req)]
+
+        assert alone_pg == alone_oracle
+        assert len(seen) == len(alone_pg)  # every operation, the plain ones too
+        call_ids = sorted({"p-capture", "p-void", "n-ok", "n-cap", "n-poor"})
+        assert await _state(postgres, call_ids) == await _state(oracle, call_ids)
+        assert await postgres.verify() == []
