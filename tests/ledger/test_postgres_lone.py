@@ -9,6 +9,8 @@ The oracle for "the same outcome" is the SQLite store running the same operation
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,13 @@ def _spy_on_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return seen
 
 
-async def test_operations_one_at_a_time_get_what_sqlite_gives_and_only_the_unusual_ones_take_the_batch_path(
+@asynccontextmanager
+async def _one_at_a_time_beside_sqlite(
     pg: StoreSpec, tmp_path: Path, clock: FakeClock, hold_req: HoldFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> AsyncIterator[tuple[PostgresLedger, SqliteLedger, list[list[str]], int]]:
+    """Run the batching scenario's operations one at a time on PostgreSQL and on SQLite (the
+    oracle), assert both gave the same outcomes, and yield both stores (still open), the kinds of
+    the batches that took PostgreSQL's batch path and the number of operations."""
     postgres = PostgresLedger(pg.location, clock=clock, schema=pg.schema)
     oracle = SqliteLedger(tmp_path / "oracle.db", clock=clock)
     async with postgres, oracle:
@@ -47,8 +53,14 @@ async def test_operations_one_at_a_time_get_what_sqlite_gives_and_only_the_unusu
         seen = _spy_on_batches(monkeypatch)
         alone_pg = [await _outcome(op) for op in _round(postgres, pg_setup, hold_req)]
         alone_oracle = [await _outcome(op) for op in _round(oracle, oracle_setup, hold_req)]
-
         assert alone_pg == alone_oracle
+        yield postgres, oracle, seen, len(alone_pg)
+
+
+async def test_operations_one_at_a_time_get_what_sqlite_gives_and_only_the_unusual_ones_take_the_batch_path(
+    pg: StoreSpec, tmp_path: Path, clock: FakeClock, hold_req: HoldFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with _one_at_a_time_beside_sqlite(pg, tmp_path, clock, hold_req, monkeypatch) as (postgres, oracle, seen, _):
         # new holds (granted, or refused by the balance or the key's cap), the partial capture and
         # the voids went through one statement each; the replays, the conflicts, the parties that do
         # not resolve, the captures of settled or missing holds and the renewal took the batch path
@@ -135,17 +147,13 @@ async def test_without_the_session_functions_as_behind_a_transaction_pooler_ever
         return None
 
     monkeypatch.setattr("gateway.ledger.postgres._prepare_settle_connection", functions_never_created)
-    postgres = PostgresLedger(pg.location, clock=clock, schema=pg.schema)
-    oracle = SqliteLedger(tmp_path / "oracle.db", clock=clock)
-    async with postgres, oracle:
-        pg_setup, oracle_setup = await _prepare(postgres, hold_req), await _prepare(oracle, hold_req)
-        clock.advance(5)
-        seen = _spy_on_batches(monkeypatch)
-        alone_pg = [await _outcome(op) for op in _round(postgres, pg_setup, hold_req)]
-        alone_oracle = [await _outcome(op) for op in _round(oracle, oracle_setup, hold_req)]
-
-        assert alone_pg == alone_oracle
-        assert len(seen) == len(alone_pg)  # every operation, the plain ones too
+    async with _one_at_a_time_beside_sqlite(pg, tmp_path, clock, hold_req, monkeypatch) as (
+        postgres,
+        oracle,
+        seen,
+        operations,
+    ):
+        assert len(seen) == operations  # every operation, the plain ones too
         call_ids = sorted({"p-capture", "p-void", "n-ok", "n-cap", "n-poor"})
         assert await _state(postgres, call_ids) == await _state(oracle, call_ids)
         assert await postgres.verify() == []
