@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
+
+import pytest
 
 from gateway.ids import TimeOrderedIds, time_ordered_hex
 
@@ -32,13 +35,32 @@ def test_ids_made_later_sort_after_ids_made_earlier_across_a_millisecond() -> No
     assert ids.next() > first
 
 
-def test_ids_drawn_past_several_refills_of_the_random_buffer_never_repeat_their_random_part() -> None:
+def _recorded_urandom(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Replace the system's random source with a seeded one; record every chunk it hands out."""
+    chunks: list[bytes] = []
+
+    def urandom(size: int) -> bytes:
+        chunks.append(random.Random(len(chunks)).randbytes(size))
+        return chunks[-1]
+
+    monkeypatch.setattr("gateway.ids.os.urandom", urandom)
+    return chunks
+
+
+def test_each_random_byte_goes_into_exactly_one_id_and_the_source_is_read_256_ids_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chunks = _recorded_urandom(monkeypatch)
     ids = TimeOrderedIds()
-    suffixes = [ids.next()[12:] for _ in range(2_000)]  # ~8 reads of the system's random source
-    assert len(set(suffixes)) == len(suffixes)
-    assert all(len(s) == 20 for s in suffixes)
+    count = 600
+    random_parts = b"".join(bytes.fromhex(ids.next()[12:]) for _ in range(count))
+    assert [len(chunk) for chunk in chunks] == [10 * 256] * 3  # ceil(600 / 256) reads
+    assert random_parts == b"".join(chunks)[: count * 10]  # in order, none skipped, none reused
 
 
-def test_two_sources_do_not_hand_out_the_same_random_bits() -> None:
+def test_two_sources_each_read_their_own_random_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = _recorded_urandom(monkeypatch)
     a, b = TimeOrderedIds(), TimeOrderedIds()
-    assert {a.next()[12:] for _ in range(300)}.isdisjoint({b.next()[12:] for _ in range(300)})
+    first, second = a.next()[12:], b.next()[12:]
+    assert len(chunks) == 2  # no buffer shared between them
+    assert (bytes.fromhex(first), bytes.fromhex(second)) == (chunks[0][:10], chunks[1][:10])

@@ -174,12 +174,14 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
     # postings_transfer is a prefix of postings_transfer_account; holds_user_pending and
     # holds_key_pending served only verify's sums over pending holds, which holds_pending_lease (the
     # same rows) serves as well. (SQLite's charges_developer, dropped by its 0004, never existed here.)
+    # holds before postings: the order in which a capture of a replica still running the previous
+    # version locks them, so the migration's exclusive locks cannot form a cycle with it.
     (
         "0004_drop_redundant_hot_path_indexes",
         """
-DROP INDEX postings_transfer;
 DROP INDEX holds_user_pending;
 DROP INDEX holds_key_pending;
+DROP INDEX postings_transfer;
 """,
     ),
 )

@@ -50,6 +50,7 @@ from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
+import structlog
 
 from gateway.errors import (
     AlreadyExists,
@@ -174,6 +175,8 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _RETRYABLE = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
 # The server gave up waiting (lock_timeout, statement_timeout) and rolled the transaction back.
 _TIMED_OUT = (asyncpg.exceptions.LockNotAvailableError, asyncpg.exceptions.QueryCanceledError)
+
+log = structlog.get_logger("gateway.ledger.postgres")
 
 
 class _Rollback(Exception):
@@ -411,9 +414,13 @@ SELECT CASE WHEN $27::text IS NULL THEN NULL ELSE set_config('synchronous_commit
 # Each returns NULLs having written nothing when the operation is not the plain case (a replay, a
 # settled hold, a party that does not resolve, a capture that would overdraw); the batch path then
 # answers it. A hold or void commits with ``synchronous_commit = off`` (as their batches do; a crash
-# voids those holds anyway), a capture with the session's (durable) setting.
+# voids those holds anyway), a capture with the session's (durable) setting. The names carry a
+# version (``_v1``): change a body, change the name, so a server connection reused across gateway
+# versions (a pooler) never runs another version's body. The hold's columns are those of
+# ``rows.HOLD_INSERT_COLUMNS``, and ``tests/ledger/test_postgres_lone.py`` holds all three paths
+# (these functions, ``_batch_*``, ``_tx_*``) to the SQLite store's outcomes.
 _LONE_FUNCTIONS = """
-CREATE FUNCTION pg_temp.agentpay_hold(
+CREATE OR REPLACE FUNCTION pg_temp.agentpay_hold_v1(
     p_call_id text, p_key_id text, p_user text, p_developer text, p_server text, p_method text, p_name text,
     p_amount bigint, p_fee bigint, p_owner text, p_now double precision, p_lease_s double precision,
     OUT o_status text, OUT o_available bigint, OUT o_spend_remaining bigint
@@ -466,7 +473,7 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION pg_temp.agentpay_capture(
+CREATE OR REPLACE FUNCTION pg_temp.agentpay_capture_v1(
     p_call_id text, p_amount bigint, p_now double precision, p_platform bigint,
     OUT o_status text, OUT o_user text, OUT o_developer text, OUT o_server text, OUT o_method text,
     OUT o_name text, OUT o_amount bigint, OUT o_fee bigint, OUT o_balance_after bigint
@@ -537,7 +544,7 @@ BEGIN
 END;
 $$;
 
-CREATE FUNCTION pg_temp.agentpay_void(p_call_id text, p_now double precision) RETURNS boolean
+CREATE OR REPLACE FUNCTION pg_temp.agentpay_void_v1(p_call_id text, p_now double precision) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     v_user bigint;
@@ -558,9 +565,9 @@ BEGIN
 END;
 $$;
 """
-_LONE_HOLD = "SELECT * FROM pg_temp.agentpay_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-_LONE_CAPTURE = "SELECT * FROM pg_temp.agentpay_capture($1, $2, $3, $4)"
-_LONE_VOID = "SELECT pg_temp.agentpay_void($1, $2)"
+_LONE_HOLD = "SELECT * FROM pg_temp.agentpay_hold_v1($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+_LONE_CAPTURE = "SELECT * FROM pg_temp.agentpay_capture_v1($1, $2, $3, $4)"
+_LONE_VOID = "SELECT pg_temp.agentpay_void_v1($1, $2)"
 
 
 def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -575,6 +582,11 @@ def _deliver(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 async def _prepare_settle_connection(conn: Conn) -> None:
     """Create the session-local functions of the lone-operation path on a new settle connection."""
     await conn.execute(_LONE_FUNCTIONS)
+
+
+_NO_LONE_PATH = (asyncpg.exceptions.UndefinedFunctionError, asyncpg.exceptions.InsufficientPrivilegeError)
+"""What a lone statement gets where its functions are missing (a transaction-mode pooler put it on
+another server connection) or could not be made (no TEMP privilege)."""
 
 
 async def _keep_session(conn: Conn) -> None:
@@ -637,6 +649,7 @@ class PostgresLedger:
         # The group-commit batches (holds, captures, voids, renewals) run on connections of their
         # own, never queued behind reads or top-ups for a pooled connection.
         self._settle_pool: asyncpg.Pool | None = None
+        self._lone_path = True  # off once its functions turn out to be missing: see _run_lone
         self._system: dict[AccountKind, int] = {}
         # Group commit (see ``_submit``): queued operations, the call ids of batches in flight, and
         # the tasks draining the queue (at most ``batch_workers``).
@@ -675,7 +688,7 @@ class PostgresLedger:
                 max_size=SETTLE_POOL_SIZE,
                 server_settings=settings | {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"},
                 timeout=ACQUIRE_TIMEOUT_S,
-                init=_prepare_settle_connection,
+                init=self._init_settle_connection,
                 reset=_keep_session,
             )
         except _CONNECTION_ERRORS as exc:
@@ -921,7 +934,7 @@ class PostgresLedger:
         outcomes: list[tuple[bool, Any]] | None = None
         try:
             try:
-                if len(batch) == 1:
+                if len(batch) == 1 and self._lone_path:
                     outcomes = await self._run_lone(batch[0], conn)
                 if outcomes is None:
                     outcomes = await self._run(lambda c: self._tx_batch(c, batch), idempotent=True, conn=conn)
@@ -937,6 +950,25 @@ class PostgresLedger:
             self._answer(batch, [(False, Unavailable("the ledger was closed while the operation ran"))] * len(batch))
             raise
         self._answer(batch, outcomes)
+
+    async def _init_settle_connection(self, conn: Conn) -> None:
+        """Give a new settle connection the lone path's functions. Failing to is not fatal (no TEMP
+        privilege, say): the lone path is switched off and every operation takes the batch path."""
+        if not self._lone_path:
+            return
+        try:
+            await _prepare_settle_connection(conn)
+        except asyncpg.PostgresError as exc:
+            self._switch_off_lone_path(exc)
+
+    def _switch_off_lone_path(self, exc: BaseException) -> None:
+        if self._lone_path:
+            self._lone_path = False
+            log.warning(
+                "lone_statement_path_off",
+                reason=f"{type(exc).__name__}: {exc}",
+                effect="every hold, capture and void takes the batch path (correct, a few round trips slower)",
+            )
 
     async def _run_lone(self, op: _Op, conn: Conn) -> list[tuple[bool, Any]] | None:
         """A batch of one hold, capture or void as ONE auto-commit statement (``_LONE_FUNCTIONS``);
@@ -986,6 +1018,9 @@ class PostgresLedger:
                 f"lost the connection to the ledger database ({type(exc).__name__}: {exc})",
                 hint="Retry shortly with the same idempotency key; check that PostgreSQL is up",
             ) from exc
+        except _NO_LONE_PATH as exc:  # nothing ran: no need to try it (and log an error) every time
+            self._switch_off_lone_path(exc)
+            return None
         except asyncpg.PostgresError:  # rolled back with its statement: the batch path runs it again
             return None
 

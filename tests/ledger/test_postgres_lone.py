@@ -113,8 +113,10 @@ async def test_a_lone_hold_or_void_commits_without_waiting_for_the_disk_and_a_lo
     try:
         await _prepare_settle_connection(conn)
         hold_args = ("alice", "acme", "weather", "tools/call", "forecast", 100, 0, "test", clock(), 30.0)
-        hold = "SELECT * FROM pg_temp.agentpay_hold($1, NULL, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-        capture = "SELECT * FROM pg_temp.agentpay_capture($1, NULL, $2, $3)"
+        hold = "SELECT * FROM pg_temp.agentpay_hold_v1($1, NULL, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        capture = "SELECT * FROM pg_temp.agentpay_capture_v1($1, NULL, $2, $3)"
+
+        await conn.execute("SET synchronous_commit = on")  # durable, whatever the server's default
 
         async def run(sql: str, *args: object) -> tuple[Any, str]:
             async with conn.transaction():
@@ -123,7 +125,7 @@ async def test_a_lone_hold_or_void_commits_without_waiting_for_the_disk_and_a_lo
 
         assert await run(hold, "a", *hold_args) == (HoldStatus.OK, "off")
         assert await run(hold, "b", *hold_args) == (HoldStatus.OK, "off")
-        assert await run("SELECT pg_temp.agentpay_void($1, $2)", "a", clock()) == (True, "off")
+        assert await run("SELECT pg_temp.agentpay_void_v1($1, $2)", "a", clock()) == (True, "off")
         assert await run(capture, "b", clock(), platform) == ("captured", "on")
         # not the plain case: nothing written, left to the batch path, no setting changed
         assert await run(hold, "b", *hold_args) == (None, "on")
@@ -157,3 +159,34 @@ async def test_without_the_session_functions_as_behind_a_transaction_pooler_ever
         call_ids = sorted({"p-capture", "p-void", "n-ok", "n-cap", "n-poor"})
         assert await _state(postgres, call_ids) == await _state(oracle, call_ids)
         assert await postgres.verify() == []
+
+
+async def test_a_settle_connection_that_cannot_create_the_functions_still_opens_and_takes_the_batch_path(
+    pg: StoreSpec, tmp_path: Path, clock: FakeClock, hold_req: HoldFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A role without the TEMP privilege: creating the functions fails; the ledger opens anyway."""
+
+    async def no_temp_privilege(conn: asyncpg.Connection) -> None:
+        raise asyncpg.exceptions.InsufficientPrivilegeError("permission denied to create temporary tables")
+
+    monkeypatch.setattr("gateway.ledger.postgres._prepare_settle_connection", no_temp_privilege)
+    async with _one_at_a_time_beside_sqlite(pg, tmp_path, clock, hold_req, monkeypatch) as (
+        postgres,
+        _,
+        seen,
+        operations,
+    ):
+        assert len(seen) == operations
+        assert await postgres.verify() == []
+
+
+async def test_making_the_functions_again_on_a_connection_that_has_them_is_harmless(pg: StoreSpec) -> None:
+    """Behind a pooler a server connection outlives the client connection that set it up."""
+    conn = await asyncpg.connect(pg.location, server_settings={"search_path": f'"{pg.schema}"'})
+    try:
+        await _prepare_settle_connection(conn)
+        await _prepare_settle_connection(conn)
+        names = await conn.fetch("SELECT proname FROM pg_proc WHERE pronamespace = pg_my_temp_schema() ORDER BY 1")
+        assert [row[0] for row in names] == ["agentpay_capture_v1", "agentpay_hold_v1", "agentpay_void_v1"]
+    finally:
+        await conn.close()
