@@ -14,7 +14,7 @@ import json
 import time
 from typing import Any
 
-from gateway.billing import new_call_id
+from gateway.ids import TimeOrderedIds
 from gateway.keys import display_prefix, generate_secret, hash_secret
 from gateway.ledger import HoldRequest, open_ledger
 
@@ -48,11 +48,12 @@ async def run(database: str, callers: int, seconds: float) -> dict[str, Any]:
         captures: list[float] = []
         pairs: list[float] = []
         refused = 0
+        ids = TimeOrderedIds()
 
         async def caller(deadline: float) -> None:
             nonlocal refused
             while time.perf_counter() < deadline:
-                call_id = new_call_id()  # the gateway's own (time-ordered) call ids
+                call_id = ids.next()  # the gateway's own (time-ordered) call ids
                 t0 = time.perf_counter()
                 outcome = await ledger.hold(
                     HoldRequest(

@@ -13,14 +13,10 @@ from typing import Any
 
 import structlog
 
-from gateway.ids import TimeOrderedIds, time_ordered_hex
+from gateway.ids import TimeOrderedIds
 from gateway.ledger.base import HoldOutcome, HoldRequest, Ledger
 
 log = structlog.get_logger("gateway.billing")
-
-
-def new_call_id() -> str:
-    return time_ordered_hex()
 
 
 def charge_id_for(call_id: str) -> str:
@@ -44,7 +40,7 @@ class Billing:
         self._ids = TimeOrderedIds()
 
     def new_call_id(self) -> str:
-        """A fresh call id, as ``new_call_id()`` makes, with the random part read in batches."""
+        """A fresh call id: time-ordered (``gateway.ids``), 80 random bits read 256 ids at a time."""
         return self._ids.next()
 
     @property
