@@ -11,23 +11,18 @@ lower-case hex digits, the same shape as ``uuid4().hex``.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 
 _RANDOM_BYTES = 10  # 80 bits per id
 _BATCH = 256  # ids per read of the system's random source
 
 
-def time_ordered_hex() -> str:
-    """32 hex digits: 12 of Unix milliseconds, then 20 random (80 bits: unguessable, no collisions)."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(_RANDOM_BYTES)}"
-
-
 class TimeOrderedIds:
-    """``time_ordered_hex`` for a busy caller: the random part comes from the operating system's
-    CSPRNG (``os.urandom``, as ``secrets`` uses) read 256 ids at a time, instead of one system
-    call per id (~1 µs each; 3% of the event loop's samples under load). Not thread-safe: one per
-    event loop. Bytes are used once and dropped, so no two ids share random bits."""
+    """Ids of 32 hex digits: 12 of Unix milliseconds, then 20 random (80 bits: unguessable, no
+    collisions). The random part comes from the operating system's CSPRNG (``os.urandom``, as
+    ``secrets`` uses) read 256 ids at a time, instead of one system call per id (~1 µs each; 3% of
+    the event loop's samples under load). Not thread-safe: one per event loop. Bytes are used once
+    and dropped, so no two ids share random bits."""
 
     __slots__ = ("_buffer", "_offset")
 
