@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.sqlite import SqliteLedger, _verify
 
 
 async def _open(path: Path) -> sqlite3.Connection:
@@ -30,16 +30,21 @@ async def test_the_hot_path_tables_carry_no_index_that_another_index_already_cov
         conn.close()
 
 
-async def test_verify_sums_pending_holds_through_the_pending_hold_index_not_a_scan_of_every_hold(
-    tmp_path: Path,
-) -> None:
+async def test_verify_reads_holds_only_through_an_index_never_by_scanning_every_hold(tmp_path: Path) -> None:
+    """verify's own statements, as it runs them: holds (one row per priced call ever made) are
+    read through an index (pending holds through holds_pending_lease), never scanned whole."""
     conn = await _open(tmp_path / "ledger.db")
+    statements: list[str] = []
     try:
-        for column in ("user_account_id", "key_id"):
-            plan = conn.execute(
-                f"EXPLAIN QUERY PLAN SELECT {column}, SUM(amount) FROM holds WHERE state = 'pending' GROUP BY {column}"
-            ).fetchall()
-            details = " ".join(str(row[3]) for row in plan)
-            assert "USING INDEX holds_pending_lease" in details, details
+        conn.set_trace_callback(statements.append)
+        assert _verify(conn) == []
+        conn.set_trace_callback(None)
+        reading_holds = [sql for sql in statements if "holds" in sql and sql.lstrip().upper().startswith("SELECT")]
+        assert reading_holds  # verify does check the holds
+        for sql in reading_holds:
+            plan = " | ".join(str(row[3]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+            for step in plan.split(" | "):
+                if " holds" in f" {step}" and step.startswith("SCAN"):
+                    assert "USING" in step and "INDEX" in step, f"{sql}\n  -> {plan}"
     finally:
         conn.close()
