@@ -910,7 +910,7 @@ class SqliteLedger:
             )
         fee = hold_fee * amount // held
         now = self._clock()
-        # Derived from the call id (a uuid4 hex in the gateway), so a receipt can name its charge
+        # Derived from the call id (time-ordered hex in the gateway, gateway.ids), so a receipt can name its charge
         # before the capture commits; unique because a call is captured at most once.
         charge_id = "ch_" + call_id
         conn.execute(
