@@ -412,9 +412,10 @@ SELECT CASE WHEN $27::text IS NULL THEN NULL ELSE set_config('synchronous_commit
 # key) and make the same checks and writes as the batch path. They are session-local (``pg_temp``,
 # created by ``_prepare_settle_connection`` on every connection of the settle pool): no schema change.
 # Each returns NULLs having written nothing when the operation is not the plain case (a replay, a
-# settled hold, a party that does not resolve, a capture that would overdraw); the batch path then
-# answers it. A hold or void commits with ``synchronous_commit = off`` (as their batches do; a crash
-# voids those holds anyway), a capture with the session's (durable) setting. The names carry a
+# settled hold, a party that does not resolve, a hold over its key's cap, a capture that would
+# overdraw); the batch path then answers it. A hold or void commits with ``synchronous_commit =
+# off`` (as their batches do; a crash voids those holds anyway), a capture with the session's
+# (durable) setting. The names carry a
 # version (``_v1``): change a body, change the name, so a server connection reused across gateway
 # versions (a pooler) never runs another version's body. The hold's columns are those of
 # ``rows.HOLD_INSERT_COLUMNS``, and ``tests/ledger/test_postgres_lone.py`` holds all three paths
@@ -429,14 +430,19 @@ DECLARE
     v_user bigint;
     v_developer bigint;
     v_key_owner bigint;
+    v_over_cap boolean := false;
 BEGIN
     SELECT id INTO v_user FROM accounts WHERE kind = 'user' AND name = p_user;
     SELECT id INTO v_developer FROM accounts WHERE kind = 'developer' AND name = p_developer;
     IF p_key_id IS NOT NULL THEN
-        SELECT user_account_id INTO v_key_owner FROM keys WHERE id = p_key_id;
+        SELECT user_account_id, spend_limit IS NOT NULL AND spent + held + p_amount > spend_limit
+        INTO v_key_owner, v_over_cap FROM keys WHERE id = p_key_id;
     END IF;
     IF v_user IS NULL OR v_developer IS NULL OR (p_key_id IS NOT NULL AND v_key_owner IS DISTINCT FROM v_user) THEN
         RETURN;  -- nothing written: the batch path names what does not resolve
+    END IF;
+    IF v_over_cap THEN
+        RETURN;  -- the key's cap refuses it already (unlocked read): the batch path refuses it writing nothing
     END IF;
     INSERT INTO holds (call_id, key_id, user_account_id, developer_account_id, server, method, name, amount, fee,
                        owner, created_at, lease_expires_at)

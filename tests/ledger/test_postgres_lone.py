@@ -61,10 +61,11 @@ async def test_operations_one_at_a_time_get_what_sqlite_gives_and_only_the_unusu
     pg: StoreSpec, tmp_path: Path, clock: FakeClock, hold_req: HoldFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with _one_at_a_time_beside_sqlite(pg, tmp_path, clock, hold_req, monkeypatch) as (postgres, oracle, seen, _):
-        # new holds (granted, or refused by the balance or the key's cap), the partial capture and
-        # the voids went through one statement each; the replays, the conflicts, the parties that do
-        # not resolve, the captures of settled or missing holds and the renewal took the batch path
-        assert seen == [["_HoldOp"]] * 5 + [["_CaptureOp"]] * 4 + [["_RenewOp"]]
+        # new holds (granted, or refused by the balance), the partial capture and the voids went
+        # through one statement each; the replays, the conflicts, the parties that do not resolve, a
+        # hold the key's cap refuses (decided without writing), the captures of settled or missing
+        # holds and the renewal took the batch path
+        assert seen == [["_HoldOp"]] * 6 + [["_CaptureOp"]] * 4 + [["_RenewOp"]]
         call_ids = sorted(
             {"p-renew", "p-capture", "p-void", "done", "released", "n-ok", "n-cap", "n-poor", "n-bob", "n-cap-now-fits"}
         )
