@@ -97,9 +97,7 @@ class Gateway:
         return f"{base}{prefix}/{server}/mcp"
 
     async def new_user(self, name: str, cents: str, server: str = "weather", **key_opts: Any) -> str:
-        await self.ops.create_user(name, cents)
-        key = await self.ops.create_key(user=name, server=server, **key_opts)
-        return str(key["key"])
+        return await new_user(self.ops, name, cents, server, **key_opts)
 
     async def balance(self, user: str) -> int:
         return (await self.ledger.get_account(AccountKind.USER, user)).balance
@@ -125,6 +123,13 @@ class Gateway:
         assert await self.ledger.verify() == []
 
 
+async def new_user(ops: Operations, name: str, cents: str, server: str = "weather", **key_opts: Any) -> str:
+    """A user with ``cents`` on their balance and an API key for ``server``: the key's secret."""
+    await ops.create_user(name, cents)
+    key = await ops.create_key(user=name, server=server, **key_opts)
+    return str(key["key"])
+
+
 async def prepare_ledger(config_path: Path, developers: tuple[str, ...] = ("acme", "rival")) -> None:
     config = load_config(config_path)
     ledger = open_ledger(config.database)
@@ -132,6 +137,18 @@ async def prepare_ledger(config_path: Path, developers: tuple[str, ...] = ("acme
     try:
         for dev in developers:
             await ledger.create_developer(dev)
+    finally:
+        await ledger.close()
+
+
+@asynccontextmanager
+async def prepared_ledger(config_path: Path) -> AsyncIterator[Ledger]:
+    """The configured ledger with its developers made (``prepare_ledger``), open; closed after."""
+    await prepare_ledger(config_path)
+    ledger = open_ledger(load_config(config_path).database)
+    await ledger.open()
+    try:
+        yield ledger
     finally:
         await ledger.close()
 

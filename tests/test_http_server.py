@@ -22,11 +22,17 @@ from gateway.config import load_config
 from gateway.demo_upstream import DemoUpstream
 from gateway.errors import ConfigError
 from gateway.http_server import malformed_request_error, parser_reason
-from gateway.ledger import open_ledger
-from gateway.money import parse_cents
 from gateway.operations import Operations
 from tests.fault_upstream import run_fault_upstream
-from tests.harness import FAULT_PRICES, Gateway, prepare_ledger, run_gateway, tool_call, write_config
+from tests.harness import (
+    FAULT_PRICES,
+    Gateway,
+    new_user,
+    prepared_ledger,
+    run_gateway,
+    tool_call,
+    write_config,
+)
 from tests.process import free_port, run_gateway_process
 
 BODY = json.dumps(tool_call("echo", {"message": "hi"})).encode()
@@ -283,15 +289,8 @@ async def test_agentpay_serve_hardens_both_listeners_against_malformed_and_slow_
             admin_listen=f"127.0.0.1:{admin_port}",
             admin_token=admin_token,
         )
-        await prepare_ledger(config)
-        ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-        await ledger.open()
-        try:
-            await ledger.create_user("alice")
-            await ledger.topup("alice", parse_cents("100"))
-            key = str((await Operations(ledger).create_key(user="alice", server="weather"))["key"])
-        finally:
-            await ledger.close()
+        async with prepared_ledger(config) as ledger:
+            key = await new_user(Operations(ledger), "alice", "100")
         async with run_gateway_process(config) as gp:
             answers = []
             for port, secret in ((gp.port, key), (admin_port, admin_token)):

@@ -10,12 +10,19 @@ from pathlib import Path
 import aiohttp
 from structlog.testing import capture_logs
 
-from gateway.ledger import open_ledger
 from gateway.ledger.base import AccountKind
 from gateway.money import parse_cents
 from gateway.operations import Operations
 from tests.fault_upstream import run_fault_upstream
-from tests.harness import FAULT_PRICES, mcp_client, prepare_ledger, run_gateway, tool_call, write_config
+from tests.harness import (
+    FAULT_PRICES,
+    mcp_client,
+    new_user,
+    prepared_ledger,
+    run_gateway,
+    tool_call,
+    write_config,
+)
 from tests.process import run_gateway_process
 from tests.upstream_sdk import run_upstream
 
@@ -25,13 +32,8 @@ HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "app
 async def test_sigterm_lets_an_in_flight_call_finish_and_settle_before_exit(tmp_path: Path) -> None:
     async with run_upstream(json_response=True, stateless=True) as up:
         config = write_config(tmp_path, {"weather": up.url})
-        await prepare_ledger(config)
-        ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-        await ledger.open()
-        try:
-            await ledger.create_user("alice")
-            await ledger.topup("alice", parse_cents("100"))
-            key = (await Operations(ledger).create_key(user="alice", server="weather"))["key"]
+        async with prepared_ledger(config) as ledger:
+            key = await new_user(Operations(ledger), "alice", "100")
             async with run_gateway_process(config) as gw:
                 async with aiohttp.ClientSession() as http:
                     call = asyncio.create_task(
@@ -53,8 +55,6 @@ async def test_sigterm_lets_an_in_flight_call_finish_and_settle_before_exit(tmp_
             account = await ledger.get_account(AccountKind.USER, "alice")
             assert (account.balance, account.held) == (parse_cents("95"), 0)
             assert await ledger.verify() == []
-        finally:
-            await ledger.close()
 
 
 async def test_a_long_call_keeps_its_hold_while_the_sweeper_runs(tmp_path: Path) -> None:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.ledger import open_ledger
 from gateway.ledger.base import AccountKind, Ledger
 from gateway.money import parse_cents
 from gateway.operations import Operations
-from tests.harness import prepare_ledger, tool_call, write_config
+from tests.harness import new_user, prepare_ledger, prepared_ledger, tool_call, write_config
 from tests.process import GatewayProcess, run_gateway_process
 from tests.upstream_sdk import run_upstream
 
@@ -63,13 +62,8 @@ async def test_two_workers_bill_every_call_once_survive_a_killed_worker_and_drai
 ) -> None:
     async with run_upstream(json_response=True, stateless=True) as up:
         config = write_config(tmp_path, {"weather": up.url})
-        await prepare_ledger(config)
-        ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-        await ledger.open()
-        try:
-            await ledger.create_user("alice")
-            await ledger.topup("alice", parse_cents("1000"))
-            key = (await Operations(ledger).create_key(user="alice", server="weather"))["key"]
+        async with prepared_ledger(config) as ledger:
+            key = await new_user(Operations(ledger), "alice", "1000")
             async with run_gateway_process(config, serve_args=["--workers", "2"]) as gw:
                 first = await workers_ready(gw, 2)
                 assert await paid_calls(gw, key, 30) == [200] * 30
@@ -90,8 +84,6 @@ async def test_two_workers_bill_every_call_once_survive_a_killed_worker_and_drai
             assert account.balance == parse_cents("1000") - 40 * parse_cents("5")
             assert account.held == 0
             assert await ledger.verify() == []
-        finally:
-            await ledger.close()
 
 
 async def test_workers_below_one_is_refused(tmp_path: Path) -> None:

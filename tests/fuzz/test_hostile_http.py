@@ -24,11 +24,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.demo_upstream import DemoUpstream
-from gateway.ledger import open_ledger
 from gateway.money import parse_cents
 from gateway.operations import Operations
 from tests.fault_upstream import run_fault_upstream
-from tests.harness import FAULT_PRICES, Gateway, prepare_ledger, run_gateway, tool_call, write_config
+from tests.harness import (
+    FAULT_PRICES,
+    Gateway,
+    new_user,
+    prepared_ledger,
+    run_gateway,
+    tool_call,
+    write_config,
+)
 from tests.process import run_gateway_process
 
 PRICES = {"weather": FAULT_PRICES["weather"], "maps": FAULT_PRICES["weather"]}
@@ -182,15 +189,8 @@ async def test_keys_never_reach_the_logs_of_a_real_gateway_process(tmp_path: Pat
     bad = "ap_" + secrets.token_urlsafe(32)
     async with run_fault_upstream() as (url, upstream):
         config = write_config(tmp_path, {"weather": url}, FAULT_PRICES)
-        await prepare_ledger(config)
-        ledger = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-        await ledger.open()
-        try:
-            await ledger.create_user("alice")
-            await ledger.topup("alice", parse_cents("100"))
-            key = (await Operations(ledger).create_key(user="alice", server="weather"))["key"]
-        finally:
-            await ledger.close()
+        async with prepared_ledger(config) as ledger:
+            key = await new_user(Operations(ledger), "alice", "100")
         async with run_gateway_process(config) as gp:
             for request in (
                 http(f"/k/{key}/weather/mcp", body=PRICED),

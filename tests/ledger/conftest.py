@@ -108,7 +108,7 @@ class StoreSpec:
             with sqlite3.connect(self.location) as conn:
                 row = conn.execute(sql, params).fetchone()
                 return None if row is None else row[0]
-        conn = await self._pg_connect()
+        conn = await self.pg_connect()
         try:
             return await conn.fetchval(_numbered(sql), *params)
         finally:
@@ -119,7 +119,7 @@ class StoreSpec:
             with sqlite3.connect(self.location) as conn:
                 conn.execute(sql, params)
             return
-        conn = await self._pg_connect()
+        conn = await self.pg_connect()
         try:
             await conn.execute(_numbered(sql), *params)
         finally:
@@ -134,7 +134,8 @@ class StoreSpec:
             finally:
                 await conn.close()
 
-    async def _pg_connect(self) -> asyncpg.Connection:
+    async def pg_connect(self) -> asyncpg.Connection:
+        """A raw connection to this test's PostgreSQL schema (closed by the caller)."""
         return await asyncpg.connect(self.location, server_settings={"search_path": f'"{self.schema}"'})
 
 
@@ -175,6 +176,17 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield spec
     finally:
         await spec.drop()
+
+
+async def blocked_behind(conn: asyncpg.Connection) -> int:
+    """The pid of the backend waiting for a lock that ``conn`` holds (asking the server until one is)."""
+    blocker = conn.get_server_pid()
+    async with asyncio.timeout(10):
+        while True:
+            pid = await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", blocker)
+            if pid is not None:
+                return int(pid)
+            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from gateway.ledger.base import AccountKind, HoldOutcome, HoldStatus
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 
-from .conftest import FakeClock, HoldFactory, StoreSpec
+from .conftest import FakeClock, HoldFactory, StoreSpec, blocked_behind
 
 AnyLedger = SqliteLedger | PostgresLedger
 
@@ -223,21 +223,11 @@ async def test_an_operation_the_database_refuses_fails_alone(
     assert await ledger.verify() == []
 
 
-async def _blocked_behind(conn: asyncpg.Connection) -> int:
-    """The pid of the backend waiting for a lock that ``conn`` holds (asking the server until one is)."""
-    blocker = conn.get_server_pid()
-    async with asyncio.timeout(10):
-        while True:
-            pid = await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", blocker)
-            if pid is not None:
-                return int(pid)
-
-
 async def test_a_batch_whose_connection_dies_fails_every_caller_and_writes_nothing(
     ledger: PostgresLedger, pg: StoreSpec, hold_req: HoldFactory
 ) -> None:
     assert (await ledger.hold(hold_req("pending", amount=100))).ok
-    blocker = await asyncpg.connect(pg.location, server_settings={"search_path": f'"{pg.schema}"'})
+    blocker = await pg.pg_connect()
     try:
         async with blocker.transaction():
             await blocker.execute("SELECT 1 FROM accounts WHERE kind = 'user' FOR NO KEY UPDATE")
@@ -245,7 +235,7 @@ async def test_a_batch_whose_connection_dies_fails_every_caller_and_writes_nothi
                 asyncio.create_task(ledger.hold(hold_req(f"h-{i}", amount=10))) for i in range(8)
             ]
             tasks.append(asyncio.create_task(ledger.capture("pending")))
-            victim = await _blocked_behind(blocker)
+            victim = await blocked_behind(blocker)
             assert await blocker.fetchval("SELECT pg_terminate_backend($1)", victim)
             results = await asyncio.gather(*tasks, return_exceptions=True)
     finally:

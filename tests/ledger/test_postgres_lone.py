@@ -110,7 +110,7 @@ async def test_a_lone_hold_or_void_commits_without_waiting_for_the_disk_and_a_lo
         await ledger.create_developer("acme")
         await ledger.topup("alice", 1_000)
         platform = (await ledger.get_account(AccountKind.PLATFORM_FEE, "system")).id
-    conn = await asyncpg.connect(pg.location, server_settings={"search_path": f'"{pg.schema}"'})
+    conn = await pg.pg_connect()
     try:
         await _prepare_settle_connection(conn)
         hold_args = ("alice", "acme", "weather", "tools/call", "forecast", 100, 0, "test", clock(), 30.0)
@@ -183,7 +183,7 @@ async def test_a_settle_connection_that_cannot_create_the_functions_still_opens_
 
 async def test_making_the_functions_again_on_a_connection_that_has_them_is_harmless(pg: StoreSpec) -> None:
     """Behind a pooler a server connection outlives the client connection that set it up."""
-    conn = await asyncpg.connect(pg.location, server_settings={"search_path": f'"{pg.schema}"'})
+    conn = await pg.pg_connect()
     try:
         await _prepare_settle_connection(conn)
         await _prepare_settle_connection(conn)

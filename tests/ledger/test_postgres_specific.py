@@ -16,7 +16,7 @@ from gateway.ledger.base import AccountKind, HoldStatus
 from gateway.ledger.migrations_postgres import MIGRATIONS
 from gateway.ledger.postgres import PostgresLedger
 
-from .conftest import FakeClock, HoldFactory, StoreSpec
+from .conftest import FakeClock, HoldFactory, StoreSpec, blocked_behind
 
 
 @pytest.fixture
@@ -32,21 +32,6 @@ async def replicas(pg: StoreSpec, clock: FakeClock) -> AsyncIterator[tuple[Postg
         yield a, b
     finally:
         await asyncio.gather(a.close(), b.close())
-
-
-async def _blocked_behind(conn: asyncpg.Connection) -> int:
-    """The pid of the backend waiting for a lock that ``conn`` holds."""
-    blocker = conn.get_server_pid()
-    async with asyncio.timeout(10):
-        while True:
-            pid = await conn.fetchval("SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", blocker)
-            if pid is not None:
-                return int(pid)
-            await asyncio.sleep(0.01)
-
-
-async def _connect(pg: StoreSpec) -> asyncpg.Connection:
-    return await asyncpg.connect(pg.location, server_settings={"search_path": f'"{pg.schema}"'})
 
 
 # --- replicas -----------------------------------------------------------------------------------
@@ -164,13 +149,13 @@ async def test_a_hold_whose_connection_is_killed_mid_transaction_leaves_nothing_
 ) -> None:
     ledger, _ = replicas
     await ledger.topup("alice", 1_000)
-    blocker = await _connect(pg)
+    blocker = await pg.pg_connect()
     try:
         async with blocker.transaction():
             await blocker.execute("SELECT 1 FROM accounts WHERE kind = 'user' FOR NO KEY UPDATE")
             # the hold inserts its row, then its guarded UPDATE waits for alice's account row
             task = asyncio.create_task(ledger.hold(hold_req("killed", amount=400)))
-            victim = await _blocked_behind(blocker)
+            victim = await blocked_behind(blocker)
             assert await blocker.fetchval("SELECT pg_terminate_backend($1)", victim)
             with pytest.raises(Unavailable, match="lost the connection"):
                 await task
@@ -191,13 +176,13 @@ async def test_a_refund_whose_connection_is_killed_after_its_first_write_is_roll
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=1_000, fee=100))
     charge = await ledger.capture("call-1")
-    blocker = await _connect(pg)
+    blocker = await pg.pg_connect()
     try:
         async with blocker.transaction():
             await blocker.execute("SELECT 1 FROM accounts WHERE kind = 'developer' FOR NO KEY UPDATE")
             # the refund has raised charges.refunded, then waits for the developer's account row
             task = asyncio.create_task(ledger.refund(charge.id, 600, reference="ticket-1"))
-            victim = await _blocked_behind(blocker)
+            victim = await blocked_behind(blocker)
             assert await blocker.fetchval("SELECT pg_terminate_backend($1)", victim)
             with pytest.raises(Unavailable):
                 await task
@@ -219,13 +204,13 @@ async def test_a_capture_whose_connection_is_killed_leaves_the_hold_pending_and_
     ledger, other = replicas
     await ledger.topup("alice", 1_000)
     await ledger.hold(hold_req("call-1", amount=300, fee=30))
-    blocker = await _connect(pg)
+    blocker = await pg.pg_connect()
     try:
         async with blocker.transaction():
             await blocker.execute("SELECT 1 FROM accounts WHERE kind = 'platform_fee' FOR NO KEY UPDATE")
             # the capture has locked the hold row, then waits for the platform account
             task = asyncio.create_task(ledger.capture("call-1"))
-            victim = await _blocked_behind(blocker)
+            victim = await blocked_behind(blocker)
             assert await blocker.fetchval("SELECT pg_terminate_backend($1)", victim)
             with pytest.raises(Unavailable):
                 await task
