@@ -19,11 +19,6 @@ from gateway.ledger.base import HoldOutcome, HoldRequest, Ledger
 log = structlog.get_logger("gateway.billing")
 
 
-def charge_id_for(call_id: str) -> str:
-    """Charge ids are derived from call ids, so a receipt can name its charge before capture."""
-    return "ch_" + call_id
-
-
 class Billing:
     def __init__(self, ledger: Ledger, *, owner: str, lease_s: float, sweep_interval_s: float) -> None:
         self.ledger = ledger

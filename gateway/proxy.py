@@ -23,7 +23,6 @@ import aiohttp
 from aiohttp import web
 
 from gateway import jsonrpc, sse
-from gateway.billing import charge_id_for
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.deadlines import Deadlines
 from gateway.errors import (
@@ -39,7 +38,7 @@ from gateway.errors import (
 )
 from gateway.jsonrpc import LIST_METHODS, Message, Outcome, RequestId
 from gateway.keys import key_from_headers
-from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus, KeyRecord
+from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus, KeyRecord, charge_id_for
 from gateway.money import format_cents
 from gateway.pricing import PriceTable
 from gateway.routing import Route, Router

@@ -98,6 +98,13 @@ class HoldOutcome:
         return self.status in (HoldStatus.OK, HoldStatus.REPLAYED)
 
 
+def charge_id_for(call_id: str) -> str:
+    """The id of the charge that captures a call's hold: derived from the call id, so a receipt can name its charge
+    before the capture commits, and unique because a call is captured at most once. (The PostgreSQL lone-capture
+    function, ``postgres._LONE_FUNCTIONS``, derives it the same way in SQL.)"""
+    return "ch_" + call_id
+
+
 @dataclass(frozen=True, slots=True)
 class Charge:
     id: str  # transfer id of the capture, e.g. "ch_..."; what receipts and refunds name
@@ -112,6 +119,26 @@ class Charge:
     refunded: int
     created_at: float
     balance_after: int  # user's available balance right after the capture
+
+    @classmethod
+    def captured(
+        cls,
+        call_id: str,
+        *,
+        user: str,
+        developer: str,
+        server: str,
+        method: str,
+        name: str,
+        amount: int,
+        fee: int,
+        now: float,
+        balance_after: int,
+    ) -> Charge:
+        """The charge a capture has just made: nothing of it refunded yet."""
+        return cls(
+            charge_id_for(call_id), call_id, user, developer, server, method, name, amount, fee, 0, now, balance_after
+        )
 
 
 @dataclass(frozen=True, slots=True)

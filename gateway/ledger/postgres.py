@@ -84,6 +84,7 @@ from gateway.ledger.base import (
     Transfer,
     UsageRow,
     UserSummary,
+    charge_id_for,
 )
 from gateway.ledger.dump import check_row
 from gateway.ledger.migrations_postgres import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
@@ -997,9 +998,8 @@ class PostgresLedger:
                 )
                 if row is None or row[0] is None:
                     return None
-                charge = Charge(
-                    id="ch_" + op.call_id,  # as in _tx_capture
-                    call_id=op.call_id,
+                charge = Charge.captured(
+                    op.call_id,
                     user=row[1],
                     developer=row[2],
                     server=row[3],
@@ -1007,8 +1007,7 @@ class PostgresLedger:
                     name=row[5],
                     amount=int(row[6]),
                     fee=int(row[7]),
-                    refunded=0,
-                    created_at=now,
+                    now=now,
                     balance_after=int(row[8]),
                 )
                 return [(True, charge)]
@@ -1255,16 +1254,15 @@ class PostgresLedger:
         accounts[platform].add(fee, 0)
         if hold.key_id is not None:
             keys[hold.key_id].add(amount, -hold.amount)
-        charge_id = "ch_" + call_id  # as in _tx_capture
+        charge_id = charge_id_for(call_id)
         hold.state, hold.charge_id = HoldState.CAPTURED, charge_id
         balance_after = user.available
         writes.transfers.append((charge_id, amount, call_id, hold.user_id))
         writes.postings.extend((charge_id, account, value) for account, value in legs if value != 0)
         writes.charges.append((charge_id, call_id, hold.user_id, hold.developer_id, amount, fee, balance_after))
         writes.settled[call_id] = (HoldState.CAPTURED, charge_id)
-        return Charge(
-            id=charge_id,
-            call_id=call_id,
+        return Charge.captured(
+            call_id,
             user=user.name,
             developer=developer.name,
             server=hold.server,
@@ -1272,8 +1270,7 @@ class PostgresLedger:
             name=hold.name,
             amount=amount,
             fee=fee,
-            refunded=0,
-            created_at=now,
+            now=now,
             balance_after=balance_after,
         )
 
@@ -1773,9 +1770,7 @@ class PostgresLedger:
         platform = self._system[AccountKind.PLATFORM_FEE]
         await self._lock_accounts(conn, [user_id, developer_id, platform])
         now = self._clock()
-        # Derived from the call id, so a receipt can name its charge before the capture commits;
-        # unique because a call is captured at most once (the hold row is locked and pending).
-        charge_id = "ch_" + call_id
+        charge_id = charge_id_for(call_id)  # unique: the hold row is locked and pending
         await self._insert_transfer(conn, charge_id, "charge", amount, call_id, user_id, None, now)
         await conn.execute(
             "UPDATE holds SET state = 'captured', charge_id = $1, settled_at = $2 "
@@ -1803,9 +1798,8 @@ class PostgresLedger:
             balance_after,
             now,
         )
-        return Charge(
-            id=charge_id,
-            call_id=call_id,
+        return Charge.captured(
+            call_id,
             user=row[7],
             developer=row[8],
             server=row[9],
@@ -1813,8 +1807,7 @@ class PostgresLedger:
             name=row[11],
             amount=amount,
             fee=fee,
-            refunded=0,
-            created_at=now,
+            now=now,
             balance_after=balance_after,
         )
 

@@ -59,6 +59,7 @@ from gateway.ledger.base import (
     Transfer,
     UsageRow,
     UserSummary,
+    charge_id_for,
 )
 from gateway.ledger.dump import check_row
 from gateway.ledger.migrations_sqlite import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
@@ -910,9 +911,7 @@ class SqliteLedger:
             )
         fee = hold_fee * amount // held
         now = self._clock()
-        # Derived from the call id (time-ordered hex in the gateway, gateway.ids), so a receipt can name its charge
-        # before the capture commits; unique because a call is captured at most once.
-        charge_id = "ch_" + call_id
+        charge_id = charge_id_for(call_id)
         conn.execute(
             "INSERT INTO transfers (id, kind, amount, reference, account_id, created_at) "
             "VALUES (?, 'charge', ?, ?, ?, ?)",
@@ -950,9 +949,8 @@ class SqliteLedger:
             "balance_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (charge_id, call_id, user_id, developer_id, amount, fee, balance_after, now),
         )
-        return Charge(
-            id=charge_id,
-            call_id=call_id,
+        return Charge.captured(
+            call_id,
             user=user,
             developer=developer,
             server=server,
@@ -960,8 +958,7 @@ class SqliteLedger:
             name=name,
             amount=amount,
             fee=fee,
-            refunded=0,
-            created_at=now,
+            now=now,
             balance_after=balance_after,
         )
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
-from gateway.ledger.base import Charge, HoldOutcome, HoldRequest, HoldState, HoldStatus
+from gateway.ledger.base import Charge, HoldOutcome, HoldRequest, HoldState, HoldStatus, charge_id_for
 from gateway.ledger.rows import HOLD_INSERT_COLUMNS, hold_row
 from gateway.money import format_cents
 
@@ -238,7 +238,7 @@ def capture_many(
             )
             continue
         fee = hold.fee * take // hold.amount
-        charge_id = "ch_" + call_id
+        charge_id = charge_id_for(call_id)
         available[hold.user_id] += hold.amount - take
         balance_after = available[hold.user_id]
         transfers.append((charge_id, take, call_id, hold.user_id, now))
@@ -258,9 +258,8 @@ def capture_many(
             per_key[1] += take
         charges.append((charge_id, call_id, hold.user_id, hold.developer_id, take, fee, balance_after, now))
         hold.state, hold.charge_id = HoldState.CAPTURED, charge_id
-        made[call_id] = charge = Charge(
-            id=charge_id,
-            call_id=call_id,
+        made[call_id] = charge = Charge.captured(
+            call_id,
             user=names[hold.user_id],
             developer=names[hold.developer_id],
             server=hold.server,
@@ -268,8 +267,7 @@ def capture_many(
             name=hold.name,
             amount=take,
             fee=fee,
-            refunded=0,
-            created_at=now,
+            now=now,
             balance_after=balance_after,
         )
         outcomes.append((True, charge))
