@@ -84,7 +84,7 @@ VERIFY_TIMEOUT_S = 240
 def _verify_once(config: Path) -> dict[str, Any]:
     proc = cli(config, "ledger", "verify", "--json", check=False, timeout=VERIFY_TIMEOUT_S)
     try:
-        data = json.loads(proc.stdout)
+        data: dict[str, Any] = json.loads(proc.stdout)
     except ValueError:
         data = {"ok": False, "error": (proc.stdout + proc.stderr).strip()[-2000:]}
     data["exit_code"] = proc.returncode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -55,7 +56,7 @@ class Contender:
     gateway: agentpay.Gateway | None = None
     unavailable: str | None = None
     ready_path: str | None = None
-    runs: list[dict[str, object]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
     peak_kb: int = 0
 
 

@@ -10,16 +10,15 @@ import sys
 
 from fastmcp import FastMCP
 
-mcp = FastMCP("bench-upstream")
 
-
-@mcp.tool
 def get_forecast(city: str = "Paris") -> str:
     """Weather forecast for a city."""
     return f"Sunny in {city}"
 
 
 if __name__ == "__main__":
+    mcp = FastMCP("bench-upstream")
+    mcp.tool(get_forecast)
     mcp.run(
         transport="http",
         host="127.0.0.1",

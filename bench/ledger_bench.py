@@ -81,7 +81,8 @@ async def run(database: str, callers: int, seconds: float) -> dict[str, Any]:
                 pairs.append((t2 - t0) * 1000)
 
         await asyncio.gather(*(caller(time.perf_counter() + 0.5) for _ in range(callers)))  # warm-up
-        holds.clear(), captures.clear(), pairs.clear()
+        for samples in (holds, captures, pairs):
+            samples.clear()
         started = time.perf_counter()
         await asyncio.gather(*(caller(started + seconds) for _ in range(callers)))
         elapsed = time.perf_counter() - started

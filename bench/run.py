@@ -246,7 +246,7 @@ def summarise(c: Contender, up: Upstream) -> dict[str, Any]:
     runs = c.runs
 
     def med(path: tuple[str, str]) -> float:
-        return float(median(float(r[path[0]][path[1]]) for r in runs))  # type: ignore[index]
+        return float(median(float(r[path[0]][path[1]]) for r in runs))
 
     out.update(
         {
@@ -258,9 +258,9 @@ def summarise(c: Contender, up: Upstream) -> dict[str, Any]:
             "rps_c1": round(med(("c1", "rps")), 1),
             "peak_rss_mb": round(c.peak_kb / 1024, 1),
             "rss_is_upstream": c.proc is None,
-            "cpu_pct_c32": median(float(r["cpu_pct_c32"] or 0) for r in runs),  # type: ignore[arg-type]
+            "cpu_pct_c32": median(float(r["cpu_pct_c32"] or 0) for r in runs),
             "not_ok": sum(
-                int(r[k]["requests"]) - int(r[k]["ok"]) + int(r[k]["errors"])  # type: ignore[index]
+                int(r[k]["requests"]) - int(r[k]["ok"]) + int(r[k]["errors"])
                 for r in runs
                 for k in ("c32", "c1")
             ),
