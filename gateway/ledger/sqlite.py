@@ -71,6 +71,7 @@ from gateway.ledger.rows import payout as _payout
 from gateway.ledger.rows import require_amount as _require_amount
 from gateway.ledger.rows import require_limit as _require_limit
 from gateway.ledger.rows import require_name as _require_name
+from gateway.ledger.write_turns import WriteTurns
 from gateway.money import format_cents
 
 T = TypeVar("T")
@@ -263,6 +264,7 @@ class SqliteLedger:
         self._sync_scheduled = False
         self._sync_waiting: list[_Settled] = []
         self._wal_fd: int | None = None  # used on the syncer thread only
+        self._turns: WriteTurns | None = None  # this process's turns at writing the file, among all its writers
         self._fsync_failed: str | None = None  # once an fsync failed, nothing is durable any more
         self._pending_writes: deque[_Pending] = deque()
 
@@ -294,9 +296,12 @@ class SqliteLedger:
             self._syncer.shutdown(wait=True)
         if self._wal_fd is not None:
             os.close(self._wal_fd)
+        if self._turns is not None:
+            self._turns.close()
         self._writer = self._reader = self._syncer = None
         self._wconn = self._rconn = None
         self._wal_fd = None
+        self._turns = None
 
     async def __aenter__(self) -> SqliteLedger:
         await self.open()
@@ -346,10 +351,11 @@ class SqliteLedger:
 
     def _open_writer(self) -> Conn:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._turns = WriteTurns(self.path)
         conn = self._connect()
         try:
             self._migrate(conn)
-            self._system = self._in_txn(conn, "BEGIN IMMEDIATE", self._tx_system_accounts)
+            self._system = self._write_txn(conn, self._tx_system_accounts)
             # Commits write their WAL frames; the syncer thread fsyncs them (see _commit_group).
             conn.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
@@ -371,7 +377,7 @@ class SqliteLedger:
                     (name, self._clock()),
                 )
 
-            self._in_txn(conn, "BEGIN IMMEDIATE", apply)
+            self._write_txn(conn, apply)
 
     def _tx_system_accounts(self, conn: Conn) -> dict[AccountKind, int]:
         now = self._clock()
@@ -387,6 +393,14 @@ class SqliteLedger:
         return ids
 
     # --- transactions ---------------------------------------------------------------------------
+    def _write_txn(self, conn: Conn, fn: Callable[[Conn], T]) -> T:
+        """On the writer thread: ``fn`` in one ``BEGIN IMMEDIATE`` transaction, in this process's turn
+        (``write_turns``: waiting for SQLite's lock by polling starves one of two busy writers)."""
+        if self._turns is None:
+            raise Unavailable("the ledger is not open")
+        with self._turns:
+            return self._in_txn(conn, "BEGIN IMMEDIATE", fn)
+
     @staticmethod
     def _in_txn(conn: Conn, begin: str, fn: Callable[[Conn], T]) -> T:
         try:
@@ -454,7 +468,7 @@ class SqliteLedger:
         outcomes: list[tuple[bool, Any]] = []
         committed = False
         try:
-            self._in_txn(conn, "BEGIN IMMEDIATE", lambda c: self._run_group(c, batch, outcomes))
+            self._write_txn(conn, lambda c: self._run_group(c, batch, outcomes))
             committed = True
         except BaseException as exc:  # noqa: BLE001 - the group failed to commit: every caller learns it
             outcomes = [(False, exc)] * len(batch)

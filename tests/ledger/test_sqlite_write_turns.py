@@ -1,0 +1,106 @@
+"""Writers of one SQLite ledger file take turns through a kernel lock on a side file (``write_turns``), so a
+waiting writer is woken when the other's transaction ends instead of polling SQLite's lock on a back-off."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import sqlite3
+import stat
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import NotFound
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.write_turns import lock_path
+
+
+@pytest.fixture
+async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    await ledger.open()
+    try:
+        await ledger.create_user("alice")
+        yield ledger
+    finally:
+        await ledger.close()
+
+
+@contextmanager
+def other_writers_turn(database: Path) -> Iterator[int]:
+    """Hold the file's write turn as another writer would (its own open file: flock is per open file)."""
+    fd = os.open(lock_path(database), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+async def flock_waiter(path: Path) -> None:
+    """Return once some thread waits in the kernel for the flock on ``path`` (asking /proc/locks until one does)."""
+    inode = f":{os.stat(path).st_ino} "
+    async with asyncio.timeout(10):
+        while True:
+            for line in Path("/proc/locks").read_text().splitlines():
+                if "-> FLOCK" in line and inode in line:
+                    return
+            await asyncio.sleep(0.01)
+
+
+def balance_on_disk(database: Path, user: str) -> int:
+    with sqlite3.connect(database) as conn:
+        row = conn.execute("SELECT balance FROM accounts WHERE kind = 'user' AND name = ?", (user,)).fetchone()
+    return int(row[0])
+
+
+async def test_a_write_waits_in_the_kernel_for_another_writers_turn_and_goes_ahead_when_it_ends(
+    sqlite_ledger: SqliteLedger,
+) -> None:
+    database = sqlite_ledger.path
+    with other_writers_turn(database) as fd:
+        topup = asyncio.create_task(sqlite_ledger.topup("alice", 500))
+        await flock_waiter(lock_path(database))
+        assert not topup.done()
+        assert balance_on_disk(database, "alice") == 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        async with asyncio.timeout(10):
+            transfer = await topup
+    assert transfer.amount == 500
+    assert balance_on_disk(database, "alice") == 500
+
+
+async def test_a_failed_write_gives_its_turn_back(sqlite_ledger: SqliteLedger) -> None:
+    with pytest.raises(NotFound):
+        await sqlite_ledger.topup("nobody", 500)
+    fd = os.open(lock_path(sqlite_ledger.path), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the failed write kept its turn
+    finally:
+        os.close(fd)
+
+
+async def test_two_ledgers_on_one_file_take_turns_and_lose_no_write(tmp_path: Path) -> None:
+    database = tmp_path / "ledger.db"
+    first, second = SqliteLedger(database), SqliteLedger(database)
+    await first.open()
+    await second.open()
+    try:
+        await first.create_user("alice")
+        await asyncio.gather(*(ledger.topup("alice", 1) for _ in range(200) for ledger in (first, second)))
+        assert await first.verify() == []
+    finally:
+        await first.close()
+        await second.close()
+    assert balance_on_disk(database, "alice") == 400
+
+
+async def test_the_turns_file_sits_beside_the_ledger_readable_by_its_owner_only(sqlite_ledger: SqliteLedger) -> None:
+    path = lock_path(sqlite_ledger.path)
+    assert path == sqlite_ledger.path.with_name("ledger.db-writer.lock")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.stat().st_size == 0
