@@ -216,6 +216,20 @@ HoldFactory = Callable[..., HoldRequest]
 
 
 @pytest.fixture
+async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
+    """An open SQLite ledger (real clock) with alice (1,000 cents) and the developer acme."""
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    await ledger.open()
+    try:
+        await ledger.create_user("alice")
+        await ledger.create_developer("acme")
+        await ledger.topup("alice", 1_000)
+        yield ledger
+    finally:
+        await ledger.close()
+
+
+@pytest.fixture
 def hold_req() -> HoldFactory:
     """Build a HoldRequest: ``hold_req("call-1", amount=500, fee=50, key_id=...)``."""
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -17,19 +15,6 @@ from gateway.ledger.base import AccountKind, HoldStatus
 from gateway.ledger.sqlite import SqliteLedger
 
 from .conftest import HoldFactory, thread_paused
-
-
-@pytest.fixture
-async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
-    ledger = SqliteLedger(tmp_path / "ledger.db")
-    await ledger.open()
-    try:
-        await ledger.create_user("alice")
-        await ledger.create_developer("acme")
-        await ledger.topup("alice", 1_000)
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 async def test_a_capture_is_answered_only_after_its_fsync_while_holds_go_on(

@@ -8,7 +8,7 @@ import fcntl
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,17 +17,6 @@ import pytest
 from gateway.errors import NotFound
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.write_turns import lock_path
-
-
-@pytest.fixture
-async def sqlite_ledger(tmp_path: Path) -> AsyncIterator[SqliteLedger]:
-    ledger = SqliteLedger(tmp_path / "ledger.db")
-    await ledger.open()
-    try:
-        await ledger.create_user("alice")
-        yield ledger
-    finally:
-        await ledger.close()
 
 
 @contextmanager
@@ -66,12 +55,12 @@ async def test_a_write_waits_in_the_kernel_for_another_writers_turn_and_goes_ahe
         topup = asyncio.create_task(sqlite_ledger.topup("alice", 500))
         await flock_waiter(lock_path(database))
         assert not topup.done()
-        assert balance_on_disk(database, "alice") == 0
+        assert balance_on_disk(database, "alice") == 1_000
         fcntl.flock(fd, fcntl.LOCK_UN)
         async with asyncio.timeout(10):
             transfer = await topup
     assert transfer.amount == 500
-    assert balance_on_disk(database, "alice") == 500
+    assert balance_on_disk(database, "alice") == 1_500
 
 
 async def test_a_failed_write_gives_its_turn_back(sqlite_ledger: SqliteLedger) -> None:
