@@ -351,9 +351,9 @@ class SqliteLedger:
 
     def _open_writer(self) -> Conn:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._turns = WriteTurns(self.path)
         conn = self._connect()
         try:
+            self._turns = WriteTurns(self.path)  # after connecting: the file exists, its owner and mode are known
             self._migrate(conn)
             self._system = self._write_txn(conn, self._tx_system_accounts)
             # Commits write their WAL frames; the syncer thread fsyncs them (see _commit_group).

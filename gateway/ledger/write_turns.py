@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -31,8 +32,22 @@ class WriteTurns:
     """``with turns:`` runs its block while no other writer of the file runs one."""
 
     def __init__(self, database: Path) -> None:
+        """``database`` must exist. The lock file takes its permissions and, when made by root, its owner, as
+        SQLite's ``-wal`` and ``-shm`` files do: an operator's ``sudo agentpay …`` must not leave a file the
+        gateway's own user cannot open."""
         self.path = lock_path(database)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        owner = os.stat(database)
+        mode = stat.S_IMODE(owner.st_mode)
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, mode)  # flock needs no write access
+        try:
+            made = os.fstat(self._fd)
+            if made.st_uid == os.geteuid() and stat.S_IMODE(made.st_mode) != mode:
+                os.fchmod(self._fd, mode)  # O_CREAT's mode is cut by the umask
+            if os.geteuid() == 0 and (made.st_uid, made.st_gid) != (owner.st_uid, owner.st_gid):
+                os.fchown(self._fd, owner.st_uid, owner.st_gid)
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     def close(self) -> None:
         os.close(self._fd)

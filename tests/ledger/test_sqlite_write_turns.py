@@ -88,8 +88,33 @@ async def test_two_ledgers_on_one_file_take_turns_and_lose_no_write(tmp_path: Pa
     assert balance_on_disk(database, "alice") == 400
 
 
-async def test_the_turns_file_sits_beside_the_ledger_readable_by_its_owner_only(sqlite_ledger: SqliteLedger) -> None:
+async def test_the_turns_file_sits_beside_the_ledger_empty(sqlite_ledger: SqliteLedger) -> None:
     path = lock_path(sqlite_ledger.path)
     assert path == sqlite_ledger.path.with_name("ledger.db-writer.lock")
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.stat().st_size == 0
+
+
+async def test_the_turns_file_takes_the_ledgers_permissions_whatever_the_umask(tmp_path: Path) -> None:
+    database = tmp_path / "ledger.db"
+    sqlite3.connect(database).close()
+    database.chmod(0o660)
+    previous = os.umask(0o077)
+    try:
+        ledger = SqliteLedger(database)
+        await ledger.open()
+        await ledger.close()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(lock_path(database).stat().st_mode) == 0o660
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file away")
+async def test_the_turns_file_made_by_root_belongs_to_the_ledgers_owner(tmp_path: Path) -> None:
+    database = tmp_path / "ledger.db"
+    sqlite3.connect(database).close()
+    os.chown(database, 10001, 10001)  # the Docker image's user
+    ledger = SqliteLedger(database)
+    await ledger.open()
+    await ledger.close()
+    made = lock_path(database).stat()
+    assert (made.st_uid, made.st_gid) == (10001, 10001)
