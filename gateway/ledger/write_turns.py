@@ -12,16 +12,25 @@ turns alternate; SQLite's lock and busy timeout still stand behind it for a writ
 ``sqlite3`` shell). The lock belongs to the open file, so two ledgers on one file in one process take turns too,
 and a process that dies lets go with it. The wait has no deadline: a turn lasts one transaction, and a writer
 stopped inside one (SIGSTOP, a debugger) holds SQLite's lock as well, so nothing could be written meanwhile anyway;
-the others' writes wait for it instead of failing after SQLite's busy timeout.
+the others' writes wait for it instead of failing after SQLite's busy timeout. On a filesystem that cannot
+``flock`` (some FUSE and network mounts) turns are switched off with one warning and SQLite's lock alone remains.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
 from pathlib import Path
 from types import TracebackType
+
+import structlog
+
+log = structlog.get_logger("gateway.ledger.sqlite")
+
+# What flock fails with where the filesystem cannot lock (some FUSE and network mounts).
+_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 
 
 def lock_path(database: Path) -> Path:
@@ -49,13 +58,34 @@ class WriteTurns:
             os.close(self._fd)
             raise
 
+        self.off = False  # the filesystem has no flock: SQLite's own lock alone, as before turns
+        self._held = False
+
     def close(self) -> None:
         os.close(self._fd)
 
     def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+        if self.off:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+        except OSError as exc:
+            if exc.errno not in _NO_FLOCK:
+                raise
+            self.off = True
+            log.warning(
+                "write_turns_unavailable",
+                path=str(self.path),
+                error=exc.strerror,
+                hint="The ledger's filesystem does not support flock; writers now wait on SQLite's own lock, "
+                "which can starve one of several busy writer processes. Keep the ledger on a local filesystem",
+            )
+            return
+        self._held = True
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._held:
+            self._held = False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -4,6 +4,7 @@ waiting writer is woken when the other's transaction ends instead of polling SQL
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import sqlite3
@@ -13,8 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.errors import NotFound
+from gateway.ledger import write_turns
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.ledger.write_turns import lock_path
 
@@ -118,3 +121,23 @@ async def test_the_turns_file_made_by_root_belongs_to_the_ledgers_owner(tmp_path
     await ledger.close()
     made = lock_path(database).stat()
     assert (made.st_uid, made.st_gid) == (10001, 10001)
+
+
+async def test_on_a_filesystem_without_flock_writes_go_on_under_sqlites_own_lock_with_one_warning(
+    sqlite_ledger: SqliteLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_flock = fcntl.flock
+
+    def no_flock(fd: int, operation: int) -> None:  # what some FUSE and network mounts answer
+        if operation & fcntl.LOCK_EX:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(write_turns.fcntl, "flock", no_flock)
+    with capture_logs() as logs:
+        await sqlite_ledger.topup("alice", 200)
+        await sqlite_ledger.topup("alice", 300)
+    assert balance_on_disk(sqlite_ledger.path, "alice") == 1_500
+    warnings = [entry for entry in logs if entry["event"] == "write_turns_unavailable"]
+    assert len(warnings) == 1
+    assert "flock" in warnings[0]["hint"]
