@@ -45,6 +45,8 @@ class WriteTurns:
         SQLite's ``-wal`` and ``-shm`` files do: an operator's ``sudo agentpay …`` must not leave a file the
         gateway's own user cannot open."""
         self.path = lock_path(database)
+        self._off = False  # the filesystem cannot flock: SQLite's own lock alone, as before turns
+        self._held = False
         owner = os.stat(database)
         mode = stat.S_IMODE(owner.st_mode)
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, mode)  # flock needs no write access
@@ -58,21 +60,18 @@ class WriteTurns:
             os.close(self._fd)
             raise
 
-        self.off = False  # the filesystem has no flock: SQLite's own lock alone, as before turns
-        self._held = False
-
     def close(self) -> None:
         os.close(self._fd)
 
     def __enter__(self) -> None:
-        if self.off:
+        if self._off:
             return
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
                 raise
-            self.off = True
+            self._off = True
             log.warning(
                 "write_turns_unavailable",
                 path=str(self.path),
