@@ -18,7 +18,9 @@ from typing import Any
 
 from bench.agentpay import DEVELOPER
 
-TOPUP = 10**12  # millicents per synthetic user: far above what its charges take
+# millicents per synthetic user: far above what its charges take, and 100,000 users of it (10^14) well
+# within the money the ledger may hold (ledger.base.MAX_BALANCE; the world account is -users * TOPUP)
+TOPUP = 10**9
 PRICE = 1000
 
 

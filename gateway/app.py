@@ -19,6 +19,7 @@ from gateway.billing import Billing, spawn
 from gateway.config import GatewayConfig
 from gateway.deadlines import Deadlines
 from gateway.errors import AuthError, ConfigError, GatewayError, MethodNotAllowed, MissingKey
+from gateway.http_server import malformed_body_error
 from gateway.ledger import open_ledger
 from gateway.ledger.base import Ledger
 from gateway.limits import KeyLimits, TooManyRequests
@@ -27,11 +28,12 @@ from gateway.openapi import openapi_document
 from gateway.reload import PriceBook
 from gateway.routing import Router, redact_path
 from gateway.runtime import RUNTIME, Runtime
-from gateway.service_api import ServiceApi
+from gateway.service_api import ServiceApi, json_error
 from gateway.sessions import Sessions, SessionSigner
 from gateway.upstream_client import UpstreamClient
 
 log = structlog.get_logger("gateway")
+_SERVICE_API = "/v1/"  # the developers' HTTP API (service_api), mounted on the gateway listener
 _KNOWN_METHODS = frozenset(
     {
         "initialize",
@@ -76,7 +78,9 @@ def error_response(exc: GatewayError, request_id: jsonrpc.RequestId | None = Non
 async def canonical_log(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """One structured line per request, and GatewayError → response in one place."""
+    """One structured line per request, and GatewayError → response in one place. A body aiohttp
+    could not read (a Content-Encoding that does not decode, broken chunks) is a ``BadRequest`` too:
+    JSON-RPC on MCP endpoints, the API's error shape under ``/v1/``."""
     fields: dict[str, Any] = {"http": request.method, "path": redact_path(request.rel_url.raw_path)}
     request[proxy.LOG_FIELDS] = fields
     started = time.perf_counter()
@@ -89,6 +93,15 @@ async def canonical_log(
         fields["error"] = exc.code
         fields.setdefault("outcome", "error")
         response = error_response(exc, fields.get("rpc_id"))
+        status = response.status
+        return response
+    except web.RequestPayloadError as exc:
+        error = malformed_body_error(request, exc)
+        fields["error"] = error.code
+        fields["outcome"] = "error"
+        service = request.rel_url.raw_path.startswith(_SERVICE_API)
+        response = json_error(error) if service else error_response(error, fields.get("rpc_id"))
+        response.force_close()
         status = response.status
         return response
     except web.HTTPException as exc:
@@ -125,21 +138,14 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    if rt.draining:
+    # Only the status: the price table's digest is shown on the admin listener's /metrics.
+    if request.app[RUNTIME].draining:
         return web.json_response({"status": "draining"}, status=503)
-    return web.json_response({"status": "ready", "prices": rt.prices.table.digest})
+    return web.json_response({"status": "ready"})
 
 
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document("service"))
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    rt.metrics.set_price_digest(rt.prices.table.digest)
-    body = rt.metrics.render()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def check_owners(config: GatewayConfig, ledger: Ledger) -> None:
@@ -196,10 +202,11 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
     service = ServiceApi(the_ledger, rt.auth, frozenset(config.servers))
     service_app = service.app()
     service_app.router.add_get("/openapi.json", _openapi)
-    app.add_subapp("/v1/", service_app)
+    app.add_subapp(_SERVICE_API, service_app)
+    # No /metrics here: it shows revenue per server, so it is served on the admin listener only,
+    # behind the admin token (admin_api). /metrics on this listener is an unknown server (404).
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
     app.router.add_route("*", "/.well-known/{tail:.*}", _not_found)
     app.router.add_route("*", "/register", _not_found)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)

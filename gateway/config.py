@@ -107,6 +107,8 @@ class ServerConfig:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 300.0  # to the upstream's response headers / JSON body; not SSE streams
     max_connections: int = 100
+    max_key_share: float = 0.5  # one API key: at most ceil(this * max_connections) upstream requests at once
+    upstream_queue_timeout_s: float = 10.0  # a key at its share waits this long for its turn, then 429
     fee_basis_points: int = 0  # platform fee, 250 = 2.5 %
     # may hold secrets: kept out of repr() so a logged config does not leak them
     upstream_headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
@@ -324,12 +326,21 @@ class _Reader:
     def number(self, node: Node, where: str, *, positive: bool) -> float:
         if not isinstance(node, ScalarNode) or node.tag not in (_INT_TAG, _FLOAT_TAG):
             raise self.error(f"{where} must be a number of seconds, got {_describe(node)}", node)
-        value = float(self.scalar(node))
+        value = _to_float(self.scalar(node))
         if not math.isfinite(value):
             raise self.error(f"{where} must be a finite number, got {node.value}", node)
         if value < 0 or (positive and value == 0):
             bound = "greater than 0" if positive else "0 or more"
             raise self.error(f"{where} must be {bound}, got {node.value}", node)
+        return value
+
+    def fraction(self, node: Node, where: str) -> float:
+        """A number greater than 0 and at most 1 (0.5 is a half)."""
+        if not isinstance(node, ScalarNode) or node.tag not in (_INT_TAG, _FLOAT_TAG):
+            raise self.error(f"{where} must be a fraction such as 0.5, got {_describe(node)}", node)
+        value = _to_float(self.scalar(node))
+        if not 0 < value <= 1:  # NaN fails too
+            raise self.error(f"{where} must be greater than 0 and at most 1 (0.5 is a half), got {node.value}", node)
         return value
 
     def boolean(self, node: Node, where: str) -> bool:
@@ -369,6 +380,14 @@ def _http_url_problem(text: str) -> str | None:
     if any(c.isspace() for c in text):
         return f"{text!r} contains whitespace"
     return None
+
+
+def _to_float(value: int | float) -> float:
+    """A YAML number as a float; an integer too large for one is infinite (then refused as such)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _is_null(node: Node) -> bool:
@@ -416,7 +435,7 @@ _TOP_KEYS = (
 )  # fmt: skip
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
-    "max_connections", "platform_fee_percent", "upstream_headers",
+    "max_connections", "max_key_share", "upstream_queue_timeout_s", "platform_fee_percent", "upstream_headers",
 )  # fmt: skip
 _LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 
@@ -670,6 +689,18 @@ def _server(r: _Reader, name: str, key_node: Node, node: Node) -> tuple[ServerCo
                 raise r.error(f"{where}.upstream_headers.{header} must be a single line", h_value)
             headers[header] = value
 
+    read_timeout_s = opt("read_timeout_s", lambda n, w: r.number(n, w, positive=True), 300.0)
+    # The wait for a turn is part of the wait for the answer: past read_timeout_s it would be a 504.
+    queue_timeout_s = opt("upstream_queue_timeout_s", lambda n, w: r.number(n, w, positive=False), None)
+    if queue_timeout_s is None:
+        queue_timeout_s = min(10.0, read_timeout_s)
+    elif queue_timeout_s > read_timeout_s:
+        raise r.error(
+            f"{where}.upstream_queue_timeout_s ({queue_timeout_s:g}) must not exceed {where}.read_timeout_s "
+            f"({read_timeout_s:g}), which bounds the wait for an answer, this wait included",
+            entries["upstream_queue_timeout_s"][1],
+        )
+
     server = ServerConfig(
         name=name,
         owner=owner,
@@ -677,8 +708,10 @@ def _server(r: _Reader, name: str, key_node: Node, node: Node) -> tuple[ServerCo
         hosts=tuple(hosts),
         sse_upstream=sse_upstream,
         connect_timeout_s=opt("connect_timeout_s", lambda n, w: r.number(n, w, positive=True), 5.0),
-        read_timeout_s=opt("read_timeout_s", lambda n, w: r.number(n, w, positive=True), 300.0),
+        read_timeout_s=read_timeout_s,
         max_connections=opt("max_connections", lambda n, w: r.integer(n, w, minimum=1), 100),
+        max_key_share=opt("max_key_share", r.fraction, 0.5),
+        upstream_queue_timeout_s=queue_timeout_s,
         fee_basis_points=fee,
         upstream_headers=MappingProxyType(headers),
     )

@@ -22,6 +22,7 @@ FORBIDDEN = -32003
 UPSTREAM_FAILED = -32010
 HEADER_MISMATCH = -32020
 PAYMENT_REQUIRED = -32402  # as in the draft MCP payment proposal
+RESULT_WITHHELD = -32011  # a priced result the gateway can no longer bill is not delivered
 
 
 class GatewayError(Exception):
@@ -194,6 +195,28 @@ class InsufficientFunds(PaymentRequired):
 class SpendLimitReached(PaymentRequired):
     code = "spend_limit_reached"
     default_hint = "This key reached its spending limit; ask the gateway operator to raise it or issue a new key"
+
+
+class AmountTooLarge(GatewayError):
+    """One request's amount is over the most the ledger moves at once (``ledger.base.MAX_AMOUNT``)."""
+
+    code = "amount_too_large"
+    http_status = 422
+    jsonrpc_code = INVALID_PARAMS
+    default_hint = "Nothing was changed; send a smaller amount (split a very large one into several requests)"
+
+
+class BalanceLimitExceeded(GatewayError):
+    """A transfer would take an account past ``ledger.base.MAX_BALANCE`` (or the world account below
+    its negative, i.e. more money in the ledger than it can hold): refused, nothing written."""
+
+    code = "balance_limit_exceeded"
+    http_status = 422
+    jsonrpc_code = INVALID_PARAMS
+    default_hint = (
+        "Nothing was changed; move a smaller amount, or pay out or spend from the account first "
+        "(balances are limited so that every sum the ledger keeps stays an exact 64-bit integer)"
+    )
 
 
 # --- upstream -------------------------------------------------------------------------------

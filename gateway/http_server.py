@@ -15,6 +15,17 @@
    nothing is closed silently. A kept-alive connection that sends nothing stays governed by aiohttp's
    ``keepalive_timeout``; request *bodies* by ``client_body_timeout_s`` (``proxy._read_body``).
 
+3. **No ``Server`` banner.** aiohttp names itself and its Python version in a ``Server`` header on
+   every response; ``GatewayRequest`` removes it from every response this server sends (handlers',
+   errors', parser refusals').
+
+A request *body* that cannot be read — a ``Content-Encoding`` (gzip, deflate) that does not decode,
+a body cut short — is a 400 too (``malformed_body_error``): the gateway's error middleware
+(``app.canonical_log``) answers it on the gateway listener; anywhere else (the admin listener)
+``handle_error`` answers with the fixed JSON body, never aiohttp's 500 and traceback. A body nobody
+read (the request was refused first) that turns out not to decode while aiohttp drains it after the
+response is logged at debug level, not as an unhandled exception.
+
 ``GatewayRunner`` is a drop-in ``web.AppRunner`` that builds this server; ``serve.run`` uses it for
 the gateway and the admin listeners, and the test harness for its in-process gateway.
 """
@@ -22,12 +33,13 @@ the gateway and the admin listeners, and the test harness for its in-process gat
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from typing import Any
 
 import structlog
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway import jsonrpc
@@ -69,6 +81,27 @@ def malformed_request_error(exc: HttpProcessingError) -> BadRequest:
     return BadRequest(f"Malformed HTTP request: {reason}" if reason else "Malformed HTTP request", hint=_MALFORMED_HINT)
 
 
+_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})  # the codings aiohttp decodes
+
+
+def malformed_body_error(request: web.BaseRequest, exc: web.RequestPayloadError) -> BadRequest:
+    """The error a request whose body could not be read is answered with (aiohttp's body reader
+    raises ``RequestPayloadError``, its parser's reason as the cause). The response must close the
+    connection: what is left of the body cannot be told from a next request."""
+    if isinstance(exc.__cause__, ContentEncodingError):
+        coding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+        return BadRequest(
+            f"The request body is not valid {coding} data (Content-Encoding: {coding})"
+            if coding in _CODINGS
+            else "The request body does not decode as its Content-Encoding says",
+            hint="Send the body uncompressed, or compressed with the coding Content-Encoding names",
+        )
+    return BadRequest(
+        "The request body is malformed or incomplete",
+        hint="Check the body's framing: its length must match Content-Length, or its chunks be well-formed",
+    )
+
+
 def _json_error(error: BadRequest | ClientTooSlow) -> bytes:
     return jsonrpc.dumps({"error": error.to_json()})
 
@@ -93,15 +126,29 @@ class GatewayRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if not isinstance(exc, HttpProcessingError) or status >= 500:
+        if isinstance(exc, web.RequestPayloadError):  # a body no handler's error mapping knew (the admin API)
+            status = 400
+            error = malformed_body_error(request, exc)
+            log.info("request", status=status, error="malformed_body", reason=error.message)
+        elif isinstance(exc, HttpProcessingError) and status < 500:
+            error = malformed_request_error(exc)
+            log.info("request", status=status, error="malformed_http", reason=error.message)
+        else:
             return super().handle_error(request, status, exc, message)
-        error = malformed_request_error(exc)
-        log.info("request", status=status, error="malformed_http", reason=error.message)
         if request.writer.output_size > 0:  # as aiohttp: a response already started cannot be replaced
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
         response = web.Response(status=status, body=_json_error(error), content_type="application/json")
         response.force_close()
         return response
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # After a response, aiohttp reads what is left of the request body to drain it; a body that
+        # turns out not to decode there (a handler that answered without reading it, e.g. a 401) is
+        # no fault of the gateway's and has no one left to answer: no ERROR and traceback for it.
+        if isinstance(kwargs.get("exc_info"), web.RequestPayloadError):
+            log.debug("request_body_unreadable", reason=type(kwargs["exc_info"].__cause__).__name__)
+            return
+        super().log_exception(*args, **kwargs)
 
     # --- 2. the header deadline ----------------------------------------------------------------
     # The clock runs from connection_made, or from the first byte that arrives while ``start()`` is
@@ -159,6 +206,17 @@ class GatewayRequestHandler(RequestHandler):
         self.force_close()  # transport.close() sends what was written, then closes
 
 
+class GatewayRequest(web.Request):
+    """aiohttp's request, whose responses carry no ``Server`` header (aiohttp's says
+    ``Python/3.x aiohttp/3.y``: versions to look vulnerabilities up by). aiohttp sets it while
+    preparing a response's headers, just before this hook; the apps' ``on_response_prepare``
+    signals run after it, as ever."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        response.headers.popall(hdrs.SERVER, None)
+        await super()._prepare_hook(response)
+
+
 class GatewayServer(web.Server):
     """``web.Server`` whose connections are ``GatewayRequestHandler``s."""
 
@@ -186,7 +244,7 @@ class GatewayRunner(web.AppRunner):
         plain = await super()._make_server()  # starts the app and gathers aiohttp's handler options
         return GatewayServer(
             plain.request_handler,
-            request_factory=plain.request_factory,
+            request_factory=functools.partial(self.app._make_request, _cls=GatewayRequest),
             handler_cancellation=plain.handler_cancellation,
             loop=asyncio.get_running_loop(),
             header_timeout_s=self._header_timeout_s,

@@ -60,6 +60,11 @@ class Message:
         return self.method is not None and self.has_id
 
     @property
+    def is_response(self) -> bool:
+        """A client's answer to a server-to-client request (sampling, elicitation, roots)."""
+        return self.method is None
+
+    @property
     def params(self) -> dict[str, Any]:
         params = self.body.get("params")
         return params if isinstance(params, dict) else {}
@@ -190,15 +195,25 @@ def _message(value: Any) -> Message:
         and (isinstance(value["id"], bool) or not isinstance(value["id"], str | int))
     ):
         raise BadRequest('"id" must be a string or an integer')
+    # Neither a request nor a notification: only a response (to a server-to-client request) is left,
+    # with an id and exactly one of result/error. Anything else (an id alone, say) would reach the
+    # upstream as something it may answer for an id the client chose.
+    if "method" not in value and ("id" not in value or ("result" in value) == ("error" in value)):
+        raise BadRequest(
+            "A JSON-RPC message must be a request (method and id), a notification (method, no id) or "
+            "a response (id with exactly one of result or error)",
+            hint="Fix or remove the message that has neither a method nor a result or error",
+        )
     return Message(value)
 
 
 def check_routing_headers(incoming: Incoming, mcp_method: str | None, mcp_name: str | None) -> None:
-    """2026-07-28: ``Mcp-Method``/``Mcp-Name`` must agree with the body (else 400, -32020)."""
-    if mcp_method is None or incoming.is_batch:
+    """2026-07-28: ``Mcp-Method``/``Mcp-Name`` must agree with the body (else 400, -32020), each
+    checked whether or not the other is sent."""
+    if (mcp_method is None and mcp_name is None) or incoming.is_batch:
         return
     msg = incoming.messages[0]
-    if msg.method != mcp_method:
+    if mcp_method is not None and msg.method != mcp_method:
         raise HeaderMismatch(f"The Mcp-Method header says {mcp_method!r} but the body's method is {msg.method!r}")
     if mcp_name is not None:
         target = msg.priced_target()

@@ -36,6 +36,11 @@ def redact_secrets(text: str) -> str:
     return _SECRET_IN_TEXT.sub("<redacted>", text)
 
 
+def contains_secret(text: str) -> bool:
+    """Whether ``text`` holds anything shaped like an API key or service token."""
+    return _SECRET_IN_TEXT.search(text) is not None
+
+
 def display_prefix(secret: str) -> str:
     """What may be shown or logged: the type prefix plus a few characters ("ap_3xK9q2Lm")."""
     for kind in (SERVICE_TOKEN_PREFIX, API_KEY_PREFIX):

@@ -13,7 +13,8 @@ from decimal import Decimal
 MILLIS_PER_CENT = 1000
 MAX_MILLIS = 10**18  # fits a signed 64-bit column with room for sums
 _MAX_TEXT = 40
-_AMOUNT = re.compile(r"^(?P<sign>-?)(?P<int>\d+)(?:\.(?P<frac>\d+))?$")
+# ASCII digits only: ``\d`` (and ``int()``) also take fullwidth, Arabic-Indic, Devanagari… digits.
+_AMOUNT = re.compile(r"(?P<sign>-?)(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]+))?")
 
 
 class AmountError(ValueError):
@@ -42,8 +43,10 @@ def parse_cents(value: object, *, allow_negative: bool = False) -> int:
         raise AmountError(f"amount {value!r} must be a number of cents such as 5 or 0.25")
     if len(text) > _MAX_TEXT:
         raise AmountError(f"amount {text[:20]!r}… is too long to be an amount of cents")
-    match = _AMOUNT.match(text)
+    match = _AMOUNT.fullmatch(text)
     if match is None:
+        if not text.isascii():
+            raise AmountError(f"amount {text!r} must be written with ASCII digits 0-9, such as 5 or 0.25")
         raise AmountError(f"amount {text!r} is not a number of cents such as 5 or 0.25")
     frac = (match.group("frac") or "").rstrip("0") if match.group("frac") else ""
     if len(frac) > 3:

@@ -51,8 +51,10 @@ def _op(
     ok_status: str = "200",
     idempotency: bool = False,
     params: list[dict[str, Any]] | None = None,
+    description: str | None = None,
+    ok_description: str = "success",
 ) -> dict[str, Any]:
-    responses: dict[str, Any] = {ok_status: {"description": "success", **_json(ok)}}
+    responses: dict[str, Any] = {ok_status: {"description": ok_description, **_json(ok)}}
     if ok_status == "201":
         responses["200"] = {"description": "replayed (idempotent retry)", **_json(ok)}
     for code, text in (
@@ -61,11 +63,17 @@ def _op(
         ("402", "payment required"),
         ("404", "not found"),
         ("409", "conflict"),
-        ("422", "the user's key is not usable"),
+        (
+            "422",
+            "the user's key is not usable, or an amount over the most one request may move "
+            "(amount_too_large) or a balance it would take past the ledger's limit (balance_limit_exceeded)",
+        ),
         ("503", "unavailable"),
     ):
         responses[code] = {"description": text, **_json(_ERROR)}
     op: dict[str, Any] = {"summary": summary, "responses": responses, "security": [{"bearer": []}]}
+    if description is not None:
+        op["description"] = description
     parameters = list(params or [])
     if idempotency:
         parameters.append(
@@ -123,6 +131,10 @@ def openapi_document(surface: str = "service") -> dict[str, Any]:
                 body=amount_body,
                 ok_status="201",
                 params=[_path_param("charge_id")],
+                description="Only a charge of this token's developer on one of this token's servers; any other "
+                "charge, existing or not, is the same 404. An Idempotency-Key is this developer's own: a retry "
+                "with it returns the original refund (200, replayed: true), and no key of the operator or of "
+                "another developer is ever the same key.",
             )
         },
         "/v1/holds": {
@@ -130,7 +142,16 @@ def openapi_document(surface: str = "service") -> dict[str, Any]:
         },
         "/v1/holds/{hold_id}/capture": {
             "post": _op(
-                "Capture a hold (at most the held amount)", _RECEIPT, body=amount_body, params=[_path_param("hold_id")]
+                "Capture a hold (at most the held amount)",
+                _RECEIPT,
+                body=amount_body,
+                params=[_path_param("hold_id")],
+                description="Idempotent: capturing a hold that is already captured answers 200 with the original "
+                "charge and replayed: true (nothing is charged again); naming an amount other than the one "
+                "captured is a 409 idempotency_conflict. A hold of another developer or outside this token's "
+                "servers is a 404.",
+                ok_description="the charge (replayed: false), or the original charge of an earlier capture "
+                "(replayed: true)",
             )
         },
         "/v1/holds/{hold_id}/release": {"post": _op("Release a hold", _ANY, params=[_path_param("hold_id")])},

@@ -15,19 +15,35 @@ from typing import Any
 from gateway.config import GatewayConfig
 from gateway.errors import InvalidInput, NotFound
 from gateway.keys import API_KEY_PREFIX, SERVICE_TOKEN_PREFIX, display_prefix, generate_secret, hash_secret
-from gateway.ledger.base import AccountKind, Charge, KeyRecord, Ledger, Payout, ServiceToken, StatementLine
+from gateway.ledger.base import (
+    MAX_AMOUNT,
+    AccountKind,
+    Charge,
+    KeyRecord,
+    Ledger,
+    Payout,
+    ServiceToken,
+    StatementLine,
+    operator_reference,
+)
+from gateway.ledger.rows import amount_too_large
 from gateway.money import AmountError, format_cents, parse_cents
 
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_DURATION = re.compile(r"^([0-9]+)([smhdw])$")  # ASCII digits only: \d also takes fullwidth or Arabic-Indic ones
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
 
-def amount(text: object, what: str = "amount") -> int:
+def amount(text: object, what: str = "amount", *, moved: bool = True) -> int:
+    """Cents as text → millicents. An amount to be ``moved`` (top-up, initial balance, refund, payout)
+    is at most ``MAX_AMOUNT`` per request (AmountTooLarge, 422); a spending limit only caps."""
     try:
-        return parse_cents(text)
+        value = parse_cents(text)
     except AmountError as exc:
         raise InvalidInput(f"{what}: {exc}") from None
+    if moved and value > MAX_AMOUNT:
+        raise amount_too_large(value, what)
+    return value
 
 
 def parse_expiry(text: str, now: float) -> float:
@@ -181,7 +197,7 @@ class Operations:
             key_hash=hash_secret(secret),
             prefix=display_prefix(secret),
             expires_at=parse_expiry(expires, time.time()) if expires else None,
-            spend_limit=amount(spend_limit_cents, "spend limit") if spend_limit_cents is not None else None,
+            spend_limit=None if spend_limit_cents is None else amount(spend_limit_cents, "spend limit", moved=False),
         )
         return {**key_json(record), "key": secret}
 
@@ -237,8 +253,12 @@ class Operations:
     async def refund(
         self, charge_id: str, amount_cents: str | None = None, reference: str | None = None
     ) -> dict[str, Any]:
+        """Refund any charge as the operator. ``reference`` (the admin API's Idempotency-Key, the CLI's
+        --reference) lives in the operator's namespace (``base.operator_reference``): a developer's
+        service API key of the same text is another key."""
         value = amount(amount_cents, "refund amount") if amount_cents is not None else None
-        transfer = await self.ledger.refund(charge_id, value, reference=reference)
+        stored = operator_reference(reference) if reference else None
+        transfer = await self.ledger.refund(charge_id, value, reference=stored)
         charge = await self.ledger.get_charge(charge_id)
         return {
             "id": transfer.id,

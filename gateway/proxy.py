@@ -1,12 +1,15 @@
 """The MCP reverse-proxy handler: authenticate → price → hold → forward → relay → capture/void.
 
-Requests are forwarded byte-for-byte unless a priced call was refused inside a batch. Responses
-are relayed untouched unless they answer a held call (a receipt is added to the result's
-``_meta``) or a list whose items have prices (``io.agentpay/price`` in each item's ``_meta``).
-SSE is relayed event by event. A held call is captured only after the response carrying its
-success was written to the client; anything else voids it, except that a call whose resumable
-stream (one with event ids) lost its client stays held until its response arrives on another
-stream of the session, and a task-augmented call stays held until its ``tasks/result``.
+The gateway owns the ids it sends upstream (``gateway.upstream_ids``): every forwarded request gets
+a gateway-unique id and its response gets the client's id back, so a response settles only the
+call whose request produced it. Responses are otherwise relayed untouched unless they answer a held
+call (a receipt is added to the result's ``_meta``) or a list whose items have prices
+(``io.agentpay/price`` in each item's ``_meta``). SSE is relayed event by event. A held call is
+captured only after the response carrying its success was written to the client; anything else
+voids it, except that a call of a session whose client went away stays held until its response
+arrives on a later stream of the session (or the resume window ends), and a task-augmented call
+stays held until its task's result is delivered or the upstream confirms it failed or was
+cancelled. A priced result the gateway can no longer bill is withheld, never delivered free.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp import web
 
-from gateway import jsonrpc, sse
+from gateway import jsonrpc, sse, upstream_ids
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.deadlines import Deadlines
 from gateway.errors import (
+    INVALID_PARAMS,
     PAYMENT_REQUIRED,
+    RESULT_WITHHELD,
     BadRequest,
     BodyTooLarge,
     GatewayError,
@@ -36,14 +41,14 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from gateway.jsonrpc import LIST_METHODS, Message, Outcome, RequestId
+from gateway.jsonrpc import LIST_METHODS, Message, Outcome
 from gateway.keys import key_from_headers
 from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus, KeyRecord, charge_id_for
 from gateway.money import format_cents
 from gateway.pricing import PriceTable
 from gateway.routing import Route, Router
 from gateway.runtime import RUNTIME, Runtime
-from gateway.sessions import Call, LegacyChannel
+from gateway.sessions import Call, Forwarded, LegacyChannel
 from gateway.upstream import ForwardedFor, downstream_headers, upstream_headers
 from gateway.upstream_client import UpstreamClient, UpstreamResponse
 
@@ -71,22 +76,13 @@ class Exchange:
 
     key: KeyRecord
     session_id: str | None = None
-    calls: dict[RequestId, Call] = field(default_factory=dict)  # held by this request
-    watched: dict[RequestId, Call] = field(default_factory=dict)  # parked calls of the session
-    lists: dict[RequestId, str] = field(default_factory=dict)  # request id -> list method
+    scope: str = ""  # where the client's ids live: its session, legacy channel or key
+    requests: dict[str, Forwarded] = field(default_factory=dict)  # upstream id -> this request's own
+    channel: LegacyChannel | None = None  # a legacy channel whose requests this stream answers
     refusals: list[dict[str, Any]] = field(default_factory=list)
     charged: int = 0  # millicents captured
-    resumable: bool = False  # the upstream stream carried event ids
     client_gone: bool = False
-
-    def call_for(self, rid: RequestId) -> Call | None:
-        call = self.calls.get(rid) or self.watched.get(rid)
-        return call if call is not None and not call.settled else None
-
-    @property
-    def waiting(self) -> bool:
-        """Whether any response in the upstream's answer still needs to be looked at."""
-        return bool(self.lists) or any(not c.settled for c in (*self.calls.values(), *self.watched.values()))
+    billable: bool = True  # False once the upstream answered with an HTTP error status
 
 
 @dataclass(slots=True)
@@ -148,11 +144,13 @@ async def _dispatch(ctx: Context) -> web.StreamResponse:
         return await _post(ctx, session_id)
     if request.method in ("GET", "DELETE"):
         fields["method"] = request.method
-        exchange = Exchange(key, session_id)
-        if request.method == "GET":
-            exchange.watched = rt.sessions.pending(session_id)
-        return await _forward(ctx, exchange, body=None)
+        return await _forward(ctx, Exchange(key, session_id, scope=_scope(key, session_id)), body=None)
     raise MethodNotAllowed(f"Method {request.method} is not supported on an MCP endpoint", allow="POST, GET, DELETE")
+
+
+def _scope(key: KeyRecord, session_id: str | None) -> str:
+    """Where a client's request ids live: its session, else its key (stateless requests)."""
+    return f"s:{session_id}" if session_id is not None else f"k:{key.id}"
 
 
 def _check_origin(origin: str, server: ServerConfig, config: GatewayConfig) -> None:
@@ -211,8 +209,9 @@ class ClientTooSlow(GatewayError):
     jsonrpc_code = -32600
 
 
-async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jsonrpc.Incoming, list[Message]]:
-    """Parse a POSTed body and decide, message by message, what is forwarded (holding priced calls)."""
+async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jsonrpc.Incoming, list[dict[str, Any]]]:
+    """Parse a POSTed body and decide, message by message, what is forwarded (holding priced calls
+    and giving each request the gateway's own id). Returns the messages to forward, as sent."""
     rt, fields = ctx.rt, ctx.fields
     incoming = jsonrpc.parse_body(body, max_batch_items=rt.config.max_batch_items)
     first = incoming.messages[0]
@@ -222,59 +221,115 @@ async def _admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jso
     headers = ctx.request.headers
     jsonrpc.check_routing_headers(incoming, headers.get("Mcp-Method"), headers.get("Mcp-Name"))
     table = rt.prices.table  # prices in force when the call is held are the ones charged
-    forwarded: list[Message] = []
+    forwarded: list[dict[str, Any]] = []
     try:
         for msg in incoming.messages:
-            if await _admit(ctx, msg, table, exchange):
-                forwarded.append(msg)
+            out = await _admit(ctx, msg, table, exchange)
+            if out is not None:
+                forwarded.append(out)
     except BaseException:
         _release(ctx, exchange)
         raise
     return incoming, forwarded
 
 
+def _forward_body(incoming: jsonrpc.Incoming, forwarded: list[dict[str, Any]]) -> bytes:
+    return jsonrpc.dumps(forwarded if incoming.is_batch else forwarded[0])
+
+
 async def _post(ctx: Context, session_id: str | None) -> web.StreamResponse:
     body = await _read_body(ctx.request, ctx.rt.config, ctx.deadlines)
-    exchange = Exchange(ctx.key, session_id, watched=ctx.rt.sessions.pending(session_id))
+    exchange = Exchange(ctx.key, session_id, scope=_scope(ctx.key, session_id))
     incoming, forwarded = await _admit_all(ctx, body, exchange)
     if not forwarded:
         ctx.fields["outcome"] = "refused"
         value = exchange.refusals if incoming.is_batch else exchange.refusals[0]
         return web.Response(body=jsonrpc.dumps(value), content_type="application/json")
-    if len(forwarded) < len(incoming.messages):
-        body = jsonrpc.dumps([m.body for m in forwarded])
-    return await _forward(ctx, exchange, body=body)
+    return await _forward(ctx, exchange, body=_forward_body(incoming, forwarded))
 
 
-async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchange) -> bool:
-    """Decide whether one message is forwarded; place the hold of a priced call."""
-    rt, server, key, fields = ctx.rt, ctx.server, ctx.key, ctx.fields
+_TASK_METHODS = frozenset({"tasks/get", "tasks/result", "tasks/cancel", "tasks/list"})
+
+
+async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchange) -> dict[str, Any] | None:
+    """Decide whether one message is forwarded, and as what; place the hold of a priced call.
+    None when the gateway answers it itself (a refusal in ``exchange.refusals``)."""
+    rt, key = ctx.rt, ctx.key
     method = msg.method
-    if method in ("tasks/result", "tasks/cancel") and msg.id is not None:
-        call = rt.sessions.take_task(key.id, msg.params.get("taskId"))
-        if call is not None:
-            if method == "tasks/result":
-                exchange.calls[msg.id] = call  # its result decides the held call's fate
-            else:
-                call.settled = True
-                rt.billing.settle(call.call_id, capture=False)
-        return True
+    if method is None:
+        return msg.body  # a response to a server-to-client request: the upstream chose its id
+    if method == "notifications/cancelled":
+        return _cancellation(ctx, msg, exchange)
+    if msg.id is None:
+        if method in _TASK_METHODS:
+            raise BadRequest(
+                f"{method} must be a request with an id", hint="Give the message a string or integer id"
+            )
+        if _price_of(ctx, msg, table) != 0:
+            raise BadRequest(
+                f"A priced {method} must be a request with an id, not a notification",
+                hint="Give the message an id so its result can be returned and billed",
+            )
+        return msg.body
+    forwarded = Forwarded(msg.id, method)
+    if method in _TASK_METHODS and method != "tasks/list":
+        task_id = msg.params.get("taskId")
+        task = rt.sessions.task_of(key.id, task_id)
+        if task is None:  # unknown here, or created with another key: never forwarded
+            exchange.refusals.append(_task_not_found(msg))
+            return None
+        forwarded.task_id = task_id
+        forwarded.call = task.call
+    else:
+        price = _price_of(ctx, msg, table)
+        if price:
+            call = await _hold(ctx, msg, price, exchange)
+            if call is None:
+                return None
+            forwarded.call = call
+    call = forwarded.call
+    nonce = call.call_id if call is not None and method not in _TASK_METHODS else rt.billing.new_call_id()
+    upstream_id = upstream_ids.mint(nonce, msg.id, priced=call is not None)
+    if call is not None and method not in _TASK_METHODS:
+        call.upstream_id = upstream_id
+    exchange.requests[upstream_id] = forwarded
+    rt.sessions.track(exchange.scope, msg.id, upstream_id)
+    return {**msg.body, "id": upstream_id}
+
+
+def _price_of(ctx: Context, msg: Message, table: PriceTable) -> int:
     target = msg.priced_target()
     if target is None:
-        if msg.is_request and method in LIST_METHODS and msg.id is not None:
-            exchange.lists[msg.id] = method
-        return True
+        return 0
     kind, name = target
-    fields.setdefault("target", name)
-    price = table.lookup(server.name, kind, name)
-    fields["price_cents"] = format_cents(price)
-    if price == 0:
-        return True
-    if msg.id is None:
-        raise BadRequest(
-            f"A priced {method} must be a request with an id, not a notification",
-            hint="Give the message an id so its result can be returned and billed",
-        )
+    ctx.fields.setdefault("target", name)
+    price = table.lookup(ctx.server.name, kind, name)
+    ctx.fields["price_cents"] = format_cents(price)
+    return price
+
+
+def _cancellation(ctx: Context, msg: Message, exchange: Exchange) -> dict[str, Any]:
+    """``notifications/cancelled`` names the client's id of a request: the upstream knows it by ours."""
+    params = msg.params
+    upstream_id = ctx.rt.sessions.upstream_id_of(exchange.scope, params.get("requestId"))
+    if upstream_id is None:
+        return msg.body
+    return {**msg.body, "params": {**params, "requestId": upstream_id}}
+
+
+def _task_not_found(msg: Message) -> dict[str, Any]:
+    return jsonrpc.error_body(
+        msg.id,
+        INVALID_PARAMS,
+        "Task not found",
+        {"code": "task_not_found", "hint": "Use a task id returned to a call made with this same API key"},
+    )
+
+
+async def _hold(ctx: Context, msg: Message, price: int, exchange: Exchange) -> Call | None:
+    """Hold the price of a priced request; None (and a refusal) when the balance or cap refuses it."""
+    rt, server, key = ctx.rt, ctx.server, ctx.key
+    kind, name = msg.priced_target() or ("tool", "")
     call_id = rt.billing.new_call_id()
     outcome = await rt.billing.hold(
         HoldRequest(
@@ -283,7 +338,7 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
             user=key.user,
             developer=server.owner,
             server=server.name,
-            method=method or "",
+            method=msg.method or "",
             name=name,
             amount=price,
             fee=price * server.fee_basis_points // 10_000,
@@ -295,9 +350,9 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
         rt.metrics.refusals.labels(server=server.name, reason=outcome.status.value).inc()
         modern = _is_modern(ctx.request, msg)
         exchange.refusals.append(_payment_refusal(msg, kind, name, price, outcome, rt.config, modern=modern))
-        return False
-    exchange.calls[msg.id] = Call(call_id, msg.id, server.name, kind, name, price, outcome.available)
-    return True
+        return None
+    assert msg.id is not None
+    return Call(call_id, msg.id, server.name, kind, name, price, outcome.available)
 
 
 def _is_modern(request: web.Request, msg: Message) -> bool:
@@ -352,17 +407,33 @@ def _payment_refusal(
 
 def _release(ctx: Context, exchange: Exchange) -> None:
     """At the end of a request: void what this request held and did not settle, or park it when
-    its stream can be resumed by the client."""
-    park = exchange.client_gone and exchange.resumable and exchange.session_id is not None
-    for call in exchange.calls.values():
-        if call.settled or call.parked_at is not None:
+    the client went away from a session (its response may come on a later stream of the session).
+    A task's own hold is not this request's to release: its task keeps it."""
+    rt = ctx.rt
+    session_id = exchange.session_id if exchange.client_gone else None
+    for upstream_id, forwarded in exchange.requests.items():
+        rt.sessions.untrack(exchange.scope, forwarded.client_id, upstream_id)
+        call = forwarded.call
+        if call is None or call.settled or call.parked_at is not None or forwarded.method in _TASK_METHODS:
             continue
-        if park and exchange.session_id is not None:
-            ctx.rt.sessions.park(exchange.session_id, call)
+        if session_id is not None and rt.sessions.park(session_id, forwarded):
             ctx.fields["parked"] = ctx.fields.get("parked", 0) + 1
         else:
-            call.settled = True
-            ctx.rt.billing.settle(call.call_id, capture=False)
+            _settle(ctx, exchange, call, capture=False)
+    exchange.requests.clear()
+
+
+def _settle(ctx: Context, exchange: Exchange, call: Call, *, capture: bool) -> None:
+    """Capture or void a held call, once, wherever it waited."""
+    if not call.finish(capture=capture):
+        return
+    rt = ctx.rt
+    rt.sessions.unpark(exchange.session_id, call)
+    rt.billing.settle(call.call_id, capture=capture)
+    if capture:
+        rt.metrics.count_charge(ctx.server.name, call.price)
+        exchange.charged += call.price
+        ctx.fields["charge_id"] = charge_id_for(call.call_id)
 
 
 def _forwarded_for(request: web.Request, config: GatewayConfig) -> ForwardedFor:
@@ -406,7 +477,15 @@ async def _open_upstream(
     started = time.perf_counter()
     try:
         async with ctx.deadlines.timeout(server.read_timeout_s):
-            upstream = await request.app[UPSTREAMS][server.name].request(method, url, data=body, headers=headers)
+            upstream = await request.app[UPSTREAMS][server.name].request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                key=ctx.key.id,  # one key may hold only its fair share of the server's connections
+                key_share=server.max_key_share,
+                queue_timeout_s=server.upstream_queue_timeout_s,
+            )
     except TimeoutError:
         raise UpstreamTimeout(f"Server {server.name!r} did not answer within {server.read_timeout_s:g}s") from None
     except (aiohttp.ClientError, OSError) as exc:
@@ -425,21 +504,22 @@ async def _forward(ctx: Context, exchange: Exchange, *, body: bytes | None) -> w
     upstream: UpstreamResponse | None = None
     try:
         upstream = await _open_upstream(ctx, request.method, url, body=body)
-        if exchange.lists and not rt.prices.table.has_prices(server.name):
-            exchange.lists.clear()
         if request.method == "DELETE" and upstream.status < 300 and exchange.session_id is not None:
             for call in rt.sessions.drop(exchange.session_id):
-                call.settled = True
-                rt.billing.settle(call.call_id, capture=False)
-        content_type = upstream.headers.get("Content-Type", "")
-        if upstream.status >= 300 or not (exchange.waiting or exchange.refusals):
+                _settle(ctx, exchange, call, capture=False)
+        if upstream.status >= 300:
+            exchange.billable = False  # nothing in an HTTP error is billed (nor delivered, if priced)
             if upstream.status >= 500:
                 fields["outcome"] = "upstream_error"
-            _release(ctx, exchange)
-            return await _stream_raw(ctx, upstream)
-        if content_type.startswith("text/event-stream"):
+        content_type = upstream.headers.get("Content-Type", "")
+        answers = bool(exchange.requests or exchange.refusals)
+        if content_type.startswith("text/event-stream") and (answers or request.method == "GET"):
+            # A GET stream may carry any response of the session (a resumed stream): always read.
             return await _relay_sse(ctx, upstream, exchange)
-        return await _relay_json(ctx, upstream, exchange)
+        if answers and (exchange.billable or content_type.startswith("application/json")):
+            return await _relay_json(ctx, upstream, exchange)
+        _release(ctx, exchange)
+        return await _stream_raw(ctx, upstream)
     except asyncio.CancelledError:
         exchange.client_gone = True
         raise
@@ -520,7 +600,7 @@ async def _relay_json(ctx: Context, upstream: UpstreamResponse, exchange: Exchan
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(f"Server {server.name!r} broke off its answer ({type(exc).__name__})") from None
-    to_capture: list[Call] = []
+    to_capture: list[_Capture] = []
     if raw.strip():
         try:
             value = jsonrpc.loads(raw)
@@ -554,13 +634,14 @@ async def _relay_sse(
     rewrite: Callable[[sse.Event], bytes | None] | None = None,
     inject: asyncio.Queue[bytes] | None = None,
 ) -> web.StreamResponse:
-    """Relay an SSE stream event by event, settling held calls on the events that answer them.
-    ``rewrite`` may replace an event; ``inject`` carries events the gateway adds (legacy SSE)."""
+    """Relay an SSE stream event by event, giving responses their client's id back and settling held
+    calls on the events that answer them. ``rewrite`` may replace an event; ``inject`` carries
+    events the gateway adds (legacy SSE)."""
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(_client_headers(ctx, upstream))
     await response.prepare(ctx.request)
     max_event = ctx.rt.config.max_body_bytes * 4
-    parser: sse.Parser | None = sse.Parser(max_event_bytes=max_event)
+    parser = sse.Parser(max_event_bytes=max_event)
     try:
         for refusal in exchange.refusals:
             await response.write(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
@@ -568,23 +649,13 @@ async def _relay_sse(
             if isinstance(chunk, _Injected):
                 await response.write(chunk.data)
                 continue
-            if parser is None:  # nothing left to look at: relay bytes as they come
-                await response.write(chunk)
-                continue
             for event in parser.feed(chunk):
-                if event.id is not None:
-                    exchange.resumable = True
                 out = rewrite(event) if rewrite is not None else None
-                to_capture: list[Call] = []
+                to_capture: list[_Capture] = []
                 if out is None:
                     out = _process_event(ctx, event, exchange, to_capture)
                 await response.write(out)
                 _capture(ctx, exchange, to_capture)
-            if not exchange.waiting and rewrite is None and inject is None:
-                tail = parser.pending()
-                parser = None
-                if tail:
-                    await response.write(tail)
     except _CLIENT_GONE:
         exchange.client_gone = True
         ctx.fields["outcome"] = "client_gone"
@@ -596,7 +667,7 @@ async def _relay_sse(
     except TimeoutError:
         ctx.fields["outcome"] = "stream_idle_timeout"
         return response
-    if parser is not None and parser.pending():
+    if parser.pending():
         await response.write(parser.pending())
     await response.write_eof()
     return response
@@ -640,10 +711,22 @@ async def _chunks(
         waiter.cancel()
 
 
-def _process_event(ctx: Context, event: sse.Event, exchange: Exchange, to_capture: list[Call]) -> bytes:
+@dataclass(slots=True, frozen=True)
+class _Capture:
+    """A call to capture once the response carrying its success has been written."""
+
+    upstream_id: str
+    forwarded: Forwarded
+    call: Call
+
+
+_OUR_ID = '"' + upstream_ids.PREFIX
+
+
+def _process_event(ctx: Context, event: sse.Event, exchange: Exchange, to_capture: list[_Capture]) -> bytes:
     data = event.data
-    if not data or data.lstrip()[:1] not in ("{", "["):
-        return event.raw
+    if not data or data.lstrip()[:1] not in ("{", "[") or (_OUR_ID not in data and "\\u" not in data):
+        return event.raw  # no id the gateway minted can be in it (as written, or escaped)
     try:
         value = jsonrpc.loads(data)
     except ValueError:
@@ -653,47 +736,151 @@ def _process_event(ctx: Context, event: sse.Event, exchange: Exchange, to_captur
     return event.raw
 
 
-def _process_value(ctx: Context, value: Any, exchange: Exchange, to_capture: list[Call]) -> bool:
+def _process_value(ctx: Context, value: Any, exchange: Exchange, to_capture: list[_Capture]) -> bool:
     changed = False
     for item in jsonrpc.responses_in(value):
         changed |= _process_response(ctx, item, exchange, to_capture)
     return changed
 
 
-def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to_capture: list[Call]) -> bool:
-    """Annotate or settle one upstream response. Returns True if ``item`` was changed."""
-    rid = item.get("id")
-    if not isinstance(rid, str | int) or isinstance(rid, bool):
-        return False
-    call = exchange.call_for(rid)
-    if call is not None:
-        outcome = jsonrpc.classify_response(item)
-        if outcome is Outcome.SUCCESS:
-            result = item["result"]
-            meta = result.get("_meta")
-            if not isinstance(meta, dict):
-                meta = result["_meta"] = {}
-            meta[RECEIPT_META] = {
-                "charge_id": charge_id_for(call.call_id),
-                "amount_cents": format_cents(call.price),
-                "balance_cents": format_cents(call.available_after),
-            }
-            to_capture.append(call)
+def _lookup(ctx: Context, exchange: Exchange, upstream_id: str) -> Forwarded | None:
+    """The forwarded request an upstream id answers: this request's own, its legacy channel's, or a
+    call of its session parked when an earlier stream lost its client."""
+    forwarded = exchange.requests.get(upstream_id)
+    if forwarded is None and exchange.channel is not None:
+        forwarded = exchange.channel.pending.get(upstream_id)
+    if forwarded is None and exchange.session_id is not None:
+        forwarded = ctx.rt.sessions.pending(exchange.session_id).get(upstream_id)
+    return forwarded
+
+
+def _forget(ctx: Context, exchange: Exchange, upstream_id: str, forwarded: Forwarded) -> None:
+    """The request's answer has been dealt with: stop waiting for it wherever it waited."""
+    exchange.requests.pop(upstream_id, None)
+    if exchange.channel is not None:
+        exchange.channel.pending.pop(upstream_id, None)
+    ctx.rt.sessions.untrack(exchange.scope, forwarded.client_id, upstream_id)
+    if forwarded.call is not None and forwarded.method not in _TASK_METHODS:
+        ctx.rt.sessions.unpark(exchange.session_id, forwarded.call)
+
+
+def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to_capture: list[_Capture]) -> bool:
+    """Give one upstream response its client's id back, and settle, bind, annotate or withhold what
+    it carries. Returns True if ``item`` was changed."""
+    upstream_id = item.get("id")
+    decoded = upstream_ids.decode(upstream_id)
+    if decoded is None:
+        return False  # not an id the gateway minted (an upstream's own notification-like answer)
+    assert isinstance(upstream_id, str)
+    item["id"] = decoded.client_id
+    forwarded = _lookup(ctx, exchange, upstream_id)
+    outcome = jsonrpc.classify_response(item)
+    if forwarded is None:
+        if decoded.priced and outcome in _DELIVERS_VALUE:
+            _withhold(item, "its hold was released before the result arrived")
+        return True
+    call = forwarded.call
+    method = forwarded.method
+    if call is None or method in ("tasks/get", "tasks/cancel", "tasks/list"):
+        _forget(ctx, exchange, upstream_id, forwarded)
+        _answer_unpriced(ctx, item, exchange, forwarded, outcome)
+        return True
+    if outcome in _DELIVERS_VALUE and (call.settled or not exchange.billable):
+        if call.captured:
+            if outcome is Outcome.SUCCESS:
+                _add_receipt(item, call)  # a replay of a result already paid for
             return True
-        if outcome is Outcome.TASK_CREATED:
-            task_id = item["result"]["task"].get("taskId")
-            if isinstance(task_id, str):
-                exchange.calls.pop(rid, None)
-                ctx.rt.sessions.park_task(exchange.key.id, task_id, call)
-                return False
-        call.settled = True
-        ctx.rt.sessions.unpark(exchange.session_id, call)
-        ctx.rt.billing.settle(call.call_id, capture=False)
-        return False
-    list_method = exchange.lists.pop(rid, None)
-    if list_method is not None:
-        return _annotate_list(ctx, item, list_method)
-    return False
+        # Voided, or not billable (an HTTP error status): the result is not delivered free.
+        _forget(ctx, exchange, upstream_id, forwarded)
+        _withhold(item, "its hold was released" if call.settled else "the upstream answered with an error")
+        if method != "tasks/result":
+            _settle(ctx, exchange, call, capture=False)
+        return True
+    if outcome is Outcome.SUCCESS:
+        _add_receipt(item, call)
+        to_capture.append(_Capture(upstream_id, forwarded, call))  # forgotten once captured
+        return True
+    _forget(ctx, exchange, upstream_id, forwarded)
+    if method == "tasks/result":
+        if outcome is Outcome.TOOL_ERROR:  # the task ran and failed
+            _settle(ctx, exchange, call, capture=False)
+        return True  # anything else leaves the task's hold to the task
+    if outcome is Outcome.TASK_CREATED:
+        task_id = item["result"]["task"].get("taskId")
+        if isinstance(task_id, str) and ctx.rt.sessions.bind_task(exchange.key.id, task_id, call):
+            return True  # held until the task's result is delivered, or it fails or is cancelled
+        _withhold(item, "the task it created could not be tracked")
+    _settle(ctx, exchange, call, capture=False)
+    return True
+
+
+_DELIVERS_VALUE = frozenset({Outcome.SUCCESS, Outcome.TASK_CREATED})
+
+
+def _answer_unpriced(
+    ctx: Context, item: dict[str, Any], exchange: Exchange, forwarded: Forwarded, outcome: Outcome
+) -> None:
+    """A response to a request that holds nothing itself: tasks, lists and free calls."""
+    rt, method = ctx.rt, forwarded.method
+    result = item.get("result")
+    if method == "tasks/list":
+        if isinstance(result, dict) and isinstance(result.get("tasks"), list):
+            key_id = exchange.key.id
+            result["tasks"] = [
+                t for t in result["tasks"] if isinstance(t, dict) and rt.sessions.owns_task(key_id, t.get("taskId"))
+            ]
+        return
+    if method in ("tasks/get", "tasks/cancel"):
+        call = forwarded.call
+        status = _task_status(result)
+        confirmed = (method == "tasks/cancel" and status == "cancelled") or (
+            method == "tasks/get" and status in ("failed", "cancelled")
+        )
+        if call is not None and confirmed and outcome is Outcome.SUCCESS:
+            _settle(ctx, exchange, call, capture=False)
+        return
+    if outcome is Outcome.TASK_CREATED:  # a free call's task: bound to its key all the same
+        task_id = item["result"]["task"].get("taskId")
+        if isinstance(task_id, str):
+            rt.sessions.bind_task(exchange.key.id, task_id, None)
+        return
+    if method in LIST_METHODS and rt.prices.table.has_prices(ctx.server.name):
+        _annotate_list(ctx, item, method)
+
+
+def _task_status(result: Any) -> str | None:
+    """A task's status in a tasks/get or tasks/cancel result (the task itself, or under ``task``)."""
+    if not isinstance(result, dict):
+        return None
+    task = result.get("task")
+    status = task.get("status") if isinstance(task, dict) else result.get("status")
+    return status if isinstance(status, str) else None
+
+
+def _add_receipt(item: dict[str, Any], call: Call) -> None:
+    result = item["result"]
+    meta = result.get("_meta")
+    if not isinstance(meta, dict):
+        meta = result["_meta"] = {}
+    meta[RECEIPT_META] = {
+        "charge_id": charge_id_for(call.call_id),
+        "amount_cents": format_cents(call.price),
+        "balance_cents": format_cents(call.available_after),
+    }
+
+
+def _withhold(item: dict[str, Any], why: str) -> None:
+    """Replace a priced result the gateway cannot bill with an error: it is never delivered free."""
+    client_id = item.get("id")
+    item.clear()
+    item.update(
+        jsonrpc.error_body(
+            client_id,
+            RESULT_WITHHELD,
+            f"The result of this priced call cannot be delivered: {why}, so it was not charged",
+            {"code": "result_withheld", "hint": "Call it again; you were not charged for this one"},
+        )
+    )
 
 
 def _annotate_list(ctx: Context, item: dict[str, Any], method: str) -> bool:
@@ -724,18 +911,15 @@ def _annotate_list(ctx: Context, item: dict[str, Any], method: str) -> bool:
     return changed
 
 
-def _capture(ctx: Context, exchange: Exchange, calls: list[Call]) -> None:
+def _capture(ctx: Context, exchange: Exchange, captures: list[_Capture]) -> None:
     """Capture calls whose success has just been written to the client. The capture runs in a task
     owned by ``Billing`` (it survives this handler, and shutdown waits for it): the client's next
     request on this connection need not wait for the capture's fsync."""
-    rt, server = ctx.rt, ctx.server
-    for call in calls:
-        call.settled = True
-        rt.sessions.unpark(exchange.session_id, call)
-        rt.billing.settle(call.call_id, capture=True)
-        rt.metrics.count_charge(server.name, call.price)
-        exchange.charged += call.price
-        ctx.fields["charge_id"] = charge_id_for(call.call_id)
+    for capture in captures:
+        _forget(ctx, exchange, capture.upstream_id, capture.forwarded)
+        _settle(ctx, exchange, capture.call, capture=True)
+        if capture.forwarded.task_id is not None:
+            ctx.rt.sessions.task_settled(capture.forwarded.task_id)
 
 
 # --- 2024-11-05 HTTP+SSE ----------------------------------------------------------------------
@@ -758,9 +942,8 @@ async def _legacy_stream(ctx: Context) -> web.StreamResponse:
     rt, server = ctx.rt, ctx.server
     assert server.sse_upstream is not None
     ctx.fields["method"] = "sse"
-    exchange = Exchange(ctx.key)
     channel_id = rt.billing.new_call_id()
-    channel: LegacyChannel | None = None
+    exchange = Exchange(ctx.key, scope=f"c:{channel_id}")
     upstream = await _open_upstream(ctx, "GET", server.sse_upstream, body=None, accept_sse=True)
     if upstream.status >= 300 or not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
         try:
@@ -771,13 +954,11 @@ async def _legacy_stream(ctx: Context) -> web.StreamResponse:
     inject: asyncio.Queue[bytes] = asyncio.Queue()
 
     def rewrite(event: sse.Event) -> bytes | None:
-        nonlocal channel
-        if channel is not None or event.name != "endpoint" or event.data is None:
+        if exchange.channel is not None or event.name != "endpoint" or event.data is None:
             return None
         target = urljoin(server.sse_upstream or "", event.data.strip())
-        channel = LegacyChannel(ctx.key.id, server.name, target, events=inject)
-        exchange.watched = channel.pending
-        rt.sessions.legacy[channel_id] = channel
+        exchange.channel = LegacyChannel(ctx.key.id, server.name, target, events=inject)
+        rt.sessions.legacy[channel_id] = exchange.channel
         return event.with_data(f"{_gateway_prefix(ctx)}/messages?channel={channel_id}")
 
     try:
@@ -785,11 +966,8 @@ async def _legacy_stream(ctx: Context) -> web.StreamResponse:
     finally:
         upstream.release()
         rt.sessions.legacy.pop(channel_id, None)
-        if channel is not None:
-            for call in channel.pending.values():
-                if not call.settled:
-                    call.settled = True
-                    rt.billing.settle(call.call_id, capture=False)
+        if exchange.channel is not None:
+            _void_channel(ctx, exchange, exchange.channel, list(exchange.channel.pending.items()))
         if exchange.charged:
             ctx.fields["charged_cents"] = format_cents(exchange.charged)
 
@@ -803,35 +981,38 @@ async def _legacy_post(ctx: Context) -> web.StreamResponse:
     if channel is None or channel.key_id != ctx.key.id or channel.server != ctx.server.name:
         raise SessionNotFound("Unknown or closed SSE session", hint="Reconnect to the SSE endpoint")
     body = await _read_body(ctx.request, rt.config, ctx.deadlines)
-    exchange = Exchange(ctx.key)
+    exchange = Exchange(ctx.key, scope=f"c:{channel_id}", channel=channel)
     incoming, forwarded = await _admit_all(ctx, body, exchange)
     for refusal in exchange.refusals:
         channel.events.put_nowait(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
     if not forwarded:
         ctx.fields["outcome"] = "refused"
         return web.Response(status=202, text="Accepted")
-    if len(forwarded) < len(incoming.messages):
-        body = jsonrpc.dumps([m.body for m in forwarded])
-    for rid, call in exchange.calls.items():
-        call.parked_at = time.monotonic()
-        channel.pending[rid] = call
-    exchange.calls = {}
+    sent = list(exchange.requests.items())
+    exchange.requests = {}  # answered on the GET stream, which now waits for them
+    for upstream_id, request in sent:
+        if not channel.expect(upstream_id, request) and request.call is not None:
+            _void_channel(ctx, exchange, channel, [(upstream_id, request)])
     try:
-        upstream = await _open_upstream(ctx, "POST", channel.upstream_url, body=body)
+        upstream = await _open_upstream(ctx, "POST", channel.upstream_url, body=_forward_body(incoming, forwarded))
     except BaseException:
-        _void_channel_calls(rt, channel, forwarded)
+        _void_channel(ctx, exchange, channel, sent)
         raise
     try:
         if upstream.status >= 300:
-            _void_channel_calls(rt, channel, forwarded)
+            _void_channel(ctx, exchange, channel, sent)
         return await _stream_raw(ctx, upstream)
     finally:
         upstream.release()
 
 
-def _void_channel_calls(rt: Runtime, channel: LegacyChannel, messages: list[Message]) -> None:
-    for msg in messages:
-        call = channel.pending.pop(msg.id, None) if msg.id is not None else None
-        if call is not None and not call.settled:
-            call.settled = True
-            rt.billing.settle(call.call_id, capture=False)
+def _void_channel(
+    ctx: Context, exchange: Exchange, channel: LegacyChannel, requests: list[tuple[str, Forwarded]]
+) -> None:
+    """Stop waiting for these requests' answers on the channel; void the calls they held (a task's
+    hold stays with its task)."""
+    for upstream_id, request in requests:
+        channel.pending.pop(upstream_id, None)
+        ctx.rt.sessions.untrack(exchange.scope, request.client_id, upstream_id)
+        if request.call is not None and request.method not in _TASK_METHODS:
+            _settle(ctx, exchange, request.call, capture=False)

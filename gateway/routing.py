@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote
 
 from gateway.errors import BadRequest, UnknownServer
-from gateway.keys import redact_secrets
+from gateway.keys import contains_secret, redact_secrets
 
 Endpoint = Literal["mcp", "sse", "messages"]
 _ENDPOINTS: frozenset[str] = frozenset({"mcp", "sse", "messages"})
+_MAX_DECODINGS = 3  # percent-decodings of a path segment tried when looking for a key in it
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,7 @@ def resolve(
         server = host_server
     else:
         if not parts or parts[0] not in servers:
-            name = redact_secrets(parts[0]) if parts else ""
+            name = redact_segment(parts[0]) if parts else ""
             raise UnknownServer(f"No MCP server named {name!r} is served here" if name else "No server in the path")
         server, parts = parts[0], parts[1:]
     if not parts or parts[0] not in _ENDPOINTS:
@@ -108,11 +110,30 @@ class Router:
 
 def redact_path(raw_path: str) -> str:
     """The path with any embedded key replaced, safe to log: the segment after a ``k`` segment, and
-    anything shaped like a key anywhere (mistyped URLs such as ``//k/<key>/…`` or ``/<key>/mcp``)."""
-    if "/k/" not in raw_path and "_" not in raw_path:  # no ``k`` segment, nothing key-shaped: as it is
+    any segment holding something shaped like a key (mistyped URLs such as ``//k/<key>/…`` or
+    ``/<key>/mcp``), percent-encoded or not (``/ap%5F…/mcp``)."""
+    if "/k/" not in raw_path and "_" not in raw_path and "%" not in raw_path:  # nothing to redact: as it is
         return raw_path
     segments = raw_path.split("/")
-    for i in range(len(segments) - 1):
-        if segments[i] == "k" and segments[i + 1]:
-            segments[i + 1] = "<redacted>"
-    return redact_secrets("/".join(segments))
+    after_k = False
+    for i, segment in enumerate(segments):
+        if after_k and segment:
+            segments[i] = "<redacted>"
+        else:
+            segments[i] = redact_segment(segment)
+        after_k = segment == "k"
+    return "/".join(segments)
+
+
+def redact_segment(segment: str) -> str:
+    """One raw path segment, or ``<redacted>`` in place of what holds a key once percent-decoded."""
+    if "%" not in segment:
+        return redact_secrets(segment)
+    decoded = segment
+    for _ in range(_MAX_DECODINGS):  # a key encoded twice (``%255F``) is still a key on the wire
+        decoded = unquote(decoded)
+        if contains_secret(decoded):
+            return "<redacted>"
+        if "%" not in decoded:
+            break
+    return segment

@@ -131,7 +131,7 @@ class ChargeReceipt:
     user: str
     server: str
     feature: str
-    replayed: bool  # True when this idempotency key had already charged
+    replayed: bool  # True when this idempotency key had already charged (a capture: the hold was captured before)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,27 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import Authenticator
-from gateway.errors import AuthError, GatewayError, InsufficientFunds, InvalidInput, NotFound, SpendLimitReached
+from gateway.errors import (
+    AuthError,
+    GatewayError,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidInput,
+    NotFound,
+    SpendLimitReached,
+)
 from gateway.keys import hash_secret, key_from_headers
-from gateway.ledger.base import Charge, HoldRequest, HoldStatus, KeyRecord, Ledger, ServiceToken
+from gateway.ledger.base import (
+    MAX_AMOUNT,
+    Charge,
+    HoldRequest,
+    HoldStatus,
+    KeyRecord,
+    Ledger,
+    ServiceToken,
+    developer_reference,
+)
+from gateway.ledger.rows import amount_too_large
 from gateway.money import AmountError, format_cents, parse_cents
 from gateway.operations import charge_json, iso, statement_json
 from gateway.routing import redact_path
@@ -109,6 +127,8 @@ def amount_field(body: dict[str, Any], name: str = "amount_cents", *, required: 
         raise InvalidInput(f"{name}: {exc}") from None
     if amount <= 0:
         raise InvalidInput(f"{name} must be more than 0")
+    if amount > MAX_AMOUNT:
+        raise amount_too_large(amount, name)
     return amount
 
 
@@ -266,22 +286,37 @@ class ServiceApi:
         )
 
     async def _own_hold(self, request: web.Request, token: ServiceToken) -> str:
+        """The hold named in the path, if it was placed through the service API for this token's
+        developer on one of this token's servers; else 404 with the same message whether it exists or not."""
         hold_id = request.match_info["hold_id"]
         try:
             info = await self.ledger.get_hold(hold_id)
         except NotFound:
             info = None
-        if info is None or info.developer != token.developer or info.method != "service":
-            raise NotFound(f"No hold {hold_id!r} for this developer")
+        if (
+            info is None
+            or info.developer != token.developer
+            or info.server not in token.servers
+            or info.method != "service"
+        ):
+            raise NotFound(f"No hold {hold_id!r} for this token")
         return hold_id
 
     async def capture(self, request: web.Request) -> web.Response:
+        """Capture a hold. Idempotent: capturing a captured hold answers the original charge with
+        ``replayed: true`` (200 either way); naming another amount than it captured is a 409."""
         token = await self._token(request)
         hold_id = await self._own_hold(request, token)
         body = await read_json(request)
         amount = amount_field(body, required=False)
         charge = await self.ledger.capture(hold_id, amount)
-        return web.json_response(_receipt(charge, False))
+        if charge.replayed and amount is not None and amount != charge.amount:
+            raise IdempotencyConflict(
+                f"hold {hold_id!r} was already captured for {format_cents(charge.amount)} cents, "
+                f"not {format_cents(amount)}",
+                hint="Repeat the capture with the amount it was made for (or none) to get its charge again",
+            )
+        return web.json_response(_receipt(charge, charge.replayed))
 
     async def release(self, request: web.Request) -> web.Response:
         token = await self._token(request)
@@ -290,14 +325,22 @@ class ServiceApi:
         return web.json_response({"id": hold_id, "released": released})
 
     async def refund(self, request: web.Request) -> web.Response:
+        """Refund a charge of this token's developer on one of this token's servers. Any other charge,
+        existing or not, is the same 404, so a token cannot learn of charges outside its scope. The
+        Idempotency-Key lives in this developer's namespace (``base.developer_reference``): it never
+        replays, or conflicts with, the operator's refund keys or another developer's."""
         token = await self._token(request)
-        charge = await self.ledger.get_charge(request.match_info["charge_id"])
-        if charge.developer != token.developer:
-            raise NotFound(f"No charge {charge.id!r} for this developer")
+        charge_id = request.match_info["charge_id"]
+        try:
+            charge: Charge | None = await self.ledger.get_charge(charge_id)
+        except NotFound:
+            charge = None
+        if charge is None or charge.developer != token.developer or charge.server not in token.servers:
+            raise NotFound(f"No charge {charge_id!r} for this token")
         body = await read_json(request)
         amount = amount_field(body, required=False)
         idem = request.headers.get("Idempotency-Key")
-        reference = f"{token.developer}:{idem}" if idem else None
+        reference = developer_reference(token.developer, idem) if idem else None
         transfer = await self.ledger.refund(charge.id, amount, reference=reference)
         return web.json_response(
             {

@@ -16,7 +16,12 @@ read through a ``ClientSession`` configured as ``gateway.upstream.new_session`` 
 - connections: at most ``max_connections`` open (0: no limit), idle ones reused for up to 15 s,
   a connection whose answer was not read to its end is closed; connecting is bounded by
   ``connect_timeout_s`` (``TimeoutError``); an idempotent request that fails on a reused connection
-  before any answer is retried once on a new one (RFC 9112 §9.3.1), as aiohttp does.
+  before any answer is retried once on a new one (RFC 9112 §9.3.1), as aiohttp does;
+- fair share: a request made for an API key (``key``) counts against that key's share of the
+  connections, ``ceil(key_share * max_connections)`` requests at once, from the call until its answer
+  has been read to its end or released (streams included). A key at its share waits its turn in its
+  own queue (``gateway.fair_share``), not in the pool's, for up to ``queue_timeout_s``, then is
+  refused with ``TooManyRequests``: one key cannot take every connection of a server.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.fair_share import FairShare, share_limit
+
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no "Content-Length: 0" when bodiless
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # given a default Content-Type
@@ -65,14 +72,21 @@ class _Target:
 class UpstreamResponse:
     """The upstream's answer: ``status``, ``reason``, ``headers`` and ``content`` (a StreamReader)."""
 
-    __slots__ = ("_client", "_done", "_proto", "content", "headers", "reason", "status")
+    __slots__ = ("_client", "_done", "_key", "_proto", "content", "headers", "reason", "status")
 
     def __init__(
-        self, client: UpstreamClient, proto: ResponseHandler, status: int, reason: str, headers: CIMultiDictProxy[str]
+        self,
+        client: UpstreamClient,
+        proto: ResponseHandler,
+        status: int,
+        reason: str,
+        headers: CIMultiDictProxy[str],
+        key: str | None = None,
     ) -> None:
         self._client = client
         self._proto = proto
         self._done = False
+        self._key = key  # the API key whose fair share this answer counts against, until done
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -81,6 +95,8 @@ class UpstreamResponse:
     def _body_read(self) -> None:  # the payload's end of file: the connection is free again
         if not self._done:
             self._done = True
+            if self._key is not None:
+                self._client._share.release(self._key)
             self._client._release(self._proto)
 
     async def read(self) -> bytes:
@@ -92,6 +108,8 @@ class UpstreamResponse:
         if self._done:
             return
         self._done = True
+        if self._key is not None:
+            self._client._share.release(self._key)
         if self.content.exception() is None:
             self.content.set_exception(ClientConnectionError("Connection closed"))
         self._client._discard(self._proto)
@@ -111,12 +129,41 @@ class UpstreamClient:
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._share = FairShare()  # per API key: requests in flight and waiting for their turn
 
     async def request(
-        self, method: str, url: str, *, data: bytes | None, headers: CIMultiDict[str]
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | None,
+        headers: CIMultiDict[str],
+        key: str | None = None,
+        key_share: float = 0.5,
+        queue_timeout_s: float = 10.0,
     ) -> UpstreamResponse:
+        """Send a request; the answer's body is read from ``content``, then ``release()`` it.
+
+        With a ``key`` (and a connection limit), the request counts against the key's share of the
+        connections (``key_share``, a fraction of ``max_connections``) and waits up to
+        ``queue_timeout_s`` for its turn (0: not at all); raises TooManyRequests when it did not come.
+        """
         target = self._target(url)
         message = self._message(method, target, data, headers)
+        if key is None or not self._limit:
+            return await self._exchange(method, url, headers, target, message, None)
+        limit = share_limit(key_share, self._limit)
+        if not self._share.try_acquire(key, limit):  # at its share: wait for its turn
+            await self._share.acquire(key, limit, queue_timeout_s, total=self._limit)
+        try:
+            return await self._exchange(method, url, headers, target, message, key)
+        except BaseException:
+            self._share.release(key)
+            raise
+
+    async def _exchange(
+        self, method: str, url: str, headers: CIMultiDict[str], target: _Target, message: list[bytes], key: str | None
+    ) -> UpstreamResponse:
         retry = method in _IDEMPOTENT
         while True:
             proto = self._idle_connection(target)
@@ -154,7 +201,7 @@ class UpstreamClient:
             except BaseException:
                 self._discard(proto)
                 raise
-            response = UpstreamResponse(self, proto, head.code, head.reason, head.headers)
+            response = UpstreamResponse(self, proto, head.code, head.reason, head.headers, key)
             response.content = payload
             payload.on_eof(response._body_read)  # at once if the whole body has already arrived
             return response
@@ -173,6 +220,7 @@ class UpstreamClient:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(ClientConnectionError("Upstream client closed"))
+        self._share.close(ClientConnectionError("Upstream client closed"))
 
     # --- requests ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from aiohttp.web_runner import BaseRunner
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
+from gateway.admin_api import create_admin_app
 from gateway.app import create_app, server_options
 from gateway.config import load_config
 from gateway.http_server import GatewayRunner
@@ -164,6 +165,20 @@ async def run_gateway(config_path: Path) -> AsyncIterator[Gateway]:
     await server.start_server(**options)
     try:
         yield Gateway(config_path, server)
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def run_admin(gw: Gateway, token: str | None) -> AsyncIterator[TestServer]:
+    """The admin listener of a running test gateway, built as ``agentpay serve`` builds it (the admin
+    app on ``GatewayRunner``), on an ephemeral loopback port. ``token``: the admin token (None: off)."""
+    app = create_admin_app(lambda: gw.ops, token)
+    app[RUNTIME] = gw.rt
+    server = GatewayTestServer(app, header_timeout_s=gw.rt.config.client_header_timeout_s, host="127.0.0.1", port=None)
+    await server.start_server(access_log=None)
+    try:
+        yield server
     finally:
         await server.close()
 

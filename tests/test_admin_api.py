@@ -11,11 +11,12 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from gateway.admin_api import create_admin_app
-from gateway.ledger.base import HoldRequest
+from gateway.ledger.base import MAX_BALANCE, AccountKind, HoldRequest
 from gateway.money import parse_cents
 from gateway.operations import Operations
 from gateway.runtime import RUNTIME
-from tests.harness import Gateway, run_gateway, write_config
+from gateway.sdk import AgentPay
+from tests.harness import Gateway, run_admin, run_gateway, write_config
 
 TOKEN = "admin-secret-token-0123456789"
 
@@ -33,9 +34,10 @@ async def admin(gw: Gateway, token: str | None = TOKEN) -> AsyncIterator[TestSer
 
 
 async def call(
-    server: TestServer, method: str, path: str, body: Any = None, token: str | None = TOKEN
+    server: TestServer, method: str, path: str, body: Any = None, token: str | None = TOKEN, **extra: str
 ) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(extra)
     async with (
         aiohttp.ClientSession() as http,
         http.request(method, server.make_url(path), json=body, headers=headers) as resp,
@@ -103,3 +105,75 @@ async def test_admin_errors_share_the_api_error_shape(tmp_path: Path) -> None:
         assert status == 404 and set(body) == {"error"} and body["error"]["code"] == "not_found"
         status, body = await call(server, "POST", "/v1/users", {"name": "x", "balance_cents": 0.1})
         assert status == 400 and body["error"]["code"] == "invalid_input"
+
+
+async def test_an_amount_written_with_digits_other_than_ascii_is_refused_with_a_400_saying_so(tmp_path: Path) -> None:
+    async with run_gateway(write_config(tmp_path, {"weather": None}, {})) as gw, run_admin(gw, TOKEN) as server:
+        assert (await call(server, "POST", "/v1/users", {"name": "alice", "balance_cents": "10"}))[0] == 201
+        for amount in ("\uff15", "\u0665", "1\u0665"):  # fullwidth and Arabic-Indic fives: int() takes both
+            status, body = await call(server, "POST", "/v1/users/alice/topups", {"amount_cents": amount})
+            assert status == 400 and body["error"]["code"] == "invalid_input", amount
+            assert "ASCII digits" in body["error"]["message"]
+        status, body = await call(server, "POST", "/v1/users", {"name": "bob", "balance_cents": "\u0665\u0660"})
+        assert status == 400 and "ASCII digits" in body["error"]["message"]
+        assert await gw.balance("alice") == parse_cents("10")
+
+
+async def test_the_operators_refund_keys_and_a_developers_never_replay_each_other(tmp_path: Path) -> None:
+    """The admin API's Idempotency-Key and a developer's service API key of the same text are two
+    keys: once, the developer's "k1" was stored as "acme:k1" and so "replayed" the operator's "acme:k1"."""
+    async with run_gateway(write_config(tmp_path, {"weather": None}, {})) as gw, admin(gw) as server:
+        key = await gw.new_user("alice", "100")
+        token = str((await gw.ops.create_token(developer="acme", servers=["weather"]))["token"])
+        async with AgentPay(str(gw.server.make_url("/")).rstrip("/"), token) as pay:
+            charge = await pay.charge(key, "10", "f")
+
+            async def by_operator(idem: str) -> tuple[int, Any]:
+                path = f"/v1/charges/{charge.id}/refund"
+                return await call(server, "POST", path, {"amount_cents": "1"}, **{"Idempotency-Key": idem})
+
+            status, operators = await by_operator("acme:k1")
+            assert status == 201 and operators["replayed"] is False
+            developers = await pay.refund(charge.id, "1", idempotency_key="k1")
+            assert developers.replayed is False and developers.id != operators["id"]
+            # each actor's own retry still replays its own refund
+            assert (await pay.refund(charge.id, "1", idempotency_key="k1")).id == developers.id
+            status, again = await by_operator("acme:k1")
+            assert status == 200 and again["replayed"] is True and again["id"] == operators["id"]
+            # nor can the operator reach the developer's namespace by spelling it out
+            for idem in ("dev:acme:k1", "k1"):
+                status, other = await by_operator(idem)
+                assert status == 201 and other["replayed"] is False
+        assert (await gw.ledger.get_charge(charge.id)).refunded == parse_cents("4")
+        assert await gw.balance("alice") == parse_cents("94")
+        await gw.verify_clean()
+
+
+async def test_ten_top_ups_of_a_quadrillion_cents_are_refused_with_422_and_change_nothing(tmp_path: Path) -> None:
+    async with run_gateway(write_config(tmp_path, {"weather": None}, {})) as gw, admin(gw) as server:
+        assert (await call(server, "POST", "/v1/users", {"name": "alice", "balance_cents": "50"}))[0] == 201
+        for i in range(10):
+            status, body = await call(
+                server, "POST", "/v1/users/alice/topups", {"amount_cents": "1000000000000000", "reference": f"big-{i}"}
+            )
+            assert status == 422, body
+            assert body["error"]["code"] == "amount_too_large"
+            assert "over the most one request may move (1000000000000 cents)" in body["error"]["message"]
+            assert body["error"]["hint"].startswith("Nothing was changed")
+        status, body = await call(server, "POST", "/v1/users", {"name": "bob", "balance_cents": "1000000000000000"})
+        assert status == 422 and body["error"]["code"] == "amount_too_large"
+        status, user = await call(server, "GET", "/v1/users/alice")
+        assert status == 200 and user["balance_cents"] == "50"
+
+        # up to the limit is fine; past it, even by a thousandth of a cent, is refused and changes nothing
+        status, body = await call(server, "POST", "/v1/users/alice/topups", {"amount_cents": "999999999950"})
+        assert status == 201 and body["balance_cents"] == "1000000000000"
+        status, body = await call(server, "POST", "/v1/users/alice/topups", {"amount_cents": "0.001"})
+        assert status == 422 and body["error"]["code"] == "balance_limit_exceeded", body
+        assert "1000000000000 cents" in body["error"]["message"] and body["error"]["hint"]
+        status, user = await call(server, "GET", "/v1/users/alice")
+        assert status == 200 and user["balance_cents"] == user["available_cents"] == "1000000000000"
+        world = await gw.ledger.get_account(AccountKind.WORLD, "system")
+        assert type(world.balance) is int and world.balance == -MAX_BALANCE
+        status, verified = await call(server, "GET", "/v1/ledger/verify")
+        assert status == 200 and verified == {"ok": True, "violations": []}

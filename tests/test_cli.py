@@ -80,6 +80,15 @@ def test_errors_are_one_line_without_a_traceback_and_exit_non_zero(config: Path)
     assert bad_amount.returncode == 1 and "3 decimal places" in bad_amount.stderr
 
 
+def test_an_amount_or_expiry_written_with_digits_other_than_ascii_is_refused(config: Path) -> None:
+    ok_json("users", "create", "alice", config=config)
+    done = agentpay("users", "topup", "alice", "\uff15", config=config)  # fullwidth five
+    assert done.returncode == 1 and "ASCII digits" in done.stderr
+    assert ok_json("users", "show", "alice", config=config)["balance_cents"] == "0"
+    done = agentpay("keys", "create", "--user", "alice", "--server", "weather", "--expires", "\uff130d", config=config)
+    assert done.returncode == 1 and "is not a duration" in done.stderr
+
+
 def test_a_key_for_an_unknown_server_is_refused(config: Path) -> None:
     ok_json("users", "create", "alice", config=config)
     done = agentpay("keys", "create", "--user", "alice", "--server", "wether", config=config)
@@ -152,3 +161,19 @@ def test_an_operator_refunds_a_charge_and_exports_the_statement_as_csv(config: P
     assert lines[0] == "created_at,kind,amount_cents,server,name,charge_id,transfer_id"
     assert [line.split(",")[1] for line in lines[1:]] == ["payout", "refund", "charge"]
     assert ok_json("ledger", "verify", config=config)["ok"] is True
+
+
+def test_ten_top_ups_of_a_quadrillion_cents_are_a_clear_error_and_change_nothing(config: Path) -> None:
+    assert ok_json("users", "create", "alice", "--balance-cents", "50", config=config)["balance_cents"] == "50"
+    for _ in range(10):
+        done = agentpay("users", "topup", "alice", "1000000000000000", config=config)
+        assert done.returncode == 1 and done.stdout == ""
+        assert done.stderr.startswith(
+            "agentpay: error: amount 1000000000000000 cents is over the most one request may move "
+            "(1000000000000 cents). Nothing was changed"
+        ), done.stderr
+        assert len(done.stderr.splitlines()) == 1  # one line, no traceback
+    shown = ok_json("users", "show", "alice", config=config)
+    assert (shown["balance_cents"], shown["available_cents"]) == ("50", "50")
+    verified = agentpay("ledger", "verify", config=config)
+    assert verified.returncode == 0, verified.stdout + verified.stderr

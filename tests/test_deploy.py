@@ -27,10 +27,12 @@ import pytest
 import yaml
 
 from gateway import config as gateway_config
+from gateway.admin_api import create_admin_app
 from gateway.app import create_app
 from gateway.cli import build_parser
 from gateway.config import ADMIN_TOKEN_ENV, GatewayConfig, load_config, parse_listen
 from gateway.errors import ConfigError
+from gateway.operations import Operations
 from gateway.pricing import load_prices
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,6 +227,14 @@ def probe_port(container: dict[str, Any], probe: dict[str, Any]) -> int:
 
 def app_paths(config: GatewayConfig) -> set[str]:
     app = create_app(config)
+    return {resource.canonical for resource in app.router.resources()}
+
+
+def admin_app_paths(config: GatewayConfig) -> set[str]:
+    def no_operations() -> Operations:
+        raise AssertionError("listing the admin API's routes runs none of them")
+
+    app = create_admin_app(no_operations, config.admin_token)
     return {resource.canonical for resource in app.router.resources()}
 
 
@@ -505,19 +515,29 @@ def test_nginx_streams_sse_unbuffered_to_the_gateways() -> None:
     assert body is not None and int(body.group(1)) * 1024 * 1024 >= config.max_body_bytes
 
 
-def test_prometheus_scrapes_every_gateway_replica() -> None:
+def test_prometheus_scrapes_every_gateway_replica_on_its_admin_listener_with_the_admin_token() -> None:
     services = compose()["services"]
     _, config = compose_gateway_config()
-    assert compose_mount(services["prometheus"], PurePosixPath("/etc/prometheus/prometheus.yml")) == (
-        DEPLOY / "prometheus.yml"
-    )
+    prometheus = services["prometheus"]
+    assert compose_mount(prometheus, PurePosixPath("/etc/prometheus/prometheus.yml")) == DEPLOY / "prometheus.yml"
     (prom,) = load_docs(DEPLOY / "prometheus.yml")
     (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "agentpay"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     (sd,) = job["dns_sd_configs"]
     assert sd["names"] == ["gateway"] and sd["type"] == "A"
-    assert sd["port"] == config.listen_port
-    assert "/metrics" in app_paths(config)
+    # /metrics (revenue per server) is served only on the admin listener, behind the admin token
+    assert config.admin_listen is not None and sd["port"] == parse_listen(config.admin_listen)[1]
+    assert "/metrics" in admin_app_paths(config) and "/metrics" not in app_paths(config)
+    assert job["authorization"].get("type", "Bearer") == "Bearer"
+    token_file = PurePosixPath(job["authorization"]["credentials_file"])
+    assert token_file.parent == PurePosixPath("/run/secrets") and token_file.name in prometheus["secrets"]
+    assert compose()["secrets"][token_file.name] == {"environment": ADMIN_TOKEN_ENV}
+
+
+def test_k8s_pods_are_not_scraped_by_annotation_on_the_public_port() -> None:
+    """/metrics is on the admin port only, behind the token, which prometheus.io/* annotations cannot give."""
+    annotations = k8s_object("Deployment", "agentpay")["spec"]["template"]["metadata"].get("annotations", {})
+    assert not any(name.startswith("prometheus.io/") for name in annotations)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tests.harness import (
     Gateway,
     new_user,
     prepared_ledger,
+    run_admin,
     run_gateway,
     tool_call,
     write_config,
@@ -176,6 +177,44 @@ def test_the_parsers_fixed_reason_is_kept_to_say_what_was_wrong(exc: BadHttpMess
 def test_an_overlong_line_is_reported_with_the_limit_not_the_line() -> None:
     error = malformed_request_error(LineTooLong(b"/k/ap_SECRET/x?aaaa...", 16384))
     assert "16384 bytes" in error.message and "SECRET" not in error.text()
+
+
+# --- no Server banner ---------------------------------------------------------------------------------
+async def test_no_response_on_either_listener_names_the_server_software(tmp_path: Path) -> None:
+    """aiohttp's ``Server: Python/3.x aiohttp/3.y`` tells a scanner which CVEs to try: no response of the
+    gateway or its admin listener carries a Server header (the upstream's is not relayed either)."""
+    admin_token = "admin-" + "t" * 32
+    requests = {
+        "an MCP call": head(key="{key}") + BODY,
+        "an invalid key": head(key="ap_" + "x" * 43) + BODY,
+        "an unknown server": b"GET /nowhere/mcp HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        "health": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        "readiness": b"GET /readyz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        "the service API without a token": b"GET /v1/charges HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        "a request the parser refuses": b"POST /weather/mcp HTTP/1.1\r\nHost: gw\r\nX-Bad: a\x00b\r\n\r\n",
+    }
+    admin_requests = {
+        "admin health": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        "admin without the token": b"GET /metrics HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        "admin metrics": (
+            f"GET /metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {admin_token}\r\nConnection: close\r\n\r\n"
+        ).encode(),
+        "admin, a request the parser refuses": b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Bad: a\x00b\r\n\r\n",
+    }
+    answers: dict[str, tuple[int, dict[str, str]]] = {}
+    async with gateway(tmp_path) as (gw, _, key), run_admin(gw, admin_token) as admin:
+        assert admin.port is not None
+        for port, cases in ((port_of(gw), requests), (admin.port, admin_requests)):
+            for case, raw in cases.items():
+                async with connection(port) as (reader, writer):
+                    writer.write(raw.replace(b"{key}", key.encode()))
+                    async with asyncio.timeout(PATIENCE):
+                        status, headers, _ = split_response(await reader.read())
+                answers[case] = (status, headers)
+    assert answers["an MCP call"][0] == 200 and answers["admin metrics"][0] == 200
+    assert answers["a request the parser refuses"][0] == 400 == answers["admin, a request the parser refuses"][0]
+    for case, (_, headers) in answers.items():
+        assert "server" not in headers, f"{case}: Server: {headers.get('server')}"
 
 
 # --- the request-header deadline ---------------------------------------------------------------------

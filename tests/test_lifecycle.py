@@ -1,4 +1,4 @@
-"""The gateway as a process: graceful drain on SIGTERM, leases, health, metrics and logs."""
+"""The gateway as a process: graceful drain on SIGTERM, leases, health, metrics (admin listener) and logs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.harness import (
     mcp_client,
     new_user,
     prepared_ledger,
+    run_admin,
     run_gateway,
     tool_call,
     write_config,
@@ -77,10 +78,27 @@ async def test_a_long_call_keeps_its_hold_while_the_sweeper_runs(tmp_path: Path)
             assert await gw.balance("alice") == parse_cents("95")
 
 
-async def test_health_readiness_and_metrics_are_served(tmp_path: Path) -> None:
+async def test_the_public_listener_serves_health_and_a_bare_readiness_but_no_metrics(tmp_path: Path) -> None:
     async with (
         run_fault_upstream() as (url, _),
         run_gateway(write_config(tmp_path, {"weather": url}, FAULT_PRICES)) as gw,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(gw.server.make_url("/healthz")) as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ok"}
+        async with http.get(gw.server.make_url("/readyz")) as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ready"}  # no price digest
+        async with http.get(gw.server.make_url("/metrics")) as resp:
+            assert resp.status == 404  # revenue per server: on the admin listener only
+            assert "agentpay_" not in await resp.text()
+
+
+async def test_metrics_are_served_on_the_admin_listener_only_with_the_admin_token(tmp_path: Path) -> None:
+    token = "admin-" + "t" * 32
+    async with (
+        run_fault_upstream() as (url, _),
+        run_gateway(write_config(tmp_path, {"weather": url}, FAULT_PRICES)) as gw,
+        run_admin(gw, token) as admin,
     ):
         key = await gw.new_user("alice", "100")
         async with aiohttp.ClientSession() as http:
@@ -89,11 +107,11 @@ async def test_health_readiness_and_metrics_are_served(tmp_path: Path) -> None:
             ):
                 pass
             await gw.settled()
-            async with http.get(gw.server.make_url("/healthz")) as resp:
+            for wrong in ({}, {"Authorization": "Bearer wrong"}):
+                async with http.get(admin.make_url("/metrics"), headers=wrong) as resp:
+                    assert resp.status == 401 and "agentpay_" not in await resp.text()
+            async with http.get(admin.make_url("/metrics"), headers={"Authorization": f"Bearer {token}"}) as resp:
                 assert resp.status == 200
-            async with http.get(gw.server.make_url("/readyz")) as resp:
-                assert (await resp.json())["prices"] == gw.rt.prices.table.digest
-            async with http.get(gw.server.make_url("/metrics")) as resp:
                 text = await resp.text()
         assert 'agentpay_charges_total{server="weather"} 1.0' in text
         assert 'agentpay_charged_millicents_total{server="weather"} 5000.0' in text

@@ -7,7 +7,8 @@ each on its own port, sharing the database, the session secret and the price fil
   floor(B/p) charged, every receipt's charge unique and in the ledger, every charge a delivered
   success, `ledger verify` clean;
 * a key revoked through one replica's CLI stops working on every replica within 1 s;
-* a price-table change (the shared file edited) reaches every replica (`/metrics` digest);
+* a price-table change (the shared file edited) reaches every replica (the digest on each replica's
+  admin listener's `/metrics`);
 * a session opened through one replica works through the others;
 * one replica SIGKILLed mid-load with holds in flight: its stranded holds are voided by the
   survivors' sweepers once their lease lapses, long calls on the survivors keep their holds
@@ -46,7 +47,7 @@ from gateway.proxy import RECEIPT_META
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import FAULT_PRICES, prepare_ledger, rpc, tool_call, write_config
 from tests.ledger.conftest import StoreSpec
-from tests.process import GatewayProcess, run_gateway_process
+from tests.process import GatewayProcess, free_port, run_gateway_process
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -58,6 +59,7 @@ LEASE_S = 1.2  # hold lease; renewed every LEASE_S / 3 by the owning replica
 SWEEP_S = 0.3
 SLOW_S = 2.0  # the slow tool outlasts the lease: only renewals keep its hold alive
 SECRET = "replica-test-session-secret-0123456789"
+ADMIN_TOKEN = "replica-test-admin-token-0123456789"
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Cluster:
     ledger: PostgresLedger
     spec: StoreSpec
     http: aiohttp.ClientSession
+    admin_ports: list[int]  # each replica's admin listener (/metrics)
     dead: set[int] = field(default_factory=set)
 
     def url(self, i: int) -> str:
@@ -119,7 +122,9 @@ class Cluster:
         return str(key["key"]), str(key["id"])
 
     async def digest(self, i: int) -> str:
-        async with self.http.get(f"http://127.0.0.1:{self.gateways[i].port}/metrics") as resp:
+        async with self.http.get(
+            f"http://127.0.0.1:{self.admin_ports[i]}/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as resp:
             text = await resp.text()
         found = re.findall(r'^agentpay_price_table_info\{digest="([^"]+)"\} 1\.0$', text, re.MULTILINE)
         assert len(found) == 1, text
@@ -177,6 +182,7 @@ async def cluster(tmp_path: Path, upstream_url: str) -> AsyncIterator[Cluster]:
     prices = shared / "prices.yaml"
     prices.write_text(yaml.safe_dump(FAULT_PRICES))
     configs = []
+    admin_ports = [free_port() for _ in range(REPLICAS)]
     for i in range(REPLICAS):
         directory = tmp_path / f"replica-{i}"
         directory.mkdir()
@@ -190,7 +196,8 @@ async def cluster(tmp_path: Path, upstream_url: str) -> AsyncIterator[Cluster]:
                 hold_lease_s=LEASE_S,
                 sweep_interval_s=SWEEP_S,
                 key_cache_s=1.0,
-                admin_listen=None,
+                admin_listen=f"127.0.0.1:{admin_ports[i]}",
+                admin_token=ADMIN_TOKEN,
                 rate_per_key=0,
                 max_concurrent_per_key=0,
             )
@@ -208,7 +215,7 @@ async def cluster(tmp_path: Path, upstream_url: str) -> AsyncIterator[Cluster]:
             http = await stack.enter_async_context(
                 aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
             )
-            yield Cluster(gateways, configs, prices, ledger, spec, http)
+            yield Cluster(gateways, configs, prices, ledger, spec, http, admin_ports)
     finally:
         await ledger.close()
         await spec.drop()

@@ -231,3 +231,71 @@ async def test_a_token_cannot_touch_another_developers_charges_or_holds(tmp_path
         status, body = await api(gw, "POST", "/v1/keys/validate", rival, {"key": key})
         assert status == 422 and body["error"]["code"] == "wrong_server"
         assert (await gw.ledger.get_account(AccountKind.DEVELOPER, "acme")).balance == parse_cents("1")
+
+
+async def test_a_token_scoped_to_one_server_cannot_refund_capture_or_release_on_another_server_of_its_developer(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, {"tools": None, "maps": None}, {})  # both servers belong to acme
+    async with run_gateway(config) as gw:
+        _, tools_token = await setup(gw)
+        maps_key = str((await gw.ops.create_key(user="alice", server="maps"))["key"])
+        maps_token = str((await gw.ops.create_token(developer="acme", servers=["maps"]))["token"])
+        async with AgentPay(base_url(gw), maps_token) as maps:
+            charge = await maps.charge(maps_key, "5", "route")
+            held = await maps.hold(maps_key, "3", "route")
+        before = (await gw.balance("alice"), await gw.held("alice"), await gw.earnings())
+
+        def same_answer(out_of_scope: tuple[int, Any], unknown: tuple[int, Any], real: str, made_up: str) -> None:
+            """What a charge or hold outside the token's servers gets is what one that does not exist gets."""
+            assert out_of_scope[0] == unknown[0] == 404
+            assert out_of_scope[1]["error"]["code"] == unknown[1]["error"]["code"] == "not_found"
+            assert out_of_scope[1]["error"]["message"].replace(real, "?") == unknown[1]["error"]["message"].replace(
+                made_up, "?"
+            )
+
+        idem = {"Idempotency-Key": "refund-1"}
+        same_answer(
+            await api(gw, "POST", f"/v1/charges/{charge.id}/refund", tools_token, {}, **idem),
+            await api(gw, "POST", "/v1/charges/ch_made_up/refund", tools_token, {}, **idem),
+            charge.id,
+            "ch_made_up",
+        )
+        for action in ("capture", "release"):
+            same_answer(
+                await api(gw, "POST", f"/v1/holds/{held.id}/{action}", tools_token, {}),
+                await api(gw, "POST", f"/v1/holds/svc_made_up/{action}", tools_token, {}),
+                held.id,
+                "svc_made_up",
+            )
+        assert (await gw.balance("alice"), await gw.held("alice"), await gw.earnings()) == before
+        assert (await gw.ledger.get_charge(charge.id)).refunded == 0
+        assert (await gw.ledger.get_hold(held.id)).state == "pending"
+
+        async with AgentPay(base_url(gw), maps_token) as maps:  # the token of that server still can
+            assert (await maps.refund(charge.id)).amount_cents == Decimal("5")
+            assert (await maps.capture(held.id)).amount_cents == Decimal("3")
+        assert await gw.balance("alice") == parse_cents("97")
+        await gw.verify_clean()
+
+
+async def test_a_second_capture_of_a_captured_hold_replays_the_original_charge(config: Path) -> None:
+    async with run_gateway(config) as gw:
+        key, token = await setup(gw)
+        async with AgentPay(base_url(gw), token) as pay:
+            held = await pay.hold(key, "10", "render")
+        path = f"/v1/holds/{held.id}/capture"
+        first = await api(gw, "POST", path, token, {"amount_cents": "4"})
+        again = await api(gw, "POST", path, token, {"amount_cents": "4"})
+        bare = await api(gw, "POST", path, token, {})  # no amount: whatever the capture was
+        assert first[0] == again[0] == bare[0] == 200
+        assert first[1]["replayed"] is False and first[1]["amount_cents"] == "4"
+        assert again[1] == bare[1] == {**first[1], "replayed": True}  # the original charge, balance after included
+        other = await api(gw, "POST", path, token, {"amount_cents": "5"})
+        assert other[0] == 409 and other[1]["error"]["code"] == "idempotency_conflict"
+        async with AgentPay(base_url(gw), token) as pay:
+            receipt = await pay.capture(held.id)
+        assert (receipt.id, receipt.amount_cents, receipt.replayed) == (first[1]["id"], Decimal("4"), True)
+        assert await gw.balance("alice") == parse_cents("96")
+        assert await gw.earnings() == parse_cents("4")
+        await gw.verify_clean()

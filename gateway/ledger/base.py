@@ -23,6 +23,47 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# The most any account may hold, in millicents: 10^12 cents (10 billion dollars). The world account
+# (money that entered the ledger) may go no lower than its negative, so the money in the ledger as a
+# whole is bounded too. Every sum the ledger keeps (a balance plus one request's amount, a balance
+# plus a batch's deltas, the sum of every posting) then stays far inside a signed 64-bit integer:
+# without the bound, SQLite silently turned an overflowing ``balance + ?`` into a REAL (a float
+# balance that crashed ``ledger verify`` and ``users show``).
+# Enforced by the stores (their conditional UPDATEs and batch checks refuse with BalanceLimitExceeded,
+# 422, writing nothing) and by the database itself (a CHECK on PostgreSQL, triggers on SQLite:
+# migrations 0005), so even a writer that skips the stores' checks cannot store such a balance.
+MAX_BALANCE = 10**15
+# The most one request may move (top-up, charge, hold, capture, refund, payout), in millicents.
+MAX_AMOUNT = MAX_BALANCE
+
+# Idempotency namespaces of refund references (``Ledger.refund(reference=...)``): each actor's keys
+# live apart, so one actor's key can never replay (or conflict with) another's. The stored reference
+# is the namespace prefix followed by the key the actor sent (migration 0006 moved earlier rows).
+OPERATOR_REFERENCE_PREFIX = "admin:"  # the operator: the admin API's Idempotency-Key and the CLI's --reference
+DEVELOPER_REFERENCE_PREFIX = "dev:"  # a developer through the service API: "dev:<developer>:<key>"
+
+
+def operator_reference(key: str) -> str:
+    """The stored refund reference for an idempotency key the operator sent (admin API or CLI)."""
+    return OPERATOR_REFERENCE_PREFIX + key
+
+
+def developer_reference(developer: str, key: str) -> str:
+    """The stored refund reference for an idempotency key ``developer`` sent through the service API.
+    Developer names cannot contain ':' (``operations._NAME``), so the developer part is unambiguous."""
+    return f"{DEVELOPER_REFERENCE_PREFIX}{developer}:{key}"
+
+
+def namespaced_legacy_refund_reference(reference: str, developer: str) -> str:
+    """A refund reference stored before namespaces (migration 0006, dumps of version 1), given the
+    developer of the refunded charge. The service API stored "<developer>:<key>", the operator the
+    bare key: a reference that starts with the charge's developer and ':' becomes the developer's
+    (what every service API refund wrote; only an operator key of exactly that shape is ambiguous),
+    any other the operator's. The migrations apply the same rule in SQL."""
+    if reference.startswith(developer + ":"):
+        return DEVELOPER_REFERENCE_PREFIX + reference
+    return OPERATOR_REFERENCE_PREFIX + reference
+
 
 class AccountKind(enum.StrEnum):
     USER = "user"
@@ -119,6 +160,9 @@ class Charge:
     refunded: int
     created_at: float
     balance_after: int  # user's available balance right after the capture
+    # True when ``Ledger.capture`` found the hold captured already and returned the charge an earlier
+    # capture made (an idempotent replay). Not part of equality: it describes the answer, not the charge.
+    replayed: bool = field(default=False, compare=False)
 
     @classmethod
     def captured(
@@ -375,7 +419,9 @@ class Ledger(Protocol):
     async def topup(self, user: str, amount: int, reference: str | None = None) -> Transfer:
         """Credit a user from the world account. A repeated non-None reference returns the original
         transfer with ``replayed=True``; the same reference for another user/amount raises
-        IdempotencyConflict. Raises NotFound for an unknown user, InvalidInput for amount <= 0."""
+        IdempotencyConflict. Raises NotFound for an unknown user, InvalidInput for amount <= 0,
+        AmountTooLarge for amount > MAX_AMOUNT, BalanceLimitExceeded when the user's balance would pass
+        MAX_BALANCE or the world account go below -MAX_BALANCE (nothing written)."""
 
     # keys
     async def create_key(
@@ -406,9 +452,11 @@ class Ledger(Protocol):
 
     async def capture(self, call_id: str, amount: int | None = None) -> Charge:
         """Post a pending hold as a charge (user -amount, developer +amount-fee, platform +fee) and
-        release the rest of the hold. Idempotent: capturing a captured hold returns the same Charge.
+        release the rest of the hold. Idempotent: capturing a captured hold returns the same Charge
+        with ``replayed=True`` (whatever ``amount`` the repeat names).
         Raises NotFound for an unknown call_id, Conflict if the hold was voided,
-        InvalidInput if amount > held amount."""
+        InvalidInput if amount > held amount, BalanceLimitExceeded if a credit would take an account
+        past ``MAX_BALANCE``."""
 
     async def void(self, call_id: str) -> bool:
         """Release a pending hold. Returns False if it was not pending (already captured/voided)."""
@@ -433,7 +481,8 @@ class Ledger(Protocol):
         """A reversal transfer (never an edit): user +amount, developer and platform_fee back
         proportionally. Cumulative refunds never exceed the charge (guarded in SQL); a developer whose
         earnings were paid out cannot go negative (Conflict). A repeated non-None reference returns
-        the original refund transfer with replayed=True."""
+        the original refund transfer with replayed=True. Callers namespace the reference by actor
+        (``operator_reference``, ``developer_reference``)."""
 
     async def get_charge(self, charge_id: str) -> Charge:
         """Raises NotFound."""

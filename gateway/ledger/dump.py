@@ -3,13 +3,17 @@
 Line 1 is a header, then one line per row in ``EXPORT_TABLES`` order, then a trailer with the row
 count of every table (a truncated file is refused)::
 
-    {"format": "agentpay-ledger", "version": 1, "source": "sqlite", "tables": ["accounts", ...]}
+    {"format": "agentpay-ledger", "version": 2, "source": "sqlite", "tables": ["accounts", ...]}
     {"table": "accounts", "row": {"id": 1, "kind": "world", ...}}
     ...
     {"end": true, "counts": {"accounts": 5, ...}}
 
 Values are exact: integers stay integers (millicents, account ids) and times are JSON floats,
 which Python writes with the shortest repr that reads back as the same double.
+
+Version 2 stores refund references namespaced by actor ("admin:<key>", "dev:<developer>:<key>",
+migration 0006). A version 1 dump (written before) is still read: its refund references are moved
+into their namespaces by the migration's rule (``base.namespaced_legacy_refund_reference``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from gateway.errors import InvalidInput
-from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, ExportRow
+from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, ExportRow, namespaced_legacy_refund_reference
 
 FORMAT = "agentpay-ledger"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 def write_dump(rows: Iterable[ExportRow], out: IO[str], *, source: str) -> dict[str, int]:
@@ -40,11 +45,13 @@ def write_dump(rows: Iterable[ExportRow], out: IO[str], *, source: str) -> dict[
 
 def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
     """The rows of a dump, each checked by ``check_row``; raises InvalidInput (naming the line) for
-    anything that is not a complete dump of this format."""
+    anything that is not a complete dump of this format. A version 1 dump is read whole first (its
+    refund references need the charges and accounts that follow them) and then namespaced."""
     counts = dict.fromkeys(EXPORT_TABLES, 0)
     position = 0  # index in EXPORT_TABLES of the table being read: tables come in order
     header_seen = ended = False
     number = 0
+    legacy: list[ExportRow] | None = None  # the rows of a version 1 dump, held back until its end
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -60,8 +67,10 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
                     f"line {number}: not an AgentPay ledger dump (format {item.get('format')!r})",
                     hint="Create the file with `agentpay ledger export FILE`",
                 )
-            if item.get("version") != VERSION:
+            if item.get("version") not in READABLE_VERSIONS:
                 raise InvalidInput(f"line {number}: dump version {item.get('version')!r} is not supported")
+            if item.get("version") == 1:
+                legacy = []
             header_seen = True
             continue
         if ended:
@@ -80,11 +89,29 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
             raise InvalidInput(f"line {number}: table {table} after {EXPORT_TABLES[position]}: tables are out of order")
         position = index
         counts[table] += 1
-        yield table, check_row(table, row, where=f"line {number}")
+        checked = check_row(table, row, where=f"line {number}")
+        if legacy is None:
+            yield table, checked
+        else:
+            legacy.append((table, checked))
     if not header_seen:
         raise InvalidInput("the dump is empty")
     if not ended:
         raise InvalidInput(f"the dump ends at line {number} without its end marker: it is truncated")
+    if legacy is not None:
+        yield from _namespaced_refund_references(legacy)
+
+
+def _namespaced_refund_references(rows: list[ExportRow]) -> Iterator[ExportRow]:
+    """The rows of a version 1 dump with each refund reference in its actor's namespace."""
+    names = {row["id"]: row["name"] for table, row in rows if table == "accounts"}
+    developers = {row["id"]: names.get(row["developer_account_id"]) for table, row in rows if table == "charges"}
+    for table, row in rows:
+        if table == "transfers" and row["kind"] == "refund" and row["reference"] is not None:
+            developer = developers.get(row["charge_id"])
+            if developer is not None:  # else the refund names no charge of the dump: the import refuses it
+                row = {**row, "reference": namespaced_legacy_refund_reference(row["reference"], developer)}
+        yield table, row
 
 
 def check_row(table: str, row: dict[str, Any], *, where: str = "") -> dict[str, Any]:

@@ -160,6 +160,35 @@ CREATE INDEX charges_developer_recent ON charges (developer_account_id, created_
 CREATE INDEX charges_created ON charges (created_at, id);
 """
 
+# Every balance within +-MAX_BALANCE (``ledger.base``; 10^15 millicents, written out here because a
+# shipped migration never changes). ADD CONSTRAINT checks the rows already there: should one be out of
+# range, the migration (and so the upgrade) stops with this constraint's name, and the operator must
+# bring that account back in range first. ``postgres._translate`` maps a violation to
+# BalanceLimitExceeded (422) by the constraint's name.
+BALANCE_LIMIT_CONSTRAINT = "accounts_balance_within_limit"
+_BALANCE_LIMIT = """
+ALTER TABLE accounts ADD CONSTRAINT accounts_balance_within_limit
+    CHECK (balance BETWEEN -1000000000000000 AND 1000000000000000);
+"""
+
+# Refund references (idempotency keys) namespaced by actor: the rule and the reason are those of the
+# SQLite migration of the same name (``migrations_sqlite._REFUND_REFERENCES``). NULL first, then the
+# new value: a unique index is checked row by row, and rewriting in place could meet a
+# not-yet-rewritten reference in transfers_kind_reference.
+_REFUND_REFERENCES = """
+CREATE TEMP TABLE refund_references_0006 ON COMMIT DROP AS
+SELECT t.id AS id,
+       CASE WHEN left(t.reference, length(d.name) + 1) = d.name || ':' THEN 'dev:' || t.reference
+            ELSE 'admin:' || t.reference END AS reference
+FROM transfers t
+JOIN charges c ON c.id = t.charge_id
+JOIN accounts d ON d.id = c.developer_account_id
+WHERE t.kind = 'refund' AND t.reference IS NOT NULL;
+UPDATE transfers t SET reference = NULL FROM refund_references_0006 r WHERE t.id = r.id;
+UPDATE transfers t SET reference = r.reference FROM refund_references_0006 r WHERE t.id = r.id;
+DROP TABLE refund_references_0006;
+"""
+
 # (name, SQL script), applied in order; each script runs as one multi-statement execute.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", _INITIAL),
@@ -184,4 +213,6 @@ DROP INDEX holds_key_pending;
 DROP INDEX postings_transfer;
 """,
     ),
+    ("0005_account_balance_limit", _BALANCE_LIMIT),
+    ("0006_refund_references_per_actor", _REFUND_REFERENCES),
 )

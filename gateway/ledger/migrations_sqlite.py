@@ -154,6 +154,54 @@ CREATE INDEX charges_developer_recent ON charges (developer_account_id, created_
 CREATE INDEX charges_created ON charges (created_at, id);
 """
 
+# Every balance within +-MAX_BALANCE (``ledger.base``; 10^15 millicents, written out here because a
+# shipped migration never changes), and an INTEGER: SQLite turns an overflowing ``balance + ?`` into
+# a REAL, which is how ten top-ups of 10^15 cents once made a float balance. SQLite cannot add a CHECK
+# to an existing table; the alternative, rebuilding ``accounts`` (create a new table, copy, drop, rename),
+# needs ``PRAGMA foreign_keys = OFF``, which SQLite ignores inside the transaction each migration runs
+# in, while six tables reference ``accounts`` and renaming it rewrites their references; it would also
+# copy every account under the write lock. BEFORE triggers guard every writer of the file exactly as a
+# CHECK would (the CLI, another gateway, an ``sqlite3`` shell) and cost one comparison per balance
+# update (``UPDATE OF balance``: holds and voids, which change only ``held``, do not fire them; ``held``
+# needs no trigger of its own, as the CHECKs keep it between 0 and a user's balance, and 0 elsewhere).
+# Unlike a CHECK they do not judge rows written before: ``ledger verify`` reports those, and their
+# next balance change is refused until it brings them back in range. The message starts with
+# ``BALANCE_LIMIT_TRIGGER``, by which ``sqlite._storage_error`` recognises the refusal.
+BALANCE_LIMIT_TRIGGER = "accounts_balance_within_limit"
+_BALANCE_LIMIT = """
+CREATE TRIGGER accounts_balance_within_limit_insert BEFORE INSERT ON accounts
+WHEN typeof(NEW.balance) <> 'integer' OR NEW.balance > 1000000000000000 OR NEW.balance < -1000000000000000
+BEGIN
+    SELECT RAISE(ABORT, 'accounts_balance_within_limit: a balance must be an integer within +-10^15 millicents');
+END;
+CREATE TRIGGER accounts_balance_within_limit_update BEFORE UPDATE OF balance ON accounts
+WHEN typeof(NEW.balance) <> 'integer' OR NEW.balance > 1000000000000000 OR NEW.balance < -1000000000000000
+BEGIN
+    SELECT RAISE(ABORT, 'accounts_balance_within_limit: a balance must be an integer within +-10^15 millicents');
+END;
+"""
+
+# Refund references (idempotency keys) namespaced by actor (``ledger.base.operator_reference``,
+# ``developer_reference``): the service API stored "<developer>:<key>" and the operator the bare key,
+# so an operator key "acme:k" and developer acme's key "k" were one key. Earlier rows move by the rule
+# of ``base.namespaced_legacy_refund_reference``: a reference starting with the refunded charge's
+# developer and ':' is that developer's, any other the operator's. Through a temporary table and NULL
+# first: rewriting in place could meet a not-yet-rewritten reference in the unique (kind, reference) index.
+_REFUND_REFERENCES = """
+CREATE TEMP TABLE refund_references_0006 AS
+SELECT t.id AS id,
+       CASE WHEN substr(t.reference, 1, length(d.name) + 1) = d.name || ':' THEN 'dev:' || t.reference
+            ELSE 'admin:' || t.reference END AS reference
+FROM transfers t
+JOIN charges c ON c.id = t.charge_id
+JOIN accounts d ON d.id = c.developer_account_id
+WHERE t.kind = 'refund' AND t.reference IS NOT NULL;
+UPDATE transfers SET reference = NULL WHERE id IN (SELECT id FROM temp.refund_references_0006);
+UPDATE transfers SET reference = (SELECT r.reference FROM temp.refund_references_0006 r WHERE r.id = transfers.id)
+WHERE id IN (SELECT id FROM temp.refund_references_0006);
+DROP TABLE temp.refund_references_0006;
+"""
+
 # (name, SQL script). Statements are separated by ';' at the end of a line.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", _INITIAL),
@@ -177,4 +225,6 @@ DROP INDEX holds_user_pending;
 DROP INDEX holds_key_pending;
 """,
     ),
+    ("0005_account_balance_limit", _BALANCE_LIMIT),
+    ("0006_refund_references_per_actor", _REFUND_REFERENCES),
 )

@@ -45,7 +45,7 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
 
@@ -54,6 +54,7 @@ import structlog
 
 from gateway.errors import (
     AlreadyExists,
+    BalanceLimitExceeded,
     Conflict,
     GatewayError,
     IdempotencyConflict,
@@ -64,6 +65,7 @@ from gateway.errors import (
 from gateway.ledger.base import (
     EXPORT_COLUMNS,
     EXPORT_TABLES,
+    MAX_BALANCE,
     Account,
     AccountKind,
     Charge,
@@ -87,8 +89,8 @@ from gateway.ledger.base import (
     charge_id_for,
 )
 from gateway.ledger.dump import check_row
-from gateway.ledger.migrations_postgres import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
-from gateway.ledger.rows import HOLD_INSERT_COLUMNS, hold_row
+from gateway.ledger.migrations_postgres import BALANCE_LIMIT_CONSTRAINT, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.ledger.rows import HOLD_INSERT_COLUMNS, balance_limit_error, hold_row, within_balance_limit
 from gateway.ledger.rows import charge as _charge
 from gateway.ledger.rows import hold_info as _hold_info
 from gateway.ledger.rows import key_record as _key_record
@@ -618,6 +620,8 @@ def _translate(exc: asyncpg.PostgresError) -> GatewayError:
     constraint = getattr(exc, "constraint_name", None) or "?"
     if isinstance(exc, asyncpg.UniqueViolationError):
         return AlreadyExists(f"the ledger already has a record with this key ({constraint})")
+    if isinstance(exc, asyncpg.CheckViolationError) and constraint == BALANCE_LIMIT_CONSTRAINT:
+        return BalanceLimitExceeded(f"Refused by the ledger database: a balance would leave +-{MAX_BALANCE} millicents")
     if isinstance(exc, asyncpg.CheckViolationError):
         return Conflict(f"the ledger refused a write that would break one of its rules ({constraint})")
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
@@ -1156,7 +1160,7 @@ class PostgresLedger:
             )
             by_id = {row[0]: _charge(row) for row in rows}
             for i, charge_id in replayed_charges.items():
-                results[i] = (True, by_id[charge_id])
+                results[i] = (True, replace(by_id[charge_id], replayed=True))
         return [results[i] for i in range(len(batch))]
 
     @staticmethod
@@ -1249,6 +1253,11 @@ class PostgresLedger:
             accounts[account].available + value < 0 for account, value in legs[1:]
         ):
             raise Conflict(f"the ledger refused a capture of call {call_id!r} that would overdraw an account")
+        # nor any balance past MAX_BALANCE (the user's only falls); exact: Python integers do not overflow
+        for account_id, value in legs[1:]:
+            account = accounts[account_id]
+            if not within_balance_limit(account.balance + value):
+                raise balance_limit_error(account.kind, account.name, account.balance, value)
         user.add(-amount, -hold.amount)
         developer.add(amount - fee, 0)
         accounts[platform].add(fee, 0)
@@ -1362,7 +1371,8 @@ class PostgresLedger:
     async def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]]) -> None:
         """Write balanced postings and apply them to balances (accounts already locked by the
         caller when there are several). A leg that would take a non-world account's available
-        balance below zero raises ``_WouldGoNegative``."""
+        balance below zero raises ``_WouldGoNegative``; one that would take any balance outside
+        +-MAX_BALANCE raises BalanceLimitExceeded (the transaction then rolls back)."""
         legs = [(account, amount) for account, amount in legs if amount != 0]
         if sum(amount for _, amount in legs) != 0:
             raise AssertionError(f"unbalanced transfer {transfer_id}: {legs}")
@@ -1380,13 +1390,21 @@ class PostgresLedger:
             by_account[account] += amount
         for account in sorted(by_account):
             amount = by_account[account]
+            # Checked arithmetic: a leg is at most MAX_AMOUNT and a balance within +-MAX_BALANCE, so the sum
+            # cannot leave BIGINT; a sum out of range updates nothing and is refused below.
             updated = await conn.fetchval(
                 "UPDATE accounts SET balance = balance + $1 "
-                "WHERE id = $2 AND (kind = 'world' OR balance - held + $1 >= 0) RETURNING id",
+                "WHERE id = $2 AND (kind = 'world' OR balance - held + $1 >= 0) "
+                "AND balance + $1 BETWEEN $3 AND $4 RETURNING id",
                 amount,
                 account,
+                -MAX_BALANCE,
+                MAX_BALANCE,
             )
             if updated is None:
+                row = await conn.fetchrow("SELECT kind, name, balance FROM accounts WHERE id = $1", account)
+                if row is not None and not within_balance_limit(int(row[2]) + amount):
+                    raise balance_limit_error(row[0], row[1], int(row[2]), amount)
                 raise _WouldGoNegative(account)
 
     @staticmethod
@@ -1756,7 +1774,7 @@ class PostgresLedger:
             raise NotFound(f"no hold for call {call_id!r}")
         key_id, user_id, developer_id, held, hold_fee, state, charge_id = row[:7]
         if state == HoldState.CAPTURED:
-            return await self._charge_by_id(conn, charge_id)
+            return replace(await self._charge_by_id(conn, charge_id), replayed=True)
         if state == HoldState.VOIDED:
             raise Conflict(f"the hold for call {call_id!r} was voided; it cannot be captured")
         if amount is None:
@@ -2534,6 +2552,11 @@ async def _verify(conn: Conn) -> list[str]:
         problems.append(f"user {name!r}: balance {balance} with {held} held leaves a negative available")
     for kind, name, held in await q("SELECT kind, name, held FROM accounts WHERE held < 0 AND kind <> 'user'"):
         problems.append(f"{kind} {name!r}: negative held {held}")
+    for kind, name, balance in await q(
+        "SELECT kind, name, balance FROM accounts "
+        f"WHERE balance > {MAX_BALANCE} OR balance < {-MAX_BALANCE} ORDER BY id"
+    ):
+        problems.append(f"{kind} {name!r}: balance {balance} is outside +-{MAX_BALANCE}")
     for kind, name, balance in await q(
         "SELECT kind, name, balance FROM accounts "
         "WHERE kind IN ('developer', 'platform_fee', 'payout_clearing') AND balance < 0 ORDER BY id"

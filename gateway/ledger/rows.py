@@ -6,8 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.errors import InvalidInput
-from gateway.ledger.base import Charge, HoldInfo, HoldRequest, HoldState, KeyRecord, Payout, PayoutState
+from gateway.errors import AmountTooLarge, BalanceLimitExceeded, InvalidInput
+from gateway.ledger.base import (
+    MAX_AMOUNT,
+    MAX_BALANCE,
+    Charge,
+    HoldInfo,
+    HoldRequest,
+    HoldState,
+    KeyRecord,
+    Payout,
+    PayoutState,
+)
+from gateway.money import format_cents
 
 
 def require_amount(value: object, what: str = "amount") -> int:
@@ -15,7 +26,36 @@ def require_amount(value: object, what: str = "amount") -> int:
         raise InvalidInput(f"{what} must be an integer number of millicents, got {value!r}")
     if value <= 0:
         raise InvalidInput(f"{what} must be positive, got {value}")
+    if value > MAX_AMOUNT:
+        raise amount_too_large(value, what)
     return value
+
+
+def amount_too_large(value: int, what: str = "amount") -> AmountTooLarge:
+    return AmountTooLarge(
+        f"{what} {format_cents(value)} cents is over the most one request may move ({format_cents(MAX_AMOUNT)} cents)"
+    )
+
+
+def within_balance_limit(balance: int) -> bool:
+    """Whether ``balance`` (of any account: the world's is the only one below zero) is one the ledger keeps."""
+    return -MAX_BALANCE <= balance <= MAX_BALANCE
+
+
+def balance_limit_error(kind: str, name: str, balance: int, change: int) -> BalanceLimitExceeded:
+    """The refusal of a leg of ``change`` on an account holding ``balance`` that would leave the range."""
+    after = balance + change
+    if kind == "world":
+        what = (
+            f"the world account (money that entered the ledger) would reach {format_cents(after)} cents: "
+            f"the ledger as a whole holds at most {format_cents(MAX_BALANCE)} cents"
+        )
+    else:
+        what = (
+            f"the {kind} account {name!r} would hold {format_cents(after)} cents, "
+            f"over the most any account may hold ({format_cents(MAX_BALANCE)} cents)"
+        )
+    return BalanceLimitExceeded(f"Refused: {what}")
 
 
 def require_name(value: str, what: str) -> str:

@@ -23,12 +23,14 @@ import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from gateway.errors import (
     AlreadyExists,
+    BalanceLimitExceeded,
     Conflict,
     IdempotencyConflict,
     InvalidInput,
@@ -39,6 +41,7 @@ from gateway.ledger import sqlite_batch
 from gateway.ledger.base import (
     EXPORT_COLUMNS,
     EXPORT_TABLES,
+    MAX_BALANCE,
     Account,
     AccountKind,
     Charge,
@@ -62,8 +65,8 @@ from gateway.ledger.base import (
     charge_id_for,
 )
 from gateway.ledger.dump import check_row
-from gateway.ledger.migrations_sqlite import MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
-from gateway.ledger.rows import HOLD_INSERT_COLUMNS, hold_row
+from gateway.ledger.migrations_sqlite import BALANCE_LIMIT_TRIGGER, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.ledger.rows import HOLD_INSERT_COLUMNS, balance_limit_error, hold_row, within_balance_limit
 from gateway.ledger.rows import charge as _charge
 from gateway.ledger.rows import hold_info as _hold_info
 from gateway.ledger.rows import key_record as _key_record
@@ -143,7 +146,12 @@ _MAX_GROUP = 512  # most writes committed together
 
 def _storage_error(exc: BaseException) -> BaseException:
     """A raw sqlite3 error (disk full, I/O error, locked past the timeout) as the gateway's
-    Unavailable, so callers answer 503 and background loops keep running."""
+    Unavailable, so callers answer 503 and background loops keep running. The balance-limit triggers'
+    refusal (a write that escaped the stores' own checks) is BalanceLimitExceeded instead."""
+    if isinstance(exc, sqlite3.IntegrityError) and str(exc).startswith(BALANCE_LIMIT_TRIGGER):
+        refused = BalanceLimitExceeded(f"Refused by the ledger database: {exc}")
+        refused.__cause__ = exc
+        return refused
     if isinstance(exc, sqlite3.Error):
         error = Unavailable(
             f"the ledger database failed: {exc}", hint="Nothing was written; retry shortly or check the disk"
@@ -624,7 +632,9 @@ class SqliteLedger:
     @staticmethod
     def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]], *, balancing: int = 0) -> None:
         """Write balanced postings and apply them to balances. A leg that would take a
-        non-world account's available balance below zero raises ``_WouldGoNegative``.
+        non-world account's available balance below zero raises ``_WouldGoNegative``; one that would
+        take any balance outside +-MAX_BALANCE raises BalanceLimitExceeded (the caller's savepoint or
+        transaction then rolls back every leg already applied).
         ``balancing``: the sum of legs of this transfer the caller has already written itself."""
         legs = [(account, amount) for account, amount in legs if amount != 0]
         if balancing + sum(amount for _, amount in legs) != 0:
@@ -634,12 +644,17 @@ class SqliteLedger:
                 "INSERT INTO postings (transfer_id, account_id, amount) VALUES (?, ?, ?)",
                 (transfer_id, account, amount),
             )
+            # Checked arithmetic: a leg is at most MAX_AMOUNT and a balance within +-MAX_BALANCE, so the
+            # sum cannot overflow SQLite's 64-bit integers (which would make it a REAL).
             updated = conn.execute(
                 "UPDATE accounts SET balance = balance + ? "
-                "WHERE id = ? AND (kind = 'world' OR balance - held + ? >= 0)",
-                (amount, account, amount),
+                "WHERE id = ? AND (kind = 'world' OR balance - held + ? >= 0) AND balance + ? BETWEEN ? AND ?",
+                (amount, account, amount, amount, -MAX_BALANCE, MAX_BALANCE),
             ).rowcount
             if updated != 1:
+                row = conn.execute("SELECT kind, name, balance FROM accounts WHERE id = ?", (account,)).fetchone()
+                if row is not None and not within_balance_limit(int(row[2]) + amount):
+                    raise balance_limit_error(row[0], row[1], int(row[2]), amount)
                 raise _WouldGoNegative(account)
 
     def _charge_by_id(self, conn: Conn, charge_id: str) -> Charge:
@@ -913,7 +928,7 @@ class SqliteLedger:
             raise NotFound(f"no hold for call {call_id!r}")
         key_id, user_id, developer_id, held, hold_fee, state, charge_id, server, method, name, user, developer = row
         if state == HoldState.CAPTURED:
-            return self._charge_by_id(conn, charge_id)
+            return replace(self._charge_by_id(conn, charge_id), replayed=True)
         if state == HoldState.VOIDED:
             raise Conflict(f"the hold for call {call_id!r} was voided; it cannot be captured")
         if amount is None:
@@ -1653,6 +1668,11 @@ def _verify(conn: Conn) -> list[str]:
         problems.append(f"user {name!r}: balance {balance} with {held} held leaves a negative available")
     for kind, name, held in q("SELECT kind, name, held FROM accounts WHERE held < 0 AND kind <> 'user'"):
         problems.append(f"{kind} {name!r}: negative held {held}")
+    for kind, name, balance, stored in q(
+        "SELECT kind, name, balance, typeof(balance) FROM accounts "
+        f"WHERE typeof(balance) <> 'integer' OR balance > {MAX_BALANCE} OR balance < {-MAX_BALANCE}"
+    ):
+        problems.append(f"{kind} {name!r}: balance {balance!r} ({stored}) is not an integer within +-{MAX_BALANCE}")
     for kind, name, balance in q(
         "SELECT kind, name, balance FROM accounts "
         "WHERE kind IN ('developer', 'platform_fee', 'payout_clearing') AND balance < 0"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
@@ -218,7 +218,8 @@ def capture_many(
         if hold.state == HoldState.CAPTURED:
             earlier = made.get(call_id)
             try:
-                outcomes.append((True, earlier if earlier is not None else charge_by_id(conn, str(hold.charge_id))))
+                charge = earlier if earlier is not None else charge_by_id(conn, str(hold.charge_id))
+                outcomes.append((True, replace(charge, replayed=True)))
             except NotFound as exc:
                 outcomes.append((False, exc))
             continue

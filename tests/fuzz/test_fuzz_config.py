@@ -96,6 +96,8 @@ def test_parse_cents_returns_exact_millicents_or_raises_amount_error(value: obje
         return
     assert type(millis) is int and millis >= 0
     assert not isinstance(value, float | bool)
+    if isinstance(value, str):
+        assert value.strip().isascii(), f"{value!r} is not written in ASCII digits"
     if isinstance(value, Decimal):
         with localcontext() as exact:
             exact.prec = 10_000  # the default 28 digits would round the comparison itself
@@ -297,6 +299,22 @@ BASE = 'database: "sqlite:///x.db"\nprices: p.yaml\nservers:\n  weather:\n    ow
 def test_an_amount_with_thousands_of_digits_is_an_amount_error(text: str) -> None:
     with pytest.raises(money.AmountError):
         money.parse_cents(text)
+
+
+# fullwidth, Arabic-Indic, Devanagari and mathematical digits: int() and \d take them all
+NON_ASCII_DIGITS = ["\uff15", "\u0665", "1\u0665", "0.\u0665", "\uff15.25", "\u0968\u096b", "\U0001d7d3", "-\u0665"]
+
+
+@pytest.mark.parametrize("text", NON_ASCII_DIGITS)
+def test_an_amount_written_with_digits_other_than_ascii_is_an_amount_error_saying_so(text: str) -> None:
+    with pytest.raises(money.AmountError, match="ASCII digits"):
+        money.parse_cents(text, allow_negative=True)
+
+
+def test_a_price_written_with_fullwidth_digits_is_a_config_error_with_its_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        pricing.parse_prices("weather:\n  tools:\n    get_forecast: \uff15\n", source="p", servers=SERVERS)
+    assert err.value.line == 3 and "ASCII digits" in str(err.value)
 
 
 def test_a_price_with_thousands_of_digits_is_a_config_error_with_its_line() -> None:

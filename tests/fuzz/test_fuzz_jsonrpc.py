@@ -199,13 +199,15 @@ def test_check_routing_headers_raises_only_header_mismatch(value: Any, mcp_metho
         jsonrpc.check_routing_headers(incoming, mcp_method, mcp_name)
     except HeaderMismatch as exc:
         assert_clear(exc)
-        assert mcp_method is not None and not incoming.is_batch
+        assert (mcp_method is not None or mcp_name is not None) and not incoming.is_batch
         target = msg.priced_target()
         body_name = target[1] if target else msg.params.get("name")
-        assert msg.method != mcp_method or (mcp_name is not None and body_name != mcp_name)
+        assert (mcp_method is not None and msg.method != mcp_method) or (mcp_name is not None and body_name != mcp_name)
         return
-    if mcp_method is not None and not incoming.is_batch:
-        assert msg.method == mcp_method
+    if not incoming.is_batch:  # each header, sent alone or with the other, agrees with the body
+        assert mcp_method is None or msg.method == mcp_method
+        target = msg.priced_target()
+        assert mcp_name is None or mcp_name == (target[1] if target else msg.params.get("name"))
 
 
 @fuzz(200)

@@ -9,6 +9,7 @@ optional ``/k/<key>``), or the server owning the Host — never one reached thro
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import given
@@ -178,6 +179,49 @@ def test_a_configured_host_with_a_port_routes_to_its_server(configured: str) -> 
 @pytest.mark.parametrize("path", [f"//k/{KEY}/weather/mcp", f"/k//{KEY}/weather/mcp", f"/{KEY}/mcp"])
 def test_a_key_anywhere_in_a_path_is_redacted(path: str) -> None:
     assert KEY not in routing.redact_path(path)
+
+
+MIXED_KEY = "ap_" + "Ab9_-" * 8 + "xyz"  # every character class a key has
+KEY_PLACES = [
+    "/{key}/mcp", "/{key}", "/x-{key}/mcp", "/k/x/{key}/mcp", "//k/{key}/weather/mcp", "/k//{key}/weather/mcp",
+    "/k/{key}/weather/mcp", "/k/{key}/nowhere/mcp", "/weather/{key}", "/weather/mcp/{key}",
+]  # fmt: skip
+
+
+def fully_decoded(text: str) -> str:
+    for _ in range(4):
+        text = unquote(text)
+    return text
+
+
+@fuzz(800)
+@given(
+    place=st.sampled_from(KEY_PLACES),
+    encoded=st.lists(st.booleans(), min_size=len(MIXED_KEY), max_size=len(MIXED_KEY)),
+    twice=st.booleans(),
+    upper=st.booleans(),
+)
+def test_a_percent_encoded_key_anywhere_in_a_path_is_redacted_and_never_named_in_a_404(
+    place: str, encoded: list[bool], twice: bool, upper: bool
+) -> None:
+    tried("routing.redact_path percent-encoded")
+    escape = "%25" if twice else "%"
+    hex_digits = "{:02X}" if upper else "{:02x}"
+    key = "".join(escape + hex_digits.format(ord(c)) if e else c for c, e in zip(MIXED_KEY, encoded, strict=True))
+    path = place.format(key=key)
+    assert MIXED_KEY not in fully_decoded(routing.redact_path(path))
+    try:
+        routing.resolve("gw", path, servers=SERVERS, hosts={})
+    except UnknownServer as exc:
+        assert MIXED_KEY not in fully_decoded(exc.text())
+    except BadRequest:
+        pass
+
+
+@pytest.mark.parametrize("path", ["/ap%5F{rest}/mcp", "/k/ap%5F{rest}/x/mcp", "/%61p_{rest}/mcp", "/ap%255F{rest}/mcp"])
+def test_a_key_with_a_percent_encoded_character_is_redacted(path: str) -> None:
+    path = path.format(rest=KEY[3:])
+    assert KEY[3:] not in routing.redact_path(path)
 
 
 def test_a_key_with_undecodable_bytes_hashes_without_error() -> None:

@@ -32,6 +32,7 @@ from tests.harness import (
     Gateway,
     new_user,
     prepared_ledger,
+    run_admin,
     run_gateway,
     tool_call,
     write_config,
@@ -47,6 +48,7 @@ PRICED = json.dumps(tool_call("get_forecast", {"city": "x"})).encode()
 # with access_log=None, which test_keys_never_reach_the_logs_of_a_real_gateway_process checks.
 TEST_ONLY_LOGGERS = frozenset({"aiohttp.access"})
 CRASH = b"500 Internal Server Error"  # aiohttp's page for an exception the gateway did not map
+ADMIN_TOKEN = "admin-token-" + "a" * 32
 
 
 @dataclass
@@ -165,7 +167,12 @@ async def test_a_key_never_appears_in_logs_metrics_error_bodies_or_upstream_requ
                 seen.append(body)
                 assert not body.startswith(CRASH), (status, body[:300])
             await s.gw.settled()
-            async with aiohttp.ClientSession() as client, client.get(s.gw.server.make_url("/metrics")) as resp:
+            async with (
+                run_admin(s.gw, ADMIN_TOKEN) as admin,
+                aiohttp.ClientSession() as client,
+                client.get(admin.make_url("/metrics"), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp,
+            ):
+                assert resp.status == 200
                 seen.append(await resp.read())
         assert await s.gw.balance("alice") == parse_cents("90")  # the two priced calls, nothing else
         places = {
@@ -216,6 +223,33 @@ async def test_a_key_in_a_mistyped_path_is_never_logged_or_echoed(tmp_path: Path
         assert status == 404
         assert s.key not in json.dumps(structured, default=str)
         assert s.key.encode() not in body
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "/ap%5F{rest}/mcp",  # the underscore encoded
+        "/%61%70%5f{rest}/mcp",  # the whole prefix, lower-case hex
+        "/ap%255F{rest}/mcp",  # encoded twice
+        "/k/ap%5F{rest}/nowhere/mcp",  # a path key before an unknown server
+        "/k//ap%5F{rest}/weather/mcp",
+        "//k/ap%5F{rest}/weather/mcp",
+        "/weather-ap%5F{rest}/mcp",
+    ],
+)
+async def test_a_percent_encoded_key_in_a_path_is_never_logged_or_echoed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, template: str
+) -> None:
+    async with two_servers(tmp_path) as s:
+        rest = s.key.removeprefix("ap_")
+        caplog.set_level(logging.DEBUG)
+        with capture_logs() as structured:
+            status, body = await send_raw(s.port, http(template.format(rest=rest)))
+        assert status in (401, 404)
+        assert rest not in json.dumps(structured, default=str)
+        assert rest not in log_text(caplog.records)
+        assert rest.encode() not in body
+        assert s.weather.requests == [] and s.maps.requests == []
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.errors import Conflict, InvalidInput
-from gateway.ledger.base import AccountKind, ExportRow, HoldRequest
+from gateway.ledger.base import AccountKind, ExportRow, HoldRequest, developer_reference, operator_reference
 from gateway.ledger.dump import read_dump, write_dump
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
@@ -286,6 +286,43 @@ async def test_a_broken_dump_is_refused_before_anything_is_written(tmp_path: Pat
                 assert await target.verify() == []
         finally:
             await target_spec.drop()
+
+
+@pytest.mark.parametrize("target_kind", ["sqlite", "postgres"])
+async def test_a_dump_written_before_refund_namespaces_imports_with_each_refund_key_in_its_actors_namespace(
+    tmp_path: Path, target_kind: str
+) -> None:
+    """A version 1 dump (before migration 0006) holds refund references as the service API ("<developer>:<key>")
+    and the operator (the bare key) wrote them: the import namespaces them as the migration does."""
+    clock = FakeClock()
+    spec = StoreSpec.fresh("sqlite", tmp_path, "source")
+    async with spec.open(clock) as source:
+        await source.create_user("alice")
+        await source.create_developer("acme")
+        await source.topup("alice", 10_000)
+        charge = (await source.charge(req("c-1", 1_000))).charge
+        assert charge is not None
+        by_developer = await source.refund(charge.id, 100, reference="acme:k1")  # as the previous version stored it
+        by_operator = await source.refund(charge.id, 200, reference="k2")
+        lines = dump_text(await source.export_rows())
+    header = json.loads(lines[0])
+    assert header["version"] == 2
+    lines[0] = json.dumps({**header, "version": 1}) + "\n"
+
+    target_spec = StoreSpec.fresh(target_kind, tmp_path, "target")
+    try:
+        async with target_spec.open(clock) as target:
+            await target.import_rows(read_dump(lines))
+            references = {
+                row["id"]: row["reference"] for table, row in await target.export_rows() if table == "transfers"
+            }
+            assert references[by_developer.id] == developer_reference("acme", "k1") == "dev:acme:k1"
+            assert references[by_operator.id] == operator_reference("k2") == "admin:k2"
+            assert (await target.refund(charge.id, 100, reference=developer_reference("acme", "k1"))).replayed
+            assert (await target.refund(charge.id, 200, reference=operator_reference("k2"))).replayed
+            assert await target.verify() == []
+    finally:
+        await target_spec.drop()
 
 
 async def _alice(spec: StoreSpec, clock: FakeClock) -> Any:

@@ -24,7 +24,11 @@ from gateway.ledger.base import (
     Ledger,
     Payout,
     PayoutState,
+    developer_reference,
+    operator_reference,
 )
+
+from .conftest import FakeClock, StoreSpec
 
 MakeHold = Callable[..., HoldRequest]
 
@@ -275,6 +279,65 @@ async def test_concurrent_refunds_never_exceed_the_charge_and_a_shared_reference
     assert [t.replayed for t in same].count(False) == 1
     assert (await ledger.get_charge(second)).refunded == 250
     assert await balance(ledger, AccountKind.USER, "alice") == 10_000 - 2_000 + 900 + 250
+    assert await ledger.verify() == []
+
+
+async def test_refund_references_stored_before_namespaces_keep_replaying_for_their_actor_after_the_migration(
+    store: StoreSpec, clock: FakeClock, hold_req: MakeHold
+) -> None:
+    """Migration 0006 moves the refund references of the previous version into their actor's namespace:
+    the service API's "<developer>:<key>" becomes the developer's key, the operator's bare key the
+    operator's. Each actor's retry still replays its refund; the other actor's same text does not."""
+    ledger = store.open(clock)
+    await ledger.open()
+    try:
+        await ledger.create_user("alice")
+        await ledger.create_developer("acme")
+        await ledger.topup("alice", 10_000)
+        charge_id = await charged(ledger, hold_req, "call-1", 1_000)
+        # stored exactly as the previous version stored them
+        by_developer = await ledger.refund(charge_id, 100, reference="acme:k1")
+        by_operator = await ledger.refund(charge_id, 200, reference="k2")
+    finally:
+        await ledger.close()
+    await store.execute("DELETE FROM schema_migrations WHERE name = ?", "0006_refund_references_per_actor")
+
+    ledger = store.open(clock)
+    await ledger.open()  # applies 0006 again, to those rows
+    try:
+        assert (await ledger.applied_migrations())[-1] == "0006_refund_references_per_actor"
+        developer_retry = await ledger.refund(charge_id, 100, reference=developer_reference("acme", "k1"))
+        operator_retry = await ledger.refund(charge_id, 200, reference=operator_reference("k2"))
+        assert developer_retry.replayed and developer_retry.id == by_developer.id
+        assert operator_retry.replayed and operator_retry.id == by_operator.id
+        # the operator's key "acme:k1" is another key than developer acme's "k1"
+        operator_same_text = await ledger.refund(charge_id, 100, reference=operator_reference("acme:k1"))
+        assert not operator_same_text.replayed
+        assert (await ledger.get_charge(charge_id)).refunded == 400
+        assert await ledger.verify() == []
+    finally:
+        await ledger.close()
+
+
+# --- capture replays -----------------------------------------------------------------------------
+async def test_capturing_a_captured_hold_again_returns_the_original_charge_marked_replayed(
+    ledger: Ledger, hold_req: MakeHold
+) -> None:
+    await ledger.topup("alice", 10_000)
+    assert (await ledger.hold(hold_req("call-1", amount=1_000, fee=100))).ok
+    first = await ledger.capture("call-1", 600)
+    again = await ledger.capture("call-1")
+    assert not first.replayed and again.replayed
+    assert again == first  # the same charge: id, amount, fee, balance after
+    assert (again.id, again.amount, again.fee, again.balance_after) == (first.id, 600, 60, 9_400)
+    assert not (await ledger.get_charge(first.id)).replayed
+
+    # two captures of one hold at once (one group commit on SQLite, consecutive batches on PostgreSQL)
+    assert (await ledger.hold(hold_req("call-2", amount=1_000))).ok
+    both = await asyncio.gather(ledger.capture("call-2"), ledger.capture("call-2"))
+    assert sorted(charge.replayed for charge in both) == [False, True]
+    assert both[0] == both[1]
+    assert await balance(ledger, AccountKind.USER, "alice") == 10_000 - 600 - 1_000
     assert await ledger.verify() == []
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from gateway.ledger.base import AccountKind, HoldStatus
+from gateway.ledger.base import MAX_BALANCE, AccountKind, HoldStatus
 from gateway.ledger.postgres import PostgresLedger, _prepare_settle_connection
 from gateway.ledger.sqlite import SqliteLedger
 
@@ -76,8 +76,10 @@ async def test_operations_one_at_a_time_get_what_sqlite_gives_and_only_the_unusu
 async def test_a_lone_capture_splits_a_fee_of_any_size_exactly_as_a_batched_capture_does(
     pg: StoreSpec, clock: FakeClock, hold_req: HoldFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fee * amount overflows BIGINT here: the lone path must round as the batch path does."""
-    held, fee, captured = 3 * 10**15 + 7, 10**15 + 3, 2 * 10**15 + 1
+    """fee * amount overflows BIGINT here (2 * 10**28; every amount and balance still within MAX_BALANCE):
+    the lone path must round as the batch path does."""
+    held, fee, captured = 3 * 10**14 + 7, 10**14 + 3, 2 * 10**14 + 1
+    assert fee * captured > 2**63 and 2 * held + 1 <= MAX_BALANCE
     async with PostgresLedger(pg.location, clock=clock, schema=pg.schema) as ledger:
         await ledger.create_user("alice")
         await ledger.create_developer("acme")
