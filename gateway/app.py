@@ -21,7 +21,7 @@ from gateway.deadlines import Deadlines
 from gateway.errors import AuthError, ConfigError, GatewayError, MethodNotAllowed, MissingKey
 from gateway.http_server import malformed_body_error
 from gateway.ledger import open_ledger
-from gateway.ledger.base import Ledger
+from gateway.ledger.interfaces import Accounts, Ledger
 from gateway.limits import KeyLimits, TooManyRequests
 from gateway.metrics import Metrics
 from gateway.openapi import openapi_document
@@ -148,7 +148,7 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document("service"))
 
 
-async def check_owners(config: GatewayConfig, ledger: Ledger) -> None:
+async def check_owners(config: GatewayConfig, ledger: Accounts) -> None:
     """Every server's owner must exist as a developer account before the gateway serves."""
     known = await ledger.developer_names()
     for server in config.servers.values():

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from gateway.errors import ExpiredKey, InvalidKey, MissingKey, RevokedKey, WrongServer
 from gateway.keys import display_prefix, hash_secret
-from gateway.ledger.base import KeyRecord, Ledger
+from gateway.ledger.base import KeyRecord
+from gateway.ledger.interfaces import Keys
 
 _MAX_CACHE = 100_000
 
@@ -19,7 +20,7 @@ _MAX_CACHE = 100_000
 class Authenticator:
     def __init__(
         self,
-        ledger: Ledger,
+        ledger: Keys,
         *,
         cache_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,

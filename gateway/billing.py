@@ -14,13 +14,14 @@ from typing import Any
 import structlog
 
 from gateway.ids import TimeOrderedIds
-from gateway.ledger.base import HoldOutcome, HoldRequest, Ledger
+from gateway.ledger.base import HoldOutcome, HoldRequest
+from gateway.ledger.interfaces import Holds
 
 log = structlog.get_logger("gateway.billing")
 
 
 class Billing:
-    def __init__(self, ledger: Ledger, *, owner: str, lease_s: float, sweep_interval_s: float) -> None:
+    def __init__(self, ledger: Holds, *, owner: str, lease_s: float, sweep_interval_s: float) -> None:
         self.ledger = ledger
         self.owner = owner
         self.lease_s = lease_s

@@ -20,12 +20,12 @@ from gateway.ledger.base import (
     AccountKind,
     Charge,
     KeyRecord,
-    Ledger,
     Payout,
     ServiceToken,
     StatementLine,
     operator_reference,
 )
+from gateway.ledger.interfaces import Ledger
 from gateway.ledger.rows import amount_too_large
 from gateway.money import AmountError, format_cents, parse_cents
 

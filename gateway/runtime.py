@@ -9,7 +9,7 @@ from aiohttp import web
 from gateway.auth import Authenticator
 from gateway.billing import Billing
 from gateway.config import GatewayConfig
-from gateway.ledger.base import Ledger
+from gateway.ledger.interfaces import Ledger
 from gateway.limits import KeyLimits
 from gateway.metrics import Metrics
 from gateway.reload import PriceBook

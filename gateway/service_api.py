@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -32,10 +32,10 @@ from gateway.ledger.base import (
     HoldRequest,
     HoldStatus,
     KeyRecord,
-    Ledger,
     ServiceToken,
     developer_reference,
 )
+from gateway.ledger.interfaces import Charges, Holds, Keys, Reports
 from gateway.ledger.rows import amount_too_large
 from gateway.money import AmountError, format_cents, parse_cents
 from gateway.operations import charge_json, iso, statement_json
@@ -60,6 +60,11 @@ class UserKeyRejected(GatewayError):
     def __init__(self, cause: AuthError):
         super().__init__(cause.message, hint=cause.hint)
         self.code = cause.code  # type: ignore[misc]
+
+
+class ServiceLedger(Charges, Holds, Keys, Reports, Protocol):
+    """What the service API uses of the ledger: charges and refunds, its developers' holds, service
+    tokens and users' keys, and developers' statements."""
 
 
 def json_error(exc: GatewayError) -> web.Response:
@@ -135,7 +140,7 @@ def amount_field(body: dict[str, Any], name: str = "amount_cents", *, required: 
 class ServiceApi:
     """Handlers; one instance per application, holding the ledger and the key authenticator."""
 
-    def __init__(self, ledger: Ledger, auth: Authenticator, known_servers: frozenset[str]) -> None:
+    def __init__(self, ledger: ServiceLedger, auth: Authenticator, known_servers: frozenset[str]) -> None:
         self.ledger = ledger
         self.auth = auth
         self.known_servers = known_servers

@@ -24,7 +24,8 @@ from gateway.app import create_app, server_options
 from gateway.config import load_config
 from gateway.http_server import GatewayRunner
 from gateway.ledger import open_ledger
-from gateway.ledger.base import AccountKind, Ledger
+from gateway.ledger.base import AccountKind
+from gateway.ledger.interfaces import Ledger
 from gateway.operations import Operations
 from gateway.runtime import RUNTIME, Runtime
 

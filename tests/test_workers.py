@@ -11,7 +11,8 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.ledger.base import AccountKind, Ledger
+from gateway.ledger.base import AccountKind
+from gateway.ledger.interfaces import Ledger
 from gateway.money import parse_cents
 from gateway.operations import Operations
 from tests.harness import new_user, prepare_ledger, prepared_ledger, tool_call, write_config

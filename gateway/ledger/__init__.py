@@ -19,11 +19,11 @@ from gateway.ledger.base import (
     HoldState,
     HoldStatus,
     KeyRecord,
-    Ledger,
     Transfer,
     UsageRow,
     UserSummary,
 )
+from gateway.ledger.interfaces import Ledger
 
 __all__ = [
     "Account",

@@ -17,7 +17,8 @@ from gateway.errors import AmountTooLarge, BalanceLimitExceeded
 from gateway.ledger import postgres as postgres_store
 from gateway.ledger import rows as store_rows
 from gateway.ledger import sqlite as sqlite_store
-from gateway.ledger.base import MAX_AMOUNT, MAX_BALANCE, AccountKind, Ledger
+from gateway.ledger.base import MAX_AMOUNT, MAX_BALANCE, AccountKind
+from gateway.ledger.interfaces import Ledger
 
 from .conftest import StoreSpec
 

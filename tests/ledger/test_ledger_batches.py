@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from gateway.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
-from gateway.ledger.base import AccountKind, Charge, HoldOutcome, HoldStatus, Ledger
+from gateway.ledger.base import AccountKind, Charge, HoldOutcome, HoldStatus
+from gateway.ledger.interfaces import Ledger
 from gateway.ledger.sqlite import SqliteLedger
 
 from .conftest import HoldFactory, StoreSpec, thread_paused

@@ -21,12 +21,12 @@ from gateway.ledger.base import (
     HoldRequest,
     HoldState,
     HoldStatus,
-    Ledger,
     Payout,
     PayoutState,
     developer_reference,
     operator_reference,
 )
+from gateway.ledger.interfaces import Ledger
 
 from .conftest import FakeClock, StoreSpec
 

@@ -11,7 +11,8 @@ import pytest
 
 from gateway.errors import AlreadyExists, Conflict, IdempotencyConflict, InvalidInput, NotFound, Unavailable
 from gateway.ledger import open_ledger
-from gateway.ledger.base import AccountKind, HoldStatus, Ledger
+from gateway.ledger.base import AccountKind, HoldStatus
+from gateway.ledger.interfaces import Ledger
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 
