@@ -44,7 +44,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway import jsonrpc
 from gateway.errors import BadRequest
-from gateway.proxy import ClientTooSlow
+from gateway.proxy.admission import ClientTooSlow
 
 log = structlog.get_logger("gateway")
 

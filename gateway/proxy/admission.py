@@ -1,0 +1,249 @@
+"""Reading a client's body and deciding, message by message, what is forwarded: priced calls are held,
+every request gets the gateway's own id, and refusals are answered by the gateway itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from gateway import jsonrpc, upstream_ids
+from gateway.config import GatewayConfig
+from gateway.deadlines import Deadlines
+from gateway.errors import (
+    INVALID_PARAMS,
+    PAYMENT_REQUIRED,
+    BadRequest,
+    BodyTooLarge,
+    GatewayError,
+)
+from gateway.jsonrpc import Message
+from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus
+from gateway.money import format_cents
+from gateway.pricing import PriceTable
+from gateway.proxy.exchange import PAYMENT_META, TASK_METHODS, Context, Exchange, release_calls
+from gateway.sessions import Call, Forwarded
+
+_SMALLER_BODY = "Send a smaller request"
+
+
+def _body_if_arrived(request: web.Request, config: GatewayConfig) -> bytes | None:
+    """The request body if it has all arrived with the head (the usual case), else None."""
+    limit = config.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(
+            f"The request body is {request.content_length} bytes; the limit is {limit}", hint=_SMALLER_BODY
+        )
+    content = request.content
+    if not content.is_eof():
+        return None
+    body = content.read_nowait()
+    if len(body) > limit:
+        raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=_SMALLER_BODY)
+    return body
+
+
+async def read_body(request: web.Request, config: GatewayConfig, deadlines: Deadlines) -> bytes:
+    body = _body_if_arrived(request, config)
+    if body is not None:
+        return body
+    limit = config.max_body_bytes
+    chunks = bytearray()
+    try:
+        async with deadlines.timeout(config.client_body_timeout_s):
+            async for chunk in request.content.iter_any():
+                chunks += chunk
+                if len(chunks) > limit:
+                    raise BodyTooLarge(f"The request body exceeds the limit of {limit} bytes", hint=_SMALLER_BODY)
+    except TimeoutError:
+        raise ClientTooSlow(
+            f"The request body did not arrive within {config.client_body_timeout_s:g}s", hint="Send the body promptly"
+        ) from None
+    return bytes(chunks)
+
+
+class ClientTooSlow(GatewayError):
+    code = "client_too_slow"
+    http_status = 408
+    jsonrpc_code = -32600
+
+
+async def admit_all(ctx: Context, body: bytes, exchange: Exchange) -> tuple[jsonrpc.Incoming, list[dict[str, Any]]]:
+    """Parse a POSTed body and decide, message by message, what is forwarded (holding priced calls
+    and giving each request the gateway's own id). Returns the messages to forward, as sent."""
+    rt, fields = ctx.rt, ctx.fields
+    incoming = jsonrpc.parse_body(body, max_batch_items=rt.config.max_batch_items)
+    first = incoming.messages[0]
+    fields["method"] = "batch" if incoming.is_batch else (first.method or "response")
+    if not incoming.is_batch and first.has_id:
+        fields["rpc_id"] = first.id
+    headers = ctx.request.headers
+    jsonrpc.check_routing_headers(incoming, headers.get("Mcp-Method"), headers.get("Mcp-Name"))
+    table = rt.prices.table  # prices in force when the call is held are the ones charged
+    forwarded: list[dict[str, Any]] = []
+    try:
+        for msg in incoming.messages:
+            out = await _admit(ctx, msg, table, exchange)
+            if out is not None:
+                forwarded.append(out)
+    except BaseException:
+        release_calls(ctx, exchange)
+        raise
+    return incoming, forwarded
+
+
+def forward_body(incoming: jsonrpc.Incoming, forwarded: list[dict[str, Any]]) -> bytes:
+    return jsonrpc.dumps(forwarded if incoming.is_batch else forwarded[0])
+
+
+async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchange) -> dict[str, Any] | None:
+    """Decide whether one message is forwarded, and as what; place the hold of a priced call.
+    None when the gateway answers it itself (a refusal in ``exchange.refusals``)."""
+    rt, key = ctx.rt, ctx.key
+    method = msg.method
+    if method is None:
+        return msg.body  # a response to a server-to-client request: the upstream chose its id
+    if method == "notifications/cancelled":
+        return _cancellation(ctx, msg, exchange)
+    if msg.id is None:
+        if method in TASK_METHODS:
+            raise BadRequest(f"{method} must be a request with an id", hint="Give the message a string or integer id")
+        if _price_of(ctx, msg, table) != 0:
+            raise BadRequest(
+                f"A priced {method} must be a request with an id, not a notification",
+                hint="Give the message an id so its result can be returned and billed",
+            )
+        return msg.body
+    forwarded = Forwarded(msg.id, method)
+    if method in TASK_METHODS and method != "tasks/list":
+        task_id = msg.params.get("taskId")
+        task = rt.sessions.task_of(key.id, task_id)
+        if task is None:  # unknown here, or created with another key: never forwarded
+            exchange.refusals.append(_task_not_found(msg))
+            return None
+        forwarded.task_id = task_id
+        forwarded.call = task.call
+    else:
+        price = _price_of(ctx, msg, table)
+        if price:
+            call = await _hold(ctx, msg, price, exchange)
+            if call is None:
+                return None
+            forwarded.call = call
+    call = forwarded.call
+    nonce = call.call_id if call is not None and method not in TASK_METHODS else rt.billing.new_call_id()
+    upstream_id = upstream_ids.mint(nonce, msg.id, priced=call is not None)
+    if call is not None and method not in TASK_METHODS:
+        call.upstream_id = upstream_id
+    exchange.requests[upstream_id] = forwarded
+    rt.sessions.track(exchange.scope, msg.id, upstream_id)
+    return {**msg.body, "id": upstream_id}
+
+
+def _price_of(ctx: Context, msg: Message, table: PriceTable) -> int:
+    target = msg.priced_target()
+    if target is None:
+        return 0
+    kind, name = target
+    ctx.fields.setdefault("target", name)
+    price = table.lookup(ctx.server.name, kind, name)
+    ctx.fields["price_cents"] = format_cents(price)
+    return price
+
+
+def _cancellation(ctx: Context, msg: Message, exchange: Exchange) -> dict[str, Any]:
+    """``notifications/cancelled`` names the client's id of a request: the upstream knows it by ours."""
+    params = msg.params
+    upstream_id = ctx.rt.sessions.upstream_id_of(exchange.scope, params.get("requestId"))
+    if upstream_id is None:
+        return msg.body
+    return {**msg.body, "params": {**params, "requestId": upstream_id}}
+
+
+def _task_not_found(msg: Message) -> dict[str, Any]:
+    return jsonrpc.error_body(
+        msg.id,
+        INVALID_PARAMS,
+        "Task not found",
+        {"code": "task_not_found", "hint": "Use a task id returned to a call made with this same API key"},
+    )
+
+
+async def _hold(ctx: Context, msg: Message, price: int, exchange: Exchange) -> Call | None:
+    """Hold the price of a priced request; None (and a refusal) when the balance or cap refuses it."""
+    rt, server, key = ctx.rt, ctx.server, ctx.key
+    kind, name = msg.priced_target() or ("tool", "")
+    call_id = rt.billing.new_call_id()
+    outcome = await rt.billing.hold(
+        HoldRequest(
+            call_id=call_id,
+            key_id=key.id,
+            user=key.user,
+            developer=server.owner,
+            server=server.name,
+            method=msg.method or "",
+            name=name,
+            amount=price,
+            fee=price * server.fee_basis_points // 10_000,
+            lease_s=rt.config.hold_lease_s,
+            owner=rt.billing.owner,
+        )
+    )
+    if not outcome.ok:
+        rt.metrics.refusals.labels(server=server.name, reason=outcome.status.value).inc()
+        modern = _is_modern(ctx.request, msg)
+        exchange.refusals.append(_payment_refusal(msg, kind, name, price, outcome, rt.config, modern=modern))
+        return None
+    assert msg.id is not None
+    return Call(call_id, msg.id, server.name, kind, name, price, outcome.available)
+
+
+def _is_modern(request: web.Request, msg: Message) -> bool:
+    """Whether the caller speaks the 2026-07-28 (stateless) era, where results carry ``resultType``."""
+    meta = msg.params.get("_meta")  # the body is authoritative: relays (mcp-remote) may rewrite headers
+    version = meta.get("io.modelcontextprotocol/protocolVersion") if isinstance(meta, dict) else None
+    if version is None:
+        version = request.headers.get("MCP-Protocol-Version")
+    return isinstance(version, str) and version >= "2026-07-28"
+
+
+def _payment_refusal(
+    msg: Message,
+    kind: str,
+    name: str,
+    price: int,
+    outcome: HoldOutcome,
+    config: GatewayConfig,
+    *,
+    modern: bool = False,
+) -> dict[str, Any]:
+    topup = config.topup_url or "ask the gateway operator to top up your AgentPay balance"
+    if outcome.status is HoldStatus.SPEND_LIMIT:
+        left = format_cents(outcome.spend_remaining or 0)
+        code, reason = "spend_limit_reached", f"this API key has {left}¢ left of its spending limit"
+        what_to_do = "Ask the gateway operator to raise the key's limit or issue a new key."
+    else:
+        code = "insufficient_funds"
+        reason = f"your available AgentPay balance is {format_cents(outcome.available)}¢"
+        what_to_do = f"To continue, top up: {topup}."
+    label = {"tool": "Calling tool", "resource": "Reading resource", "prompt": "Getting prompt"}[kind]
+    text = f"Payment required: {label} {name!r} costs {format_cents(price)}¢ and {reason}. {what_to_do}"
+    data: dict[str, Any] = {
+        "code": code,
+        "price_cents": format_cents(price),
+        "available_cents": format_cents(outcome.available),
+        "topup_url": config.topup_url,
+    }
+    if outcome.spend_remaining is not None:
+        data["spend_remaining_cents"] = format_cents(outcome.spend_remaining)
+    if kind == "tool":
+        result: dict[str, Any] = {
+            "content": [{"type": "text", "text": text}],
+            "isError": True,
+            "_meta": {PAYMENT_META: data},
+        }
+        if modern:
+            result["resultType"] = "complete"
+        return jsonrpc.result_body(msg.id, result)
+    return jsonrpc.error_body(msg.id, PAYMENT_REQUIRED, text, data)
