@@ -14,9 +14,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.ledger.migrations_postgres import MIGRATIONS as PG_MIGRATIONS
-from gateway.ledger.migrations_sqlite import MIGRATIONS as SQLITE_MIGRATIONS
-from gateway.ledger.sqlite import _statements
+from gateway.ledger.postgres.migrations import MIGRATIONS as PG_MIGRATIONS
+from gateway.ledger.sqlite.migrations import MIGRATIONS as SQLITE_MIGRATIONS
+from gateway.ledger.sqlite.store import _statements
 from tests.harness import write_config
 from tests.ledger.conftest import StoreSpec, run_sync
 

@@ -14,11 +14,11 @@ import asyncpg
 import pytest
 
 from gateway.errors import AmountTooLarge, BalanceLimitExceeded
-from gateway.ledger import postgres as postgres_store
 from gateway.ledger import rows as store_rows
-from gateway.ledger import sqlite as sqlite_store
 from gateway.ledger.base import MAX_AMOUNT, MAX_BALANCE, AccountKind
 from gateway.ledger.interfaces import Ledger
+from gateway.ledger.postgres import store as postgres_store
+from gateway.ledger.sqlite import common as sqlite_store
 
 from .conftest import StoreSpec
 

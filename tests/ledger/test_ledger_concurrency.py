@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger import migrations_postgres, migrations_sqlite
 from gateway.ledger.base import AccountKind, HoldStatus
 from gateway.ledger.interfaces import Ledger
+from gateway.ledger.postgres import migrations as migrations_postgres
+from gateway.ledger.sqlite import migrations as migrations_sqlite
 
 from .conftest import STORES, HoldFactory, StoreSpec, run_sync
 from .ledger_workers import hold_and_capture, open_and_verify

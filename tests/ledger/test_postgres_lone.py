@@ -18,7 +18,8 @@ import asyncpg
 import pytest
 
 from gateway.ledger.base import MAX_BALANCE, AccountKind, HoldStatus
-from gateway.ledger.postgres import PostgresLedger, _prepare_settle_connection
+from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.postgres.lone import _prepare_settle_connection
 from gateway.ledger.sqlite import SqliteLedger
 
 from .conftest import FakeClock, HoldFactory, StoreSpec
@@ -151,7 +152,7 @@ async def test_without_the_session_functions_as_behind_a_transaction_pooler_ever
     async def functions_never_created(conn: asyncpg.Connection) -> None:
         return None
 
-    monkeypatch.setattr("gateway.ledger.postgres._prepare_settle_connection", functions_never_created)
+    monkeypatch.setattr("gateway.ledger.postgres.lone._prepare_settle_connection", functions_never_created)
     async with _one_at_a_time_beside_sqlite(pg, tmp_path, clock, hold_req, monkeypatch) as (
         postgres,
         oracle,
@@ -172,7 +173,7 @@ async def test_a_settle_connection_that_cannot_create_the_functions_still_opens_
     async def no_temp_privilege(conn: asyncpg.Connection) -> None:
         raise asyncpg.exceptions.InsufficientPrivilegeError("permission denied to create temporary tables")
 
-    monkeypatch.setattr("gateway.ledger.postgres._prepare_settle_connection", no_temp_privilege)
+    monkeypatch.setattr("gateway.ledger.postgres.lone._prepare_settle_connection", no_temp_privilege)
     async with _one_at_a_time_beside_sqlite(pg, tmp_path, clock, hold_req, monkeypatch) as (
         postgres,
         _,

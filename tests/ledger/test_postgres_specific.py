@@ -13,8 +13,8 @@ import pytest
 
 from gateway.errors import Conflict, Unavailable
 from gateway.ledger.base import AccountKind, HoldStatus
-from gateway.ledger.migrations_postgres import MIGRATIONS
 from gateway.ledger.postgres import PostgresLedger
+from gateway.ledger.postgres.migrations import MIGRATIONS
 
 from .conftest import FakeClock, HoldFactory, StoreSpec, blocked_behind
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from gateway.ledger.sqlite import SqliteLedger, _verify
+from gateway.ledger.sqlite import SqliteLedger
+from gateway.ledger.sqlite.audit import _verify
 
 
 async def _open(path: Path) -> sqlite3.Connection:

@@ -17,9 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.errors import NotFound
-from gateway.ledger import write_turns
-from gateway.ledger.sqlite import SqliteLedger
-from gateway.ledger.write_turns import lock_path
+from gateway.ledger.sqlite import SqliteLedger, write_turns
+from gateway.ledger.sqlite.write_turns import lock_path
 
 
 @contextmanager

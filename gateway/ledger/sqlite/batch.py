@@ -108,7 +108,7 @@ def _holds(conn: Conn, call_ids: Sequence[str]) -> dict[str, _Hold]:
 
 
 def hold_many(conn: Conn, reqs: Sequence[HoldRequest], now: float) -> list[Outcome]:
-    """Place a run of holds (each already checked by ``SqliteLedger._check_hold_request``)."""
+    """Place a run of holds (each already checked by ``SqliteHolds._check_hold_request``)."""
     ids = _account_ids(conn, [("user", r.user) for r in reqs] + [("developer", r.developer) for r in reqs])
     available = _available(conn, list({ids[("user", r.user)] for r in reqs if ("user", r.user) in ids}))
     keys = _keys(conn, [r.key_id for r in reqs if r.key_id is not None])

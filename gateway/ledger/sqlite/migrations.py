@@ -5,7 +5,7 @@ that records it, so a crash (or a second process opening the same file) never le
 half-applied. Never edit a migration that has shipped: append a new one.
 
 Guards live in the database: ``CHECK`` constraints make an overdraft impossible even for a buggy
-caller, and the conditional ``UPDATE``s in ``sqlite.py`` turn "would overdraw" into zero rows.
+caller, and the conditional ``UPDATE``s of the ``sqlite`` package turn "would overdraw" into zero rows.
 """
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
 """The PostgreSQL ledger schema, as named migrations applied in order.
 
-``PostgresLedger.open`` applies them in one transaction that first takes a transaction-level
-advisory lock (``pg_advisory_xact_lock``) keyed by the schema name, so several gateway replicas
-starting at once apply each migration exactly once; the ``schema_migrations`` row that records a
-migration commits with it. Never edit a migration that has shipped: append a new one.
+``PostgresLedger.open`` (``store.py``) applies them in one transaction that first takes a
+transaction-level advisory lock (``pg_advisory_xact_lock``) keyed by the schema name, so several
+gateway replicas starting at once apply each migration exactly once; the ``schema_migrations`` row
+that records a migration commits with it. Never edit a migration that has shipped: append a new one.
 
-Same tables and guards as the SQLite schema (``migrations_sqlite.py``), with PostgreSQL types:
-amounts are ``BIGINT`` millicents, times are ``DOUBLE PRECISION`` unix seconds (exactly what the
-injected clock returned), ``charges.seq`` stands in for SQLite's rowid (insertion order), and
+Same tables and guards as the SQLite schema (``gateway.ledger.sqlite.migrations``), with PostgreSQL
+types: amounts are ``BIGINT`` millicents, times are ``DOUBLE PRECISION`` unix seconds (exactly what
+the injected clock returned), ``charges.seq`` stands in for SQLite's rowid (insertion order), and
 service tokens keep their servers as ``TEXT[]``. Text columns use the "C" collation, so ids and
 names sort bytewise as in SQLite whatever the database's default collation: lists page newest
 first by (created_at, id) and both stores return the same pages.
 ``CHECK`` constraints make an overdraft impossible even for a buggy caller; the conditional
-``UPDATE``s in ``postgres.py`` turn "would overdraw" into zero rows.
+``UPDATE``s of this package turn "would overdraw" into zero rows.
 """
 
 from __future__ import annotations

@@ -1,0 +1,264 @@
+"""The PostgreSQL ledger's ``Audit`` concern: checking every invariant on one snapshot (``verify``),
+and moving a whole ledger between stores (``export_rows``, ``import_rows``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+
+from gateway.errors import Conflict, InvalidInput
+from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, MAX_BALANCE, AccountKind, ExportRow
+from gateway.ledger.dump import check_row
+from gateway.ledger.postgres.common import _SYSTEM_KINDS, SYSTEM_NAME, Conn, Row, _quote_ident
+from gateway.ledger.postgres.store import PostgresStore
+
+# export_rows: one query per table, columns in EXPORT_COLUMNS order, rows in dependency order (a
+# refund after the charge it names; charges in insertion order, ``seq``).
+_EXPORT_QUERIES: dict[str, str] = {
+    "accounts": "SELECT id, kind, name, balance, held, created_at FROM accounts ORDER BY id",
+    "transfers": "SELECT id, kind, amount, reference, account_id, charge_id, created_at FROM transfers "
+    "ORDER BY charge_id IS NOT NULL, created_at, id",
+    "postings": "SELECT id, transfer_id, account_id, amount FROM postings ORDER BY id",
+    "keys": "SELECT id, user_account_id, server, key_hash, prefix, created_at, expires_at, revoked_at, "
+    "spend_limit, spent, held FROM keys ORDER BY created_at, id",
+    "holds": "SELECT call_id, key_id, user_account_id, developer_account_id, server, method, name, amount, fee, "
+    "state, owner, created_at, lease_expires_at, settled_at, charge_id FROM holds ORDER BY created_at, call_id",
+    "charges": "SELECT id, call_id, user_account_id, developer_account_id, amount, fee, refunded, balance_after, "
+    "created_at FROM charges ORDER BY seq",
+    "service_tokens": "SELECT id, developer_account_id, servers, token_hash, prefix, created_at, revoked_at "
+    "FROM service_tokens ORDER BY created_at, id",
+    "payouts": "SELECT id, developer_account_id, amount, state, reference, transfer_id, created_at, completed_at "
+    "FROM payouts ORDER BY created_at, id",
+}
+
+
+class PostgresAudit(PostgresStore):
+    """Checking every invariant, and exporting or importing a whole ledger."""
+
+    async def verify(self) -> list[str]:
+        return await self._read(_verify)
+
+    async def export_rows(self) -> list[ExportRow]:
+        async def tx(conn: Conn) -> list[ExportRow]:
+            rows: list[ExportRow] = []
+            for table in EXPORT_TABLES:
+                names = [name for name, _ in EXPORT_COLUMNS[table]]
+                for record in await conn.fetch(_EXPORT_QUERIES[table]):
+                    row = dict(zip(names, record, strict=True))
+                    if table == "service_tokens":
+                        row["servers"] = list(row["servers"])
+                    rows.append((table, row))
+            return rows
+
+        return await self._read(tx)
+
+    async def import_rows(self, rows: Iterable[ExportRow]) -> dict[str, int]:
+        by_table: dict[str, list[dict[str, Any]]] = {table: [] for table in EXPORT_TABLES}
+        for table, row in rows:
+            by_table[table].append(check_row(table, row))
+
+        async def tx(conn: Conn) -> tuple[dict[str, int], dict[AccountKind, int]]:
+            # No other transaction may write while the target is checked empty and filled.
+            await conn.execute(
+                "LOCK TABLE accounts, transfers, postings, keys, holds, charges, service_tokens, payouts "
+                "IN EXCLUSIVE MODE"
+            )
+            in_use = await conn.fetchrow(
+                "SELECT (SELECT COUNT(*) FROM accounts WHERE kind IN ('user', 'developer')), "
+                "(SELECT COUNT(*) FROM transfers), (SELECT COUNT(*) FROM keys), (SELECT COUNT(*) FROM holds), "
+                "(SELECT COUNT(*) FROM service_tokens), (SELECT COUNT(*) FROM payouts)"
+            )
+            if any(in_use):
+                where = f"schema {self.schema}" if self.schema is not None else "database"
+                raise Conflict(
+                    f"the target ledger ({where}) is not empty ({in_use[0]} users/developers, "
+                    f"{in_use[1]} transfers); import only into a new, empty ledger",
+                    hint="Point --into at a new database or schema (postgresql://…/db?schema=NAME)",
+                )
+            await conn.execute("DELETE FROM accounts")  # only the system accounts: the dump brings its own
+            counts: dict[str, int] = {}
+            for table in EXPORT_TABLES:
+                batch = by_table[table]
+                counts[table] = len(batch)
+                if not batch:
+                    continue
+                names = [name for name, _ in EXPORT_COLUMNS[table]]
+                # charges.seq numbers charges again in dump (= insertion) order; ids are kept
+                overriding = " OVERRIDING SYSTEM VALUE" if table in ("accounts", "postings") else ""
+                sql = (
+                    f"INSERT INTO {table} ({', '.join(names)}){overriding} "
+                    f"VALUES ({', '.join(f'${i}' for i in range(1, len(names) + 1))})"
+                )
+                try:
+                    await conn.executemany(sql, [[row[name] for name in names] for row in batch])
+                except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+                    raise InvalidInput(f"the {table} rows of the dump do not fit: {exc}") from None
+            for table, column in (("accounts", "id"), ("postings", "id"), ("charges", "seq")):
+                await conn.execute(
+                    "SELECT setval(pg_get_serial_sequence($1, $2), "
+                    f"COALESCE((SELECT max({column}) FROM {table}), 0) + 1, false)",
+                    table if self.schema is None else f"{_quote_ident(self.schema)}.{table}",
+                    column,
+                )
+            now = self._clock()
+            system: dict[AccountKind, int] = {}
+            for kind in _SYSTEM_KINDS:  # a dump without them still gets them
+                await conn.execute(
+                    "INSERT INTO accounts (kind, name, created_at) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (kind, name) DO NOTHING",
+                    kind.value,
+                    SYSTEM_NAME,
+                    now,
+                )
+                system[kind] = await conn.fetchval(
+                    "SELECT id FROM accounts WHERE kind = $1 AND name = $2", kind.value, SYSTEM_NAME
+                )
+            return counts, system
+
+        # Not idempotent as a whole (a re-run would find the target full): never re-run.
+        counts, self._system = await self._run(tx, idempotent=False)
+        return counts
+
+
+async def _verify(conn: Conn) -> list[str]:
+    """Every invariant, checked inside the caller's single REPEATABLE READ transaction."""
+    problems: list[str] = []
+
+    async def q(sql: str) -> list[Row]:
+        return list(await conn.fetch(sql))
+
+    total = (await q("SELECT COALESCE(SUM(amount), 0)::bigint FROM postings"))[0][0]
+    if total != 0:
+        problems.append(f"postings sum to {total}, not 0")
+    for transfer_id, s in await q(
+        "SELECT transfer_id, SUM(amount)::bigint FROM postings GROUP BY transfer_id HAVING SUM(amount) <> 0"
+    ):
+        problems.append(f"transfer {transfer_id}: postings sum to {s}, not 0")
+    for transfer_id, kind, amount, credits in await q(
+        "SELECT t.id, t.kind, t.amount, COALESCE(SUM(p.amount) FILTER (WHERE p.amount > 0), 0)::bigint "
+        "FROM transfers t LEFT JOIN postings p ON p.transfer_id = t.id GROUP BY t.id "
+        "HAVING COALESCE(SUM(p.amount) FILTER (WHERE p.amount > 0), 0) <> t.amount"
+    ):
+        problems.append(f"{kind} transfer {transfer_id}: amount {amount} but its credits sum to {credits}")
+    for kind, name, balance, s in await q(
+        "SELECT a.kind, a.name, a.balance, COALESCE(p.s, 0)::bigint FROM accounts a "
+        "LEFT JOIN (SELECT account_id, SUM(amount) AS s FROM postings GROUP BY account_id) p "
+        "ON p.account_id = a.id WHERE a.balance <> COALESCE(p.s, 0) ORDER BY a.id"
+    ):
+        problems.append(f"{kind} {name!r}: balance {balance} but its postings sum to {s}")
+    for kind, name, held, s in await q(
+        "SELECT a.kind, a.name, a.held, COALESCE(h.s, 0)::bigint FROM accounts a "
+        "LEFT JOIN (SELECT user_account_id, SUM(amount) AS s FROM holds WHERE state = 'pending' "
+        "GROUP BY user_account_id) h ON h.user_account_id = a.id WHERE a.held <> COALESCE(h.s, 0) ORDER BY a.id"
+    ):
+        problems.append(f"{kind} {name!r}: held {held} but its pending holds sum to {s}")
+    for key_id, held, s in await q(
+        "SELECT k.id, k.held, COALESCE(h.s, 0)::bigint FROM keys k "
+        "LEFT JOIN (SELECT key_id, SUM(amount) AS s FROM holds WHERE state = 'pending' GROUP BY key_id) h "
+        "ON h.key_id = k.id WHERE k.held <> COALESCE(h.s, 0) ORDER BY k.id"
+    ):
+        problems.append(f"key {key_id}: held {held} but its pending holds sum to {s}")
+    for key_id, spent, s in await q(
+        "SELECT k.id, k.spent, COALESCE(c.s, 0)::bigint FROM keys k "
+        "LEFT JOIN (SELECT h.key_id, SUM(c.amount - c.refunded) AS s FROM charges c "
+        "JOIN holds h ON h.call_id = c.call_id GROUP BY h.key_id) c "
+        "ON c.key_id = k.id WHERE k.spent <> COALESCE(c.s, 0) ORDER BY k.id"
+    ):
+        problems.append(f"key {key_id}: spent {spent} but its charges net of refunds sum to {s}")
+    for name, balance, held in await q(
+        "SELECT name, balance, held FROM accounts WHERE kind = 'user' AND (balance - held < 0 OR held < 0) ORDER BY id"
+    ):
+        problems.append(f"user {name!r}: balance {balance} with {held} held leaves a negative available")
+    for kind, name, held in await q("SELECT kind, name, held FROM accounts WHERE held < 0 AND kind <> 'user'"):
+        problems.append(f"{kind} {name!r}: negative held {held}")
+    for kind, name, balance in await q(
+        "SELECT kind, name, balance FROM accounts "
+        f"WHERE balance > {MAX_BALANCE} OR balance < {-MAX_BALANCE} ORDER BY id"
+    ):
+        problems.append(f"{kind} {name!r}: balance {balance} is outside +-{MAX_BALANCE}")
+    for kind, name, balance in await q(
+        "SELECT kind, name, balance FROM accounts "
+        "WHERE kind IN ('developer', 'platform_fee', 'payout_clearing') AND balance < 0 ORDER BY id"
+    ):
+        problems.append(f"{kind} {name!r}: negative balance {balance}")
+    for call_id, charge_id, hold_amount, charge_amount, transfer_kind, user_posting in await q(
+        "SELECT h.call_id, h.charge_id, h.amount, c.amount, t.kind, "
+        "(SELECT SUM(p.amount)::bigint FROM postings p "
+        " WHERE p.transfer_id = h.charge_id AND p.account_id = h.user_account_id) "
+        "FROM holds h LEFT JOIN charges c ON c.id = h.charge_id LEFT JOIN transfers t ON t.id = h.charge_id "
+        "WHERE h.state = 'captured' ORDER BY h.call_id"
+    ):
+        if charge_id is None or charge_amount is None or transfer_kind != "charge":
+            problems.append(f"captured hold {call_id}: no charge transfer")
+        elif user_posting != -charge_amount:
+            problems.append(
+                f"captured hold {call_id}: charge {charge_id} debits the user {user_posting}, not {-charge_amount}"
+            )
+        elif charge_amount > hold_amount:
+            problems.append(f"captured hold {call_id}: charged {charge_amount}, more than held {hold_amount}")
+    for charge_id, refunded, s in await q(
+        "SELECT c.id, c.refunded, COALESCE(r.s, 0)::bigint FROM charges c "
+        "LEFT JOIN (SELECT charge_id, SUM(amount) AS s FROM transfers WHERE kind = 'refund' "
+        "GROUP BY charge_id) r ON r.charge_id = c.id WHERE c.refunded <> COALESCE(r.s, 0) ORDER BY c.id"
+    ):
+        problems.append(f"charge {charge_id}: refunded {refunded} but its refunds sum to {s}")
+    problems += await _verify_payouts(conn)
+    return problems
+
+
+_PAYOUT_LEGS = {"payout": (1, -1), "payout_settle": (-1, 0), "payout_fail": (-1, 1)}  # (clearing, developer)
+_PAYOUT_TRANSFERS = {
+    "pending": {"payout"},
+    "settled": {"payout", "payout_settle"},
+    "failed": {"payout", "payout_fail"},
+}
+
+
+async def _verify_payouts(conn: Conn) -> list[str]:
+    """payout_clearing holds exactly what pending payouts owe, and each payout has exactly the
+    transfers its state implies, each moving its amount between the right accounts."""
+    problems: list[str] = []
+    for balance, pending in await conn.fetch(
+        "SELECT a.balance, (SELECT COALESCE(SUM(amount), 0)::bigint FROM payouts WHERE state = 'pending') "
+        "FROM accounts a WHERE a.kind = 'payout_clearing'"
+    ):
+        if balance != pending:
+            problems.append(f"payout_clearing: balance {balance} but pending payouts sum to {pending}")
+    payouts = {
+        row[0]: (row[1], row[2]) for row in await conn.fetch("SELECT id, state, amount FROM payouts ORDER BY id")
+    }
+    found: dict[str, set[str]] = defaultdict(set)
+    for transfer_id, kind, reference, amount, clearing, developer in await conn.fetch(
+        "SELECT t.id, t.kind, t.reference, t.amount, "
+        "COALESCE((SELECT SUM(p.amount) FROM postings p JOIN accounts a ON a.id = p.account_id "
+        "          WHERE p.transfer_id = t.id AND a.kind = 'payout_clearing'), 0)::bigint, "
+        "COALESCE((SELECT SUM(p.amount) FROM postings p JOIN payouts po ON po.id = t.reference "
+        "          WHERE p.transfer_id = t.id AND p.account_id = po.developer_account_id), 0)::bigint "
+        "FROM transfers t WHERE t.kind IN ('payout', 'payout_settle', 'payout_fail') ORDER BY t.id"
+    ):
+        if reference not in payouts:
+            problems.append(f"{kind} transfer {transfer_id}: belongs to no payout")
+            continue
+        _, payout_amount = payouts[reference]
+        found[reference].add(kind)
+        want_clearing, want_developer = _PAYOUT_LEGS[kind]
+        if (amount, clearing, developer) != (
+            payout_amount,
+            want_clearing * payout_amount,
+            want_developer * payout_amount,
+        ):
+            problems.append(
+                f"{kind} transfer {transfer_id} of payout {reference} ({payout_amount}): amount {amount}, "
+                f"payout_clearing {clearing:+}, developer {developer:+}"
+            )
+    for payout_id, (state, _) in payouts.items():
+        expected = _PAYOUT_TRANSFERS[state]
+        if found[payout_id] != expected:
+            missing = ", ".join(sorted(expected - found[payout_id])) or "none"
+            extra = ", ".join(sorted(found[payout_id] - expected)) or "none"
+            problems.append(f"{state} payout {payout_id}: missing transfers {missing}; unexpected {extra}")
+    return problems
