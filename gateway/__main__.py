@@ -1,6 +1,6 @@
 """`python -m gateway` runs the operator CLI."""
 
-from gateway.cli import main
+from gateway.ops.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

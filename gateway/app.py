@@ -13,24 +13,25 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway import jsonrpc, logs, proxy
-from gateway.auth import Authenticator
-from gateway.billing import Billing, spawn
+from gateway import logs, proxy
+from gateway.api.openapi import openapi_document
+from gateway.api.service import ServiceApi, json_error
+from gateway.billing.reload import PriceBook
+from gateway.billing.settlement import Billing, spawn
 from gateway.config import GatewayConfig
-from gateway.deadlines import Deadlines
 from gateway.errors import AuthError, ConfigError, GatewayError, MethodNotAllowed, MissingKey
 from gateway.http_server import malformed_body_error
 from gateway.ledger import open_ledger
 from gateway.ledger.interfaces import Accounts, Ledger
-from gateway.limits import KeyLimits, TooManyRequests
 from gateway.metrics import Metrics
-from gateway.openapi import openapi_document
-from gateway.reload import PriceBook
-from gateway.routing import Router, redact_path
+from gateway.protocol import jsonrpc
+from gateway.protocol.sessions import Sessions, SessionSigner
+from gateway.proxy.auth import Authenticator
+from gateway.proxy.deadlines import Deadlines
+from gateway.proxy.limits import KeyLimits, TooManyRequests
+from gateway.proxy.routing import Router, redact_path
+from gateway.proxy.upstream_client import UpstreamClient
 from gateway.runtime import RUNTIME, Runtime
-from gateway.service_api import ServiceApi, json_error
-from gateway.sessions import Sessions, SessionSigner
-from gateway.upstream_client import UpstreamClient
 
 log = structlog.get_logger("gateway")
 _SERVICE_API = "/v1/"  # the developers' HTTP API (service_api), mounted on the gateway listener

@@ -17,22 +17,29 @@ each value keeps its ``start_mark`` and its source text.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
-from yaml.constructor import ConstructorError, SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, ScalarNode
 
+from gateway.config_yaml import (
+    FLOAT_TAG,
+    INT_TAG,
+    STR_TAG,
+    Reader,
+    compose_yaml,
+    describe,
+    expand_env,
+    is_null,
+    line_of,
+)
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -65,19 +72,13 @@ ADMIN_TOKEN_ENV = "AGENTPAY_ADMIN_TOKEN"
 _MIB = 1024 * 1024
 _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$", re.IGNORECASE)
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_ENV_REF_RE = re.compile(r"\$\{([^}]*)\}")
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PERCENT_RE = re.compile(r"^(?P<int>\d+)(?:\.(?P<frac>\d+))?\s*%?$")
 # Headers the proxy owns: injecting them would break framing or routing.
 _FORBIDDEN_UPSTREAM_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer"}
 )
 
-_INT_TAG = "tag:yaml.org,2002:int"
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_STR_TAG = "tag:yaml.org,2002:str"
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_NULL_TAG = "tag:yaml.org,2002:null"
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,216 +215,6 @@ def _join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def expand_env(text: str, env: Mapping[str, str] | None = None) -> str:
-    """Replace ``${NAME}`` references with environment variables; KeyError/ValueError otherwise."""
-    environ: Mapping[str, str] = os.environ if env is None else env
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if not _ENV_NAME_RE.match(name):
-            raise ValueError(f"${{{name}}} is not a valid environment variable reference")
-        if name not in environ:
-            raise KeyError(name)
-        return environ[name]
-
-    expanded = _ENV_REF_RE.sub(substitute, text)
-    # "${" without a closing brace is a typo, not a value.
-    if "${" in _ENV_REF_RE.sub("", text):
-        raise ValueError("unterminated ${...} reference")
-    return expanded
-
-
-# --------------------------------------------------------------------------------------------
-# Node walking
-# --------------------------------------------------------------------------------------------
-def line_of(node: Node) -> int:
-    """1-based line of a node."""
-    return int(node.start_mark.line) + 1
-
-
-class _Reader:
-    """Validation helpers that all know the file name, so every error has file and line."""
-
-    def __init__(self, file: str, env: Mapping[str, str]):
-        self.file = file
-        self.env = env
-        self._constructor = SafeConstructor()
-
-    def error(self, message: str, node: Node | int | None) -> ConfigError:
-        line = node if isinstance(node, int) or node is None else line_of(node)
-        return ConfigError(message, file=self.file, line=line)
-
-    def mapping(self, node: Node, where: str) -> dict[str, tuple[ScalarNode, Node]]:
-        """The entries of a mapping node, by key text; duplicate and non-scalar keys rejected."""
-        if not isinstance(node, MappingNode):
-            raise self.error(f"{where} must be a mapping (key: value lines), got {_describe(node)}", node)
-        entries: dict[str, tuple[ScalarNode, Node]] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, ScalarNode):
-                raise self.error(f"keys in {where} must be plain names", key_node)
-            key = key_node.value
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise self.error(f"merge keys (<<) are not supported in {where}", key_node)
-            if key in entries:
-                first = line_of(entries[key][0])
-                raise self.error(f"duplicate key {key!r} in {where} (first given on line {first})", key_node)
-            entries[key] = (key_node, value_node)
-        return entries
-
-    def check_keys(self, entries: Mapping[str, tuple[ScalarNode, Node]], allowed: Iterable[str], where: str) -> None:
-        allowed = tuple(allowed)
-        for key, (key_node, _) in entries.items():
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise self.error(
-                    f"unknown key {key!r} in {where} (expected one of: {', '.join(allowed)}){hint}", key_node
-                )
-
-    def require(self, entries: Mapping[str, tuple[ScalarNode, Node]], key: str, where: str, line: int) -> Node:
-        if key not in entries or _is_null(entries[key][1]):
-            raise self.error(f"{where}.{key} is required" if where else f"{key!r} is required", line)
-        return entries[key][1]
-
-    def scalar(self, node: Node) -> Any:
-        try:
-            return self._constructor.construct_object(node, deep=True)
-        except ConstructorError as exc:  # e.g. an invalid timestamp
-            raise self.error(f"invalid value: {exc.problem}", node) from None
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # e.g. `!!int abc`, a huge integer
-            raise self.error(f"invalid value: {type(exc).__name__}: {str(exc)[:100]}", node) from None
-
-    def string(self, node: Node, where: str, *, allow_empty: bool = False) -> str:
-        if not isinstance(node, ScalarNode) or node.tag != _STR_TAG:
-            hint = " (put it in quotes)" if isinstance(node, ScalarNode) else ""
-            raise self.error(f"{where} must be a string, got {_describe(node)}{hint}", node)
-        value = str(node.value)
-        if not allow_empty and not value.strip():
-            raise self.error(f"{where} must not be empty", node)
-        return value
-
-    def env_string(self, node: Node, where: str) -> str:
-        text = self.string(node, where)
-        try:
-            value = expand_env(text, self.env)
-        except KeyError as exc:
-            raise self.error(f"{where}: environment variable {exc.args[0]} is not set", node) from None
-        except ValueError as exc:
-            raise self.error(f"{where}: {exc}", node) from None
-        if not value:
-            raise self.error(f"{where} is empty after expanding environment variables", node)
-        return value
-
-    def integer(self, node: Node, where: str, *, minimum: int) -> int:
-        if not isinstance(node, ScalarNode) or node.tag != _INT_TAG:
-            raise self.error(f"{where} must be a whole number, got {_describe(node)}", node)
-        value = self.scalar(node)
-        assert isinstance(value, int)
-        if value < minimum:
-            raise self.error(f"{where} must be at least {minimum}, got {value}", node)
-        return value
-
-    def number(self, node: Node, where: str, *, positive: bool) -> float:
-        if not isinstance(node, ScalarNode) or node.tag not in (_INT_TAG, _FLOAT_TAG):
-            raise self.error(f"{where} must be a number of seconds, got {_describe(node)}", node)
-        value = _to_float(self.scalar(node))
-        if not math.isfinite(value):
-            raise self.error(f"{where} must be a finite number, got {node.value}", node)
-        if value < 0 or (positive and value == 0):
-            bound = "greater than 0" if positive else "0 or more"
-            raise self.error(f"{where} must be {bound}, got {node.value}", node)
-        return value
-
-    def fraction(self, node: Node, where: str) -> float:
-        """A number greater than 0 and at most 1 (0.5 is a half)."""
-        if not isinstance(node, ScalarNode) or node.tag not in (_INT_TAG, _FLOAT_TAG):
-            raise self.error(f"{where} must be a fraction such as 0.5, got {_describe(node)}", node)
-        value = _to_float(self.scalar(node))
-        if not 0 < value <= 1:  # NaN fails too
-            raise self.error(f"{where} must be greater than 0 and at most 1 (0.5 is a half), got {node.value}", node)
-        return value
-
-    def boolean(self, node: Node, where: str) -> bool:
-        if not isinstance(node, ScalarNode) or node.tag != _BOOL_TAG:
-            raise self.error(f"{where} must be true or false, got {_describe(node)}", node)
-        return bool(self.scalar(node))
-
-    def string_list(self, node: Node, where: str) -> list[tuple[str, Node]]:
-        if _is_null(node):
-            return []
-        if not isinstance(node, SequenceNode):
-            raise self.error(f'{where} must be a list of strings, e.g. ["a", "b"]', node)
-        return [(self.string(item, f"{where}[{i}]"), item) for i, item in enumerate(node.value)]
-
-    def http_url(self, node: Node, where: str) -> str:
-        text = self.string(node, where).strip()
-        problem = _http_url_problem(text)
-        if problem:
-            raise self.error(f"{where}: {problem}", node)
-        return text
-
-
-def _http_url_problem(text: str) -> str | None:
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:
-        return f"{text!r} is not a valid URL ({exc})"
-    if parts.scheme not in ("http", "https"):
-        return f"{text!r} must start with http:// or https://"
-    if not parts.hostname:
-        return f"{text!r} has no host"
-    if port == 0:
-        return f"{text!r} has port 0"
-    if parts.fragment:
-        return f"{text!r} must not have a #fragment"
-    if any(c.isspace() for c in text):
-        return f"{text!r} contains whitespace"
-    return None
-
-
-def _to_float(value: int | float) -> float:
-    """A YAML number as a float; an integer too large for one is infinite (then refused as such)."""
-    try:
-        return float(value)
-    except OverflowError:
-        return math.inf
-
-
-def _is_null(node: Node) -> bool:
-    return isinstance(node, ScalarNode) and node.tag == _NULL_TAG
-
-
-def _describe(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if isinstance(node, ScalarNode):
-        kinds = {_INT_TAG: "a number", _FLOAT_TAG: "a number", _BOOL_TAG: "a boolean", _NULL_TAG: "nothing"}
-        kind = kinds.get(node.tag, "a string")
-        return f"{kind} ({node.value!r})" if node.tag != _NULL_TAG else kind
-    return "an unknown node"
-
-
-def compose_yaml(text: str, file: str) -> Node | None:
-    """Compose one YAML document into nodes; YAML errors become ConfigError with their line."""
-    try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else None
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"invalid YAML: {problem}", file=file, line=line) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=file, line=1) from None
-    except RecursionError:
-        raise ConfigError("invalid YAML: nested too deeply", file=file, line=1) from None
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
 _TOP_KEYS = (
     "listen", "database", "prices", "servers", "max_body_bytes", "max_batch_items", "hold_lease_s",
     "sweep_interval_s", "drain_grace_s", "topup_url", "price_in_description", "allowed_origins",
@@ -466,7 +257,7 @@ def parse_config(
 ) -> GatewayConfig:
     """Validate configuration text as if read from ``path`` (relative paths resolve beside it)."""
     environ: Mapping[str, str] = os.environ if env is None else env
-    r = _Reader(file or str(path), environ)
+    r = Reader(file or str(path), environ)
     root = compose_yaml(text, r.file)
     if root is None:
         raise r.error("the configuration file is empty; see config/gateway.yaml for an example", 1)
@@ -475,7 +266,7 @@ def parse_config(
     base = path.parent
 
     def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
-        if key not in top or _is_null(top[key][1]):
+        if key not in top or is_null(top[key][1]):
             return default
         return parse(top[key][1], key)
 
@@ -489,7 +280,7 @@ def parse_config(
     admin_listen: str | None = "127.0.0.1:8081"
     if "admin_listen" in top:
         node = top["admin_listen"][1]
-        if _is_null(node):
+        if is_null(node):
             admin_listen = None
         else:
             host, port = _listen(r, node, "admin_listen")
@@ -562,9 +353,9 @@ def parse_config(
     )
 
 
-def _listen(r: _Reader, node: Node, where: str) -> tuple[str, int]:
-    if not isinstance(node, ScalarNode) or node.tag != _STR_TAG:
-        raise r.error(f'{where} must be "host:port", e.g. "127.0.0.1:8080", got {_describe(node)}', node)
+def _listen(r: Reader, node: Node, where: str) -> tuple[str, int]:
+    if not isinstance(node, ScalarNode) or node.tag != STR_TAG:
+        raise r.error(f'{where} must be "host:port", e.g. "127.0.0.1:8080", got {describe(node)}', node)
     try:
         return parse_listen(node.value)
     except ValueError as exc:
@@ -578,7 +369,7 @@ def _resolve(base: Path, text: str) -> Path:
     return Path(os.path.abspath(path if path.is_absolute() else base / path))
 
 
-def _database(r: _Reader, node: Node, base: Path) -> str:
+def _database(r: Reader, node: Node, base: Path) -> str:
     url = r.env_string(node, "database").strip()
     if url.startswith(("postgresql://", "postgres://")):
         return url
@@ -594,7 +385,7 @@ def _database(r: _Reader, node: Node, base: Path) -> str:
     raise r.error(f"database: {url!r} is not supported; use sqlite:///path.db or postgresql://user:pass@host/db", node)
 
 
-def _origin(r: _Reader, text: str, node: Node) -> str:
+def _origin(r: Reader, text: str, node: Node) -> str:
     value = text.strip().rstrip("/").lower()
     if value == "null":
         return value
@@ -607,8 +398,8 @@ def _origin(r: _Reader, text: str, node: Node) -> str:
     return value
 
 
-def _servers(r: _Reader, node: Node) -> dict[str, ServerConfig]:
-    if _is_null(node):
+def _servers(r: Reader, node: Node) -> dict[str, ServerConfig]:
+    if is_null(node):
         return {}
     entries = r.mapping(node, "servers")
     servers: dict[str, ServerConfig] = {}
@@ -639,13 +430,13 @@ def _servers(r: _Reader, node: Node) -> dict[str, ServerConfig]:
     return servers
 
 
-def _server(r: _Reader, name: str, key_node: Node, node: Node) -> tuple[ServerConfig, dict[str, int]]:
+def _server(r: Reader, name: str, key_node: Node, node: Node) -> tuple[ServerConfig, dict[str, int]]:
     where = f"servers.{name}"
     entries = r.mapping(node, where)
     r.check_keys(entries, _SERVER_KEYS, where)
 
     def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
-        if key not in entries or _is_null(entries[key][1]):
+        if key not in entries or is_null(entries[key][1]):
             return default
         return parse(entries[key][1], f"{where}.{key}")
 
@@ -668,11 +459,11 @@ def _server(r: _Reader, name: str, key_node: Node, node: Node) -> tuple[ServerCo
         host_lines[host] = line_of(host_node)
 
     fee = 0
-    if "platform_fee_percent" in entries and not _is_null(entries["platform_fee_percent"][1]):
+    if "platform_fee_percent" in entries and not is_null(entries["platform_fee_percent"][1]):
         fee = _fee_basis_points(r, entries["platform_fee_percent"][1], f"{where}.platform_fee_percent")
 
     headers: dict[str, str] = {}
-    if "upstream_headers" in entries and not _is_null(entries["upstream_headers"][1]):
+    if "upstream_headers" in entries and not is_null(entries["upstream_headers"][1]):
         header_entries = r.mapping(entries["upstream_headers"][1], f"{where}.upstream_headers")
         for header, (h_key, h_value) in header_entries.items():
             if not _HEADER_NAME_RE.match(header):
@@ -681,7 +472,7 @@ def _server(r: _Reader, name: str, key_node: Node, node: Node) -> tuple[ServerCo
                 raise r.error(f"{where}.upstream_headers: {header!r} is set by the gateway itself", h_key)
             if any(existing.lower() == header.lower() for existing in headers):
                 raise r.error(f"{where}.upstream_headers: {header!r} is given twice", h_key)
-            if isinstance(h_value, ScalarNode) and h_value.tag in (_INT_TAG, _FLOAT_TAG):
+            if isinstance(h_value, ScalarNode) and h_value.tag in (INT_TAG, FLOAT_TAG):
                 value = str(h_value.value)  # X-Api-Version: 2 is meant as text
             else:
                 value = r.env_string(h_value, f"{where}.upstream_headers.{header}")
@@ -737,10 +528,10 @@ def _valid_host(host: str) -> bool:
     return bool(_HOST_RE.match(name)) and len(name) <= 253
 
 
-def _fee_basis_points(r: _Reader, node: Node, where: str) -> int:
+def _fee_basis_points(r: Reader, node: Node, where: str) -> int:
     """Percent text ("2.5") to basis points (250), exactly: no float ever sees the value."""
-    if not isinstance(node, ScalarNode) or node.tag not in (_INT_TAG, _FLOAT_TAG, _STR_TAG):
-        raise r.error(f"{where} must be a percentage such as 2.5, got {_describe(node)}", node)
+    if not isinstance(node, ScalarNode) or node.tag not in (INT_TAG, FLOAT_TAG, STR_TAG):
+        raise r.error(f"{where} must be a percentage such as 2.5, got {describe(node)}", node)
     match = _PERCENT_RE.match(str(node.value).strip())
     if match is None:
         raise r.error(f"{where} must be a percentage such as 2.5, got {node.value!r}", node)

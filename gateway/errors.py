@@ -3,7 +3,7 @@
 Every error knows its stable machine ``code``, its HTTP status and its JSON-RPC error code,
 and carries a human ``message`` that says what was wrong and a ``hint`` that says what to do.
 They are mapped to responses in exactly one place per surface (``gateway.proxy`` for MCP
-traffic, ``gateway.service_api`` for the HTTP APIs) and to one line by the CLI.
+traffic, ``gateway.api.service`` for the HTTP APIs) and to one line by the CLI.
 """
 
 from __future__ import annotations

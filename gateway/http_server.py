@@ -42,8 +42,8 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from gateway import jsonrpc
 from gateway.errors import BadRequest
+from gateway.protocol import jsonrpc
 from gateway.proxy.admission import ClientTooSlow
 
 log = structlog.get_logger("gateway")

@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway.auth import Authenticator
-from gateway.billing import Billing
+from gateway.billing.reload import PriceBook
+from gateway.billing.settlement import Billing
 from gateway.config import GatewayConfig
 from gateway.ledger.interfaces import Ledger
-from gateway.limits import KeyLimits
 from gateway.metrics import Metrics
-from gateway.reload import PriceBook
-from gateway.sessions import Sessions, SessionSigner
+from gateway.protocol.sessions import Sessions, SessionSigner
+from gateway.proxy.auth import Authenticator
+from gateway.proxy.limits import KeyLimits
 
 
 @dataclass(slots=True)

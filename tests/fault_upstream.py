@@ -1,4 +1,4 @@
-"""The fault-injecting upstream (gateway.demo_upstream) on a loopback ephemeral port."""
+"""The fault-injecting upstream (gateway.ops.demo_upstream) on a loopback ephemeral port."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from aiohttp.test_utils import TestServer
 
-from gateway.demo_upstream import DemoUpstream
+from gateway.ops.demo_upstream import DemoUpstream
 
 
 @asynccontextmanager

@@ -19,14 +19,14 @@ from aiohttp.web_runner import BaseRunner
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway.admin_api import create_admin_app
+from gateway.api.admin import create_admin_app
+from gateway.api.operations import Operations
 from gateway.app import create_app, server_options
 from gateway.config import load_config
 from gateway.http_server import GatewayRunner
 from gateway.ledger import open_ledger
 from gateway.ledger.base import AccountKind
 from gateway.ledger.interfaces import Ledger
-from gateway.operations import Operations
 from gateway.runtime import RUNTIME, Runtime
 
 DEFAULT_PRICES: dict[str, Any] = {

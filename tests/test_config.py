@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.billing.pricing import load_prices
 from gateway.config import (
     GatewayConfig,
     ServerConfig,
@@ -16,7 +17,6 @@ from gateway.config import (
     parse_listen,
 )
 from gateway.errors import ConfigError
-from gateway.pricing import load_prices
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config" / "gateway.yaml"

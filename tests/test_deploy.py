@@ -27,13 +27,13 @@ import pytest
 import yaml
 
 from gateway import config as gateway_config
-from gateway.admin_api import create_admin_app
+from gateway.api.admin import create_admin_app
+from gateway.api.operations import Operations
 from gateway.app import create_app
-from gateway.cli import build_parser
+from gateway.billing.pricing import load_prices
 from gateway.config import ADMIN_TOKEN_ENV, GatewayConfig, load_config, parse_listen
 from gateway.errors import ConfigError
-from gateway.operations import Operations
-from gateway.pricing import load_prices
+from gateway.ops.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -329,7 +329,7 @@ def test_dockerfile_entrypoint_is_the_console_script_and_cmd_parses() -> None:
     entrypoint = exec_form(instruction("ENTRYPOINT"))
     assert entrypoint == ["agentpay"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["agentpay"] == "gateway.cli:main"
+    assert scripts["agentpay"] == "gateway.ops.cli:main"
     cmd = exec_form(instruction("CMD"))
     args = parse_cli(cmd)
     assert args.command == "serve"

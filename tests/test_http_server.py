@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, BadStatusLine, InvalidHeader, LineTooLong
 
+from gateway.api.operations import Operations
 from gateway.config import load_config
-from gateway.demo_upstream import DemoUpstream
 from gateway.errors import ConfigError
 from gateway.http_server import malformed_request_error, parser_reason
-from gateway.operations import Operations
+from gateway.ops.demo_upstream import DemoUpstream
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import (
     FAULT_PRICES,

@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 from structlog.testing import capture_logs
 
+from gateway.api.operations import Operations
 from gateway.ledger.base import AccountKind
 from gateway.money import parse_cents
-from gateway.operations import Operations
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import (
     FAULT_PRICES,

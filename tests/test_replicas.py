@@ -38,11 +38,11 @@ import asyncpg
 import pytest
 import yaml
 
+from gateway.api.operations import Operations
 from gateway.config import load_config
 from gateway.ledger.base import AccountKind
 from gateway.ledger.postgres import PostgresLedger
 from gateway.money import format_cents, parse_cents
-from gateway.operations import Operations
 from gateway.proxy import RECEIPT_META
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import FAULT_PRICES, prepare_ledger, rpc, tool_call, write_config

@@ -1,6 +1,6 @@
 """The MCP reverse-proxy handler: authenticate → price → hold → forward → relay → capture/void.
 
-The gateway owns the ids it sends upstream (``gateway.upstream_ids``): every forwarded request gets
+The gateway owns the ids it sends upstream (``gateway.protocol.upstream_ids``): every forwarded request gets
 a gateway-unique id and its response gets the client's id back, so a response settles only the
 call whose request produced it. Responses are otherwise relayed untouched unless they answer a held
 call (a receipt is added to the result's ``_meta``) or a list whose items have prices

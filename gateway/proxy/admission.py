@@ -8,9 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import jsonrpc, upstream_ids
+from gateway.billing.pricing import PriceTable
 from gateway.config import GatewayConfig
-from gateway.deadlines import Deadlines
 from gateway.errors import (
     INVALID_PARAMS,
     PAYMENT_REQUIRED,
@@ -18,12 +17,13 @@ from gateway.errors import (
     BodyTooLarge,
     GatewayError,
 )
-from gateway.jsonrpc import Message
 from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus
 from gateway.money import format_cents
-from gateway.pricing import PriceTable
+from gateway.protocol import jsonrpc, upstream_ids
+from gateway.protocol.jsonrpc import Message
+from gateway.protocol.sessions import Call, Forwarded
+from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.exchange import PAYMENT_META, TASK_METHODS, Context, Exchange, release_calls
-from gateway.sessions import Call, Forwarded
 
 _SMALLER_BODY = "Send a smaller request"
 

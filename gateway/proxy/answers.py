@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import jsonrpc, sse, upstream_ids
 from gateway.errors import RESULT_WITHHELD
-from gateway.jsonrpc import LIST_METHODS, Outcome
 from gateway.ledger.base import charge_id_for
 from gateway.money import format_cents
+from gateway.protocol import jsonrpc, sse, upstream_ids
+from gateway.protocol.jsonrpc import LIST_METHODS, Outcome
+from gateway.protocol.sessions import Call, Forwarded
 from gateway.proxy.exchange import PRICE_META, RECEIPT_META, TASK_METHODS, Context, Exchange, settle_call
-from gateway.sessions import Call, Forwarded
 
 
 @dataclass(slots=True, frozen=True)

@@ -11,13 +11,13 @@ import aiohttp
 from aiohttp import web
 
 from gateway.config import ServerConfig
-from gateway.deadlines import Deadlines
 from gateway.errors import GatewayError
 from gateway.ledger.base import KeyRecord, charge_id_for
-from gateway.routing import Route, Router
+from gateway.protocol.sessions import Call, Forwarded, LegacyChannel
+from gateway.proxy.deadlines import Deadlines
+from gateway.proxy.routing import Route, Router
+from gateway.proxy.upstream_client import UpstreamClient
 from gateway.runtime import Runtime
-from gateway.sessions import Call, Forwarded, LegacyChannel
-from gateway.upstream_client import UpstreamClient
 
 LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields", dict)
 DEADLINES: web.AppKey[Deadlines] = web.AppKey("deadlines", Deadlines)  # the request path's timeouts

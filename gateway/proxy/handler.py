@@ -6,7 +6,6 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from gateway import jsonrpc
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.errors import (
     MethodNotAllowed,
@@ -14,6 +13,7 @@ from gateway.errors import (
     UnknownServer,
 )
 from gateway.keys import key_from_headers
+from gateway.protocol import jsonrpc
 from gateway.proxy.admission import admit_all, forward_body, read_body
 from gateway.proxy.exchange import DEADLINES, LOG_FIELDS, ROUTER, Context, Exchange, SessionNotFound, id_scope
 from gateway.proxy.legacy import legacy_post, legacy_stream

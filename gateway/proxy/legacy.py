@@ -7,12 +7,12 @@ from urllib.parse import urljoin
 
 from aiohttp import web
 
-from gateway import jsonrpc, sse
 from gateway.money import format_cents
+from gateway.protocol import jsonrpc, sse
+from gateway.protocol.sessions import Forwarded, LegacyChannel
 from gateway.proxy.admission import admit_all, forward_body, read_body
 from gateway.proxy.exchange import TASK_METHODS, Context, Exchange, SessionNotFound, settle_call
 from gateway.proxy.relay import open_upstream, relay_sse, stream_raw
-from gateway.sessions import Forwarded, LegacyChannel
 
 
 def _gateway_prefix(ctx: Context) -> str:

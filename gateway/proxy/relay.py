@@ -12,18 +12,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway import jsonrpc, sse
 from gateway.config import GatewayConfig
-from gateway.deadlines import Deadlines
 from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
 from gateway.money import format_cents
+from gateway.protocol import jsonrpc, sse
 from gateway.proxy.answers import Capture, capture_delivered, process_event, process_value
+from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.exchange import CLIENT_GONE, UPSTREAMS, Context, Exchange, release_calls, settle_call
-from gateway.upstream import ForwardedFor, downstream_headers, upstream_headers
-from gateway.upstream_client import UpstreamResponse
+from gateway.proxy.headers import ForwardedFor, downstream_headers, upstream_headers
+from gateway.proxy.upstream_client import UpstreamResponse
 
 
 def _forwarded_for(request: web.Request, config: GatewayConfig) -> ForwardedFor:

@@ -26,9 +26,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from gateway.api.operations import Operations
 from gateway.config import load_config
 from gateway.ledger import open_ledger
-from gateway.operations import Operations
 from tests.clients.npm import NodeTools, NpmUnavailable, ensure_installed
 from tests.harness import write_config
 from tests.process import free_port, run_gateway_process

@@ -44,9 +44,9 @@ import aiohttp
 import asyncpg
 import yaml
 
+from gateway.api.operations import Operations
 from gateway.ledger import open_ledger
 from gateway.money import format_cents, parse_cents
-from gateway.operations import Operations
 from tests.harness import prepare_ledger, write_config
 from tests.process import free_port
 

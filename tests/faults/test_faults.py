@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.billing import Billing
+from gateway.billing.settlement import Billing
 from tests.faults.harness import (
     PG_DSN,
     UPSTREAM_FAULTS,

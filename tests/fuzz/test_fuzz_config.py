@@ -21,7 +21,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from gateway import config as gwconfig
-from gateway import money, pricing
+from gateway import money
+from gateway.billing import pricing
 from gateway.errors import ConfigError
 from tests.fuzz.common import assert_clear, fuzz, tried
 
@@ -352,7 +353,7 @@ def test_bad_scalars_in_the_config_are_config_errors(extra: str) -> None:
 
 _REDOS = """
 import time
-from gateway.pricing import parse_prices
+from gateway.billing.pricing import parse_prices
 table = parse_prices('weather:\\n  tools:\\n    "*_*_*_report": 5\\n', source="p", servers=["weather"])
 started = time.perf_counter()
 assert table.lookup("weather", "tool", "_" * 6000) == 0

@@ -1,4 +1,4 @@
-"""Fuzzing the JSON-RPC core (``gateway.jsonrpc``): parse_body, check_routing_headers, classify_response.
+"""Fuzzing the JSON-RPC core (``gateway.protocol.jsonrpc``): parse_body, check_routing_headers, classify_response.
 
 The contract: whatever a client POSTs, ``parse_body`` returns an ``Incoming`` or raises a
 ``GatewayError`` with a clear message (mapped to a 400 by the proxy) — never any other exception,
@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import jsonrpc
 from gateway.errors import INVALID_REQUEST, BadRequest, GatewayError, HeaderMismatch
-from gateway.jsonrpc import Incoming, Outcome
+from gateway.protocol import jsonrpc
+from gateway.protocol.jsonrpc import Incoming, Outcome
 from tests.fuzz.common import assert_clear, fuzz, tried
 
 # --- strategies ------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def test_an_ordinary_request_is_parsed_by_orjson_alone(body: str, monkeypatch: p
     def slow_path(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the standard library parsed an ordinary request")
 
-    monkeypatch.setattr(json, "loads", slow_path)  # the module gateway.jsonrpc falls back to
+    monkeypatch.setattr(json, "loads", slow_path)  # the module gateway.protocol.jsonrpc falls back to
     assert check_parse(body.encode(), max_batch_items=8) is not None
 
 

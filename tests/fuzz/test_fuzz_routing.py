@@ -1,4 +1,4 @@
-"""Fuzzing request routing (``gateway.routing``) and key extraction (``gateway.keys``).
+"""Fuzzing request routing (``gateway.proxy.routing``) and key extraction (``gateway.keys``).
 
 Routing contract: any (Host, raw path) resolves to a *configured* server or raises BadRequest /
 UnknownServer; a path with an encoded slash or backslash or a dot-segment is refused outright; and
@@ -16,8 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from gateway import keys, routing
+from gateway import keys
 from gateway.errors import BadRequest, GatewayError, UnknownServer
+from gateway.proxy import routing
 from tests.fuzz.common import assert_clear, fuzz, tried
 
 SERVERS = ("weather", "maps", "a-b", "x_1")

@@ -1,4 +1,4 @@
-"""Fuzzing the incremental SSE parser (``gateway.sse``).
+"""Fuzzing the incremental SSE parser (``gateway.protocol.sse``).
 
 The proxy relays upstream SSE event by event from ``Parser.feed`` on whatever chunks the network
 delivers, so: the events must not depend on where the chunks were cut; the raw bytes of the events
@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import sse
+from gateway.protocol import sse
 from tests.fuzz.common import fuzz, tried
 
 FRAGMENTS = [

@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.demo_upstream import DemoUpstream
+from gateway.api.operations import Operations
 from gateway.money import parse_cents
-from gateway.operations import Operations
+from gateway.ops.demo_upstream import DemoUpstream
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import (
     FAULT_PRICES,
