@@ -133,7 +133,7 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
             forwarded.call = call
     call = forwarded.call
     nonce = call.call_id if call is not None and method not in TASK_METHODS else rt.billing.new_call_id()
-    upstream_id = upstream_ids.mint(nonce, msg.id, priced=call is not None)
+    upstream_id = upstream_ids.mint(nonce, msg.id, priced=call is not None, owner=exchange.owner)
     if call is not None and method not in TASK_METHODS:
         call.upstream_id = upstream_id
     exchange.requests[upstream_id] = forwarded

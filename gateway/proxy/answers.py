@@ -78,11 +78,17 @@ def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to
         return False  # not an id the gateway minted (an upstream's own notification-like answer)
     assert isinstance(upstream_id, str)
     item["id"] = decoded.client_id
+    if decoded.owner != exchange.owner:  # another key's answer, replayed onto this stream upstream
+        _withhold(item, "it answers a request made with another API key", code="not_yours")
+        return True
     forwarded = _lookup(ctx, exchange, upstream_id)
     outcome = jsonrpc.classify_response(item)
     if forwarded is None:
         if decoded.priced and outcome in _DELIVERS_VALUE:
-            _withhold(item, "its hold was released before the result arrived")
+            _withhold(
+                item,
+                "this stream cannot bill it (the call was made on another stream or process, or its hold was released)",
+            )
         return True
     call = forwarded.call
     method = forwarded.method
@@ -174,18 +180,18 @@ def _add_receipt(item: dict[str, Any], call: Call) -> None:
     }
 
 
-def _withhold(item: dict[str, Any], why: str) -> None:
-    """Replace a priced result the gateway cannot bill with an error: it is never delivered free."""
+def _withhold(item: dict[str, Any], why: str, *, code: str = "result_withheld") -> None:
+    """Replace a result the gateway must not deliver here with an error: a priced result it cannot
+    bill is never delivered free, and another key's answer is never shown to this one."""
     client_id = item.get("id")
     item.clear()
-    item.update(
-        jsonrpc.error_body(
-            client_id,
-            RESULT_WITHHELD,
-            f"The result of this priced call cannot be delivered: {why}, so it was not charged",
-            {"code": "result_withheld", "hint": "Call it again; you were not charged for this one"},
-        )
-    )
+    if code == "not_yours":
+        message = f"This response is not delivered: {why}"
+        hint = "Resume only streams of your own session, with event ids it gave you"
+    else:
+        message = f"The result of this priced call cannot be delivered: {why}, so it was not charged"
+        hint = "Call it again; you were not charged for this one"
+    item.update(jsonrpc.error_body(client_id, RESULT_WITHHELD, message, {"code": code, "hint": hint}))
 
 
 def _annotate_list(ctx: Context, item: dict[str, Any], method: str) -> bool:

@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway.config import ServerConfig
 from gateway.errors import GatewayError
 from gateway.ledger.base import KeyRecord, charge_id_for
+from gateway.protocol import upstream_ids
 from gateway.protocol.sessions import Call, Forwarded, LegacyChannel
 from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.routing import Route, Router
@@ -48,6 +49,10 @@ class Exchange:
     charged: int = 0  # millicents captured
     client_gone: bool = False
     billable: bool = True  # False once the upstream answered with an HTTP error status
+    owner: str = ""  # the key's tag in the upstream ids this exchange mints and accepts
+
+    def __post_init__(self) -> None:
+        self.owner = upstream_ids.owner_tag(self.key.id)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,1 @@
+"""Adversarial billing tests: clients that try to get priced results without paying for them."""
