@@ -361,7 +361,9 @@ class ServiceApi:
         token = await self._token(request)
         limit = _limit(request)
         before = request.query.get("before")
-        charges = await self.ledger.list_charges(developer=token.developer, limit=limit, before=before)
+        charges = await self.ledger.list_charges(
+            developer=token.developer, servers=token.servers, limit=limit, before=before
+        )
         return web.json_response(
             {
                 "charges": [charge_json(c) for c in charges],
@@ -382,6 +384,7 @@ class ServiceApi:
                 "by_feature": [
                     {"server": b.server, "name": b.name, "charges": b.charges, "amount_cents": format_cents(b.amount)}
                     for b in breakdown
+                    if b.server in token.servers  # the token's servers only; totals are the developer's
                 ],
                 "statement": [statement_json(line) for line in lines],
             }

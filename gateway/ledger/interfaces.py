@@ -159,10 +159,12 @@ class Charges(Protocol):
         *,
         developer: str | None = None,
         user: str | None = None,
+        servers: Sequence[str] | None = None,
         limit: int = 50,
         before: str | None = None,
     ) -> list[Charge]:
-        """Newest first; ``before`` is the id of the last charge of the previous page (cursor)."""
+        """Newest first; ``before`` is the id of the last charge of the previous page (cursor);
+        ``servers`` keeps only charges on those servers (a service token's scope)."""
 
 
 class Payouts(Protocol):

@@ -299,3 +299,30 @@ async def test_a_second_capture_of_a_captured_hold_replays_the_original_charge(c
         assert await gw.balance("alice") == parse_cents("96")
         assert await gw.earnings() == parse_cents("4")
         await gw.verify_clean()
+
+
+async def test_a_token_scoped_to_one_server_lists_only_that_servers_charges_and_features(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"tools": None, "maps": None}, {})  # both servers belong to acme
+    async with run_gateway(config) as gw:
+        tools_key, tools_token = await setup(gw)
+        maps_key = str((await gw.ops.create_key(user="alice", server="maps"))["key"])
+        maps_token = str((await gw.ops.create_token(developer="acme", servers=["maps"]))["token"])
+        async with AgentPay(base_url(gw), tools_token) as tools, AgentPay(base_url(gw), maps_token) as maps:
+            tool_charges = [(await tools.charge(tools_key, "1", "search")).id for _ in range(3)]
+            map_charges = [(await maps.charge(maps_key, "2", "route")).id for _ in range(3)]
+        seen: list[str] = []
+        cursor: str | None = None
+        while True:  # pages of two: the cursor walks the token's servers only
+            query = "/v1/charges?limit=2" + (f"&before={cursor}" if cursor else "")
+            status, body = await api(gw, "GET", query, maps_token)
+            assert status == 200
+            assert {c["server"] for c in body["charges"]} <= {"maps"}
+            seen += [c["id"] for c in body["charges"]]
+            cursor = body["next"]
+            if cursor is None:
+                break
+        assert sorted(seen) == sorted(map_charges)
+        status, body = await api(gw, "GET", f"/v1/charges?before={tool_charges[-1]}", maps_token)
+        assert status == 400  # another server's charge is no cursor here: nothing to learn from it
+        status, body = await api(gw, "GET", "/v1/earnings", maps_token)
+        assert status == 200 and {f["server"] for f in body["by_feature"]} == {"maps"}

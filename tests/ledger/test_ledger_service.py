@@ -382,6 +382,26 @@ async def test_list_charges_is_newest_first_filtered_and_pages_with_a_stable_cur
         await ledger.list_charges(developer="nobody")
 
 
+async def test_list_charges_keeps_only_the_servers_asked_for_and_pages_within_them(
+    ledger: Ledger, hold_req: MakeHold, clock: Clock
+) -> None:
+    await ledger.topup("alice", 100_000)
+    on: dict[str, list[str]] = {"weather": [], "maps": [], "docs": []}
+    for i in range(9):
+        clock.advance(1)
+        server = ("weather", "maps", "docs")[i % 3]
+        on[server].append(await charged(ledger, hold_req, f"s-{i}", 100, server=server))
+    scoped = await ledger.list_charges(developer="acme", servers=["maps", "docs"], limit=100)
+    assert [c.id for c in scoped] == sorted(on["maps"] + on["docs"], key=lambda cid: -int(cid.rsplit("-", 1)[1]))
+    assert {c.server for c in scoped} == {"maps", "docs"}
+    first = await ledger.list_charges(servers=["maps"], limit=2)
+    assert [c.id for c in first] == [on["maps"][2], on["maps"][1]]
+    assert [c.id for c in await ledger.list_charges(servers=["maps"], limit=2, before=first[-1].id)] == [on["maps"][0]]
+    assert await ledger.list_charges(servers=[]) == []
+    with pytest.raises(InvalidInput):  # a charge outside the servers is no cursor for them
+        await ledger.list_charges(servers=["maps"], before=on["weather"][0])
+
+
 # --- service tokens ---------------------------------------------------------------------------
 async def test_service_tokens_are_created_found_by_hash_listed_and_revoked_by_prefix(
     ledger: Ledger, clock: Clock

@@ -5,6 +5,7 @@ transaction, made of the steps in ``single``), refunds, and reading charges back
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from gateway.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
 from gateway.ledger.base import (
@@ -150,6 +151,7 @@ class PostgresCharges(PostgresSingle):
         *,
         developer: str | None = None,
         user: str | None = None,
+        servers: Sequence[str] | None = None,
         limit: int = 50,
         before: str | None = None,
     ) -> list[Charge]:
@@ -160,16 +162,24 @@ class PostgresCharges(PostgresSingle):
         async def tx(conn: Conn) -> list[Charge]:
             developer_id = None if developer is None else await self._account_id(conn, AccountKind.DEVELOPER, developer)
             user_id = None if user is None else await self._account_id(conn, AccountKind.USER, user)
-            where = (
-                "($1::bigint IS NULL OR c.developer_account_id = $1) AND ($2::bigint IS NULL OR c.user_account_id = $2)"
-            )
+            scope = None if servers is None else list(servers)
+
+            def where(scope_param: str) -> str:
+                return (
+                    "($1::bigint IS NULL OR c.developer_account_id = $1) "
+                    "AND ($2::bigint IS NULL OR c.user_account_id = $2) "
+                    f"AND ({scope_param}::text[] IS NULL OR c.call_id IN "
+                    f"(SELECT call_id FROM holds WHERE server = ANY({scope_param}::text[])))"
+                )
+
             cursor: tuple[float | None, str | None] = (None, None)
             if before is not None:
                 row = await conn.fetchrow(
-                    f"SELECT c.created_at, c.id FROM charges c WHERE {where} AND c.id = $3",
+                    f"SELECT c.created_at, c.id FROM charges c WHERE {where('$4')} AND c.id = $3",
                     developer_id,
                     user_id,
                     before,
+                    scope,
                 )
                 if row is None:
                     raise InvalidInput(
@@ -177,7 +187,7 @@ class PostgresCharges(PostgresSingle):
                     )
                 cursor = (row[0], row[1])
             rows = await conn.fetch(
-                f"SELECT {_CHARGE_COLUMNS} WHERE {where} "
+                f"SELECT {_CHARGE_COLUMNS} WHERE {where('$6')} "
                 "AND ($3::float8 IS NULL OR (c.created_at, c.id) < ($3, $4::text)) "
                 "ORDER BY c.created_at DESC, c.id DESC LIMIT $5",
                 developer_id,
@@ -185,6 +195,7 @@ class PostgresCharges(PostgresSingle):
                 cursor[0],
                 cursor[1],
                 limit,
+                scope,
             )
             return [_charge(row) for row in rows]
 

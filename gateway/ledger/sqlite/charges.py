@@ -3,7 +3,9 @@ transaction, hence a mixin on ``SqliteHolds``), refunds, and reading charges bac
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Sequence
 
 from gateway.errors import Conflict, IdempotencyConflict, InvalidInput, NotFound
 from gateway.ledger.base import (
@@ -158,6 +160,7 @@ class SqliteCharges(SqliteHolds):
         *,
         developer: str | None = None,
         user: str | None = None,
+        servers: Sequence[str] | None = None,
         limit: int = 50,
         before: str | None = None,
     ) -> list[Charge]:
@@ -168,12 +171,17 @@ class SqliteCharges(SqliteHolds):
         def tx(conn: Conn) -> list[Charge]:
             developer_id = None if developer is None else self._account_id(conn, AccountKind.DEVELOPER, developer)
             user_id = None if user is None else self._account_id(conn, AccountKind.USER, user)
-            where = "(?1 IS NULL OR c.developer_account_id = ?1) AND (?2 IS NULL OR c.user_account_id = ?2)"
+            scope = None if servers is None else json.dumps(list(servers))
+            where = (
+                "(?1 IS NULL OR c.developer_account_id = ?1) AND (?2 IS NULL OR c.user_account_id = ?2) "
+                "AND (?6 IS NULL OR c.call_id IN "
+                "(SELECT call_id FROM holds WHERE server IN (SELECT value FROM json_each(?6))))"
+            )
             cursor: tuple[float | None, str | None] = (None, None)
             if before is not None:
                 row = conn.execute(
                     f"SELECT c.created_at, c.id FROM charges c WHERE {where} AND c.id = ?3",
-                    (developer_id, user_id, before),
+                    (developer_id, user_id, before, None, None, scope),
                 ).fetchone()
                 if row is None:
                     raise InvalidInput(
@@ -183,7 +191,7 @@ class SqliteCharges(SqliteHolds):
             rows = conn.execute(
                 f"SELECT {_CHARGE_COLUMNS} WHERE {where} AND (?3 IS NULL OR (c.created_at, c.id) < (?3, ?4)) "
                 "ORDER BY c.created_at DESC, c.id DESC LIMIT ?5",
-                (developer_id, user_id, cursor[0], cursor[1], limit),
+                (developer_id, user_id, cursor[0], cursor[1], limit, scope),
             ).fetchall()
             return [_charge(row) for row in rows]
 
