@@ -219,13 +219,25 @@ async def test_no_response_on_either_listener_names_the_server_software(tmp_path
 
 # --- the request-header deadline ---------------------------------------------------------------------
 async def trickle_until_closed(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes, every: float = 0.05
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    data: bytes,
+    every: float = 0.05,
+    *,
+    stop_writing_after: float | None = DEADLINE * 0.6,
 ) -> bytes:
     """Send ``data`` one byte at a time, pacing by waiting ``every`` seconds on the socket for an
-    answer; return everything the server sent once it closes the connection."""
+    answer; return everything the server sent once it closes the connection. Writing stops
+    ``stop_writing_after`` seconds after the first byte (before the server's deadline), so that no
+    byte is sent after the server has answered and closed: that byte would draw a reset, and a reset
+    makes the stream reader drop the answer it had already received (a flaky failure under load)."""
     received = bytearray()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     async with asyncio.timeout(PATIENCE):
         for byte in data:
+            if stop_writing_after is not None and loop.time() - started > stop_writing_after:
+                break
             writer.write(bytes([byte]))
             try:
                 chunk = await asyncio.wait_for(reader.read(65536), every)
@@ -303,7 +315,7 @@ async def test_an_idle_kept_alive_connection_is_closed_after_client_idle_timeout
 async def test_headers_sent_in_pieces_within_the_deadline_are_served(tmp_path: Path) -> None:
     async with gateway(tmp_path, client_header_timeout_s=5) as (gw, upstream, key):
         async with connection(port_of(gw)) as (reader, writer):
-            answer = await trickle_until_closed(reader, writer, head(key) + BODY, every=0.001)
+            answer = await trickle_until_closed(reader, writer, head(key) + BODY, every=0.001, stop_writing_after=None)
         assert split_response(answer)[0] == 200
         assert upstream.completed == ["echo"]
 
