@@ -72,7 +72,7 @@ ADMIN_TOKEN_ENV = "AGENTPAY_ADMIN_TOKEN"
 _MIB = 1024 * 1024
 _HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$", re.IGNORECASE)
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_PERCENT_RE = re.compile(r"^(?P<int>\d+)(?:\.(?P<frac>\d+))?\s*%?$")
+_PERCENT_RE = re.compile(r"^(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]+))?\s*%?$")  # ASCII digits only
 # Headers the proxy owns: injecting them would break framing or routing.
 _FORBIDDEN_UPSTREAM_HEADERS = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer"}
@@ -206,7 +206,7 @@ def parse_listen(text: str) -> tuple[str, int]:
             raise ValueError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:8080")
         if not _HOST_RE.match(host):
             raise ValueError(f"{host!r} is not a valid host name or address")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
     return host, int(port_text)
 

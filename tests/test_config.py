@@ -370,3 +370,21 @@ def test_gateway_config_can_be_built_directly_for_tests(tmp_path: Path) -> None:
     )
     with pytest.raises(TypeError):
         config.servers["t"] = ServerConfig(name="t", owner="o")  # type: ignore[index]
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:\uff18\uff10\uff18\uff10", "127.0.0.1:\u0668\u0660\u0668\u0660"])
+def test_a_listen_port_in_digits_other_than_ascii_is_refused(listen: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(listen)
+
+
+def test_a_platform_fee_in_digits_other_than_ascii_is_an_error_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    (tmp_path / "prices.yaml").write_text("weather:\n  default: 0\n")
+    path.write_text(
+        'listen: "127.0.0.1:8080"\ndatabase: "sqlite:///x.db"\nprices: prices.yaml\nservers:\n  weather:\n'
+        '    upstream: "http://127.0.0.1:9000/mcp"\n    owner: acme\n    platform_fee_percent: "\uff12.5"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert ":8:" in str(caught.value) and "platform_fee_percent" in str(caught.value)

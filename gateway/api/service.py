@@ -392,10 +392,10 @@ class ServiceApi:
 
 
 def _limit(request: web.Request) -> int:
-    try:
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        raise InvalidInput("limit must be an integer from 1 to 500") from None
+    text = request.query.get("limit", "50")
+    if not (text.isascii() and text.isdigit()):  # int() would also take fullwidth digits or " 50 "
+        raise InvalidInput("limit must be an integer from 1 to 500, in ASCII digits")
+    limit = int(text)
     if not 1 <= limit <= 500:
         raise InvalidInput("limit must be an integer from 1 to 500")
     return limit

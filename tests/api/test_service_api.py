@@ -326,3 +326,11 @@ async def test_a_token_scoped_to_one_server_lists_only_that_servers_charges_and_
         assert status == 400  # another server's charge is no cursor here: nothing to learn from it
         status, body = await api(gw, "GET", "/v1/earnings", maps_token)
         assert status == 200 and {f["server"] for f in body["by_feature"]} == {"maps"}
+
+
+async def test_a_page_size_in_digits_other_than_ascii_is_refused(config: Path) -> None:
+    async with run_gateway(config) as gw:
+        _, token = await setup(gw)
+        for limit in ("\uff15\uff10", "\u0665", "%205"):  # fullwidth 50, Arabic-Indic 5, " 5"
+            status, body = await api(gw, "GET", f"/v1/charges?limit={limit}", token)
+            assert status == 400 and body["error"]["code"] == "invalid_input", limit
