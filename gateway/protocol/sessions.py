@@ -15,14 +15,17 @@ import hashlib
 import hmac
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from gateway.protocol.jsonrpc import RequestId
 
 _MAX_SESSIONS = 100_000
+_MAX_PARKED_PER_SESSION = 1_000
 _MAX_TASKS = 100_000
+_MAX_TASKS_PER_KEY = 10_000
 _MAX_CHANNEL_REQUESTS = 10_000
+MAX_CHANNEL_EVENTS = 1_000  # refusals waiting for a legacy client that does not read its stream
 
 
 @dataclass(slots=True, eq=False)
@@ -40,6 +43,23 @@ class Call:
     settled: bool = False
     captured: bool = False
     parked_at: float | None = None  # set while waiting for a response on another stream / a task
+    delivering: bool = False  # its success is being written to a client: captured once written
+    void_if_undelivered: bool = False  # dropped or expired while delivering: voided if the write fails
+
+    def claim_for_delivery(self) -> bool:
+        """Mark the call as being delivered (its success is about to be written). Nothing else may
+        void it then: only the writer captures it, or gives it back with ``delivery_failed``. False
+        when another stream is already delivering it (a duplicate: relayed, neither voided nor captured)."""
+        if self.delivering:
+            return False
+        self.delivering = True
+        return True
+
+    def delivery_failed(self) -> bool:
+        """The write failed: the call is held again. True when it must now be voided (it was dropped
+        or its window ended while it was being delivered)."""
+        self.delivering = False
+        return self.void_if_undelivered and not self.settled
 
     def finish(self, *, capture: bool) -> bool:
         """Mark the call captured or voided. False when it was already settled (nothing to do)."""
@@ -76,12 +96,14 @@ class LegacyChannel:
     key_id: str
     server: str
     upstream_url: str  # where the client's POSTs go upstream
-    events: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)  # events the gateway injects
+    events: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(MAX_CHANNEL_EVENTS))
     pending: dict[str, Forwarded] = field(default_factory=dict)  # upstream id -> request awaiting its answer
+    closed: bool = False  # its GET stream ended: nothing more is expected on it
 
     def expect(self, upstream_id: str, forwarded: Forwarded) -> bool:
-        """Track a request answered on the GET stream; False when the channel tracks too many."""
-        if len(self.pending) >= _MAX_CHANNEL_REQUESTS:
+        """Track a request answered on the GET stream; False when the channel is closed or tracks
+        too many (the caller voids the request's call)."""
+        if self.closed or len(self.pending) >= _MAX_CHANNEL_REQUESTS:
             return False
         self.pending[upstream_id] = forwarded
         return True
@@ -115,6 +137,7 @@ class Sessions:
         self._clock = clock
         self._pending: dict[str, dict[str, Forwarded]] = {}  # session -> upstream id -> parked request
         self._tasks: OrderedDict[str, Task] = OrderedDict()  # upstream task id -> its creator
+        self._tasks_of_key: dict[str, OrderedDict[str, None]] = {}  # key id -> its task ids, oldest first
         self._held_tasks: dict[str, Call] = {}  # task id -> its call while held
         self._inflight: dict[tuple[str, RequestId], str] = {}  # (scope, client id) -> upstream id
         self.legacy: dict[str, LegacyChannel] = {}
@@ -131,7 +154,10 @@ class Sessions:
         call = forwarded.call
         if call is None:
             return False
-        if len(self._pending) >= _MAX_SESSIONS and session_id not in self._pending:
+        parked = self._pending.get(session_id)
+        if parked is None and len(self._pending) >= _MAX_SESSIONS:
+            return False
+        if parked is not None and len(parked) >= _MAX_PARKED_PER_SESSION:
             return False
         call.parked_at = self._clock()
         self._pending.setdefault(session_id, {})[call.upstream_id] = forwarded
@@ -145,8 +171,9 @@ class Sessions:
                 del self._pending[session_id]  # type: ignore[arg-type]
 
     def drop(self, session_id: str) -> list[Call]:
-        """Forget a session (DELETE); returns its parked calls, to be voided."""
-        return [f.call for f in self._pending.pop(session_id, {}).values() if f.call is not None]
+        """Forget a session (DELETE); returns its parked calls, to be voided (a call being delivered
+        right now is left to its writer, which voids it if the write fails)."""
+        return _releasable(f.call for f in self._pending.pop(session_id, {}).values() if f.call is not None)
 
     # --- tasks ----------------------------------------------------------------------------
 
@@ -156,16 +183,28 @@ class Sessions:
         cannot hand one key's task to another)."""
         if task_id in self._tasks:
             return False
-        if len(self._tasks) >= _MAX_TASKS:
-            # Forget the oldest binding: its task becomes unknown, which fails closed (refused, and a
-            # still-held call is voided by ``expired`` and never delivered).
-            self._tasks.popitem(last=False)
+        # Forget the oldest binding (of this key when it has many, else of all): its task becomes
+        # unknown, which fails closed (refused, and a still-held call is voided by ``expired``).
+        own = self._tasks_of_key.setdefault(key_id, OrderedDict())
+        if len(own) >= _MAX_TASKS_PER_KEY:
+            self._forget_task(next(iter(own)))
+        elif len(self._tasks) >= _MAX_TASKS:
+            self._forget_task(next(iter(self._tasks)))
         now = self._clock()
         self._tasks[task_id] = Task(key_id, call, now)
+        self._tasks_of_key.setdefault(key_id, OrderedDict())[task_id] = None
         if call is not None:
             call.parked_at = now
             self._held_tasks[task_id] = call
         return True
+
+    def _forget_task(self, task_id: str) -> None:
+        task = self._tasks.pop(task_id)
+        own = self._tasks_of_key.get(task.key_id)
+        if own is not None:
+            own.pop(task_id, None)
+            if not own:
+                del self._tasks_of_key[task.key_id]
 
     def task_of(self, key_id: str, task_id: object) -> Task | None:
         """The task if ``key_id`` created it, else None (unknown, or another key's)."""
@@ -212,4 +251,22 @@ class Sessions:
                 del self._held_tasks[task_id]
                 if not call.settled:
                     out.append(call)
-        return out
+        return _releasable(out)
+
+    def touch_task(self, task_id: str) -> None:
+        """The task's owner asked about it: its held call waits another window from now."""
+        call = self._held_tasks.get(task_id)
+        if call is not None and not call.settled:
+            call.parked_at = self._clock()
+
+
+def _releasable(calls: Iterable[Call]) -> list[Call]:
+    """The calls that may be voided now. One whose success is being written is left to its writer,
+    marked to be voided if that write fails."""
+    out: list[Call] = []
+    for call in calls:
+        if call.delivering:
+            call.void_if_undelivered = True
+        else:
+            out.append(call)
+    return out

@@ -119,11 +119,12 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
     if method in TASK_METHODS and method != "tasks/list":
         task_id = msg.params.get("taskId")
         task = rt.sessions.task_of(key.id, task_id)
-        if task is None:  # unknown here, or created with another key: never forwarded
+        if task is None or not isinstance(task_id, str):  # unknown here, or another key's: never forwarded
             exchange.refusals.append(_task_not_found(msg))
             return None
         forwarded.task_id = task_id
         forwarded.call = task.call
+        rt.sessions.touch_task(task_id)  # its owner is still waiting for it: the hold stays
     else:
         price = _price_of(ctx, msg, table)
         if price:

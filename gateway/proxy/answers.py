@@ -80,6 +80,7 @@ def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to
     item["id"] = decoded.client_id
     if decoded.owner != exchange.owner:  # another key's answer, replayed onto this stream upstream
         _withhold(item, "it answers a request made with another API key", code="not_yours")
+        item["id"] = None  # not the other client's id: it must not answer a request of this one
         return True
     forwarded = _lookup(ctx, exchange, upstream_id)
     outcome = jsonrpc.classify_response(item)
@@ -96,6 +97,8 @@ def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to
         _forget(ctx, exchange, upstream_id, forwarded)
         _answer_unpriced(ctx, item, exchange, forwarded, outcome)
         return True
+    if call.delivering:  # a duplicate answer while its success is being written: that write decides
+        return True
     if outcome in _DELIVERS_VALUE and (call.settled or not exchange.billable):
         if call.captured:
             if outcome is Outcome.SUCCESS:
@@ -109,6 +112,7 @@ def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to
         return True
     if outcome is Outcome.SUCCESS:
         _add_receipt(item, call)
+        call.claim_for_delivery()  # from now on only the writer settles it (``capture_delivered``)
         to_capture.append(Capture(upstream_id, forwarded, call))  # forgotten once captured
         return True
     _forget(ctx, exchange, upstream_id, forwarded)
@@ -220,6 +224,15 @@ def _annotate_list(ctx: Context, item: dict[str, Any], method: str) -> bool:
             entry["description"] = f"{desc} ({note})" if isinstance(desc, str) and desc else note
         changed = True
     return changed
+
+
+def delivery_failed(ctx: Context, exchange: Exchange, captures: list[Capture]) -> None:
+    """The write of these successes failed: the calls are held again where they waited (parked,
+    or this request's own, which the request's end parks or voids), or voided when they were
+    dropped or their window ended meanwhile."""
+    for capture in captures:
+        if capture.call.delivery_failed():
+            settle_call(ctx, exchange, capture.call, capture=False)
 
 
 def capture_delivered(ctx: Context, exchange: Exchange, captures: list[Capture]) -> None:

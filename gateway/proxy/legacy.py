@@ -9,9 +9,10 @@ from aiohttp import web
 
 from gateway.money import format_cents
 from gateway.protocol import jsonrpc, sse
-from gateway.protocol.sessions import Forwarded, LegacyChannel
+from gateway.protocol.sessions import MAX_CHANNEL_EVENTS, Forwarded, LegacyChannel
 from gateway.proxy.admission import admit_all, forward_body, read_body
 from gateway.proxy.exchange import TASK_METHODS, Context, Exchange, SessionNotFound, settle_call
+from gateway.proxy.limits import TooManyRequests
 from gateway.proxy.relay import open_upstream, relay_sse, stream_raw
 
 
@@ -41,7 +42,7 @@ async def legacy_stream(ctx: Context) -> web.StreamResponse:
         finally:
             upstream.release()
 
-    inject: asyncio.Queue[bytes] = asyncio.Queue()
+    inject: asyncio.Queue[bytes] = asyncio.Queue(MAX_CHANNEL_EVENTS)
 
     def rewrite(event: sse.Event) -> bytes | None:
         if exchange.channel is not None or event.name != "endpoint" or event.data is None:
@@ -57,6 +58,7 @@ async def legacy_stream(ctx: Context) -> web.StreamResponse:
         upstream.release()
         rt.sessions.legacy.pop(channel_id, None)
         if exchange.channel is not None:
+            exchange.channel.closed = True  # a POST still on its way must not add to it now
             _void_channel(ctx, exchange, exchange.channel, list(exchange.channel.pending.items()))
         if exchange.charged:
             ctx.fields["charged_cents"] = format_cents(exchange.charged)
@@ -70,9 +72,17 @@ async def legacy_post(ctx: Context) -> web.StreamResponse:
     channel = rt.sessions.legacy.get(channel_id)
     if channel is None or channel.key_id != ctx.key.id or channel.server != ctx.server.name:
         raise SessionNotFound("Unknown or closed SSE session", hint="Reconnect to the SSE endpoint")
+    if channel.events.qsize() > MAX_CHANNEL_EVENTS - rt.config.max_batch_items:  # room for a batch's refusals
+        raise TooManyRequests(
+            f"{channel.events.qsize()} events are waiting for this SSE session's stream, which is not being read",
+            retry_after_s=1,
+        )
     body = await read_body(ctx.request, rt.config, ctx.deadlines)
     exchange = Exchange(ctx.key, scope=f"c:{channel_id}", channel=channel)
     incoming, forwarded = await admit_all(ctx, body, exchange)
+    if channel.closed:  # its stream ended while this body arrived or its holds were placed
+        _void_channel(ctx, exchange, channel, list(exchange.requests.items()))
+        raise SessionNotFound("The SSE session closed", hint="Reconnect to the SSE endpoint")
     for refusal in exchange.refusals:
         channel.events.put_nowait(sse.encode(jsonrpc.dumps(refusal).decode(), event="message"))
     if not forwarded:
@@ -81,7 +91,7 @@ async def legacy_post(ctx: Context) -> web.StreamResponse:
     sent = list(exchange.requests.items())
     exchange.requests = {}  # answered on the GET stream, which now waits for them
     for upstream_id, request in sent:
-        if not channel.expect(upstream_id, request) and request.call is not None:
+        if not channel.expect(upstream_id, request):
             _void_channel(ctx, exchange, channel, [(upstream_id, request)])
     try:
         upstream = await open_upstream(ctx, "POST", channel.upstream_url, body=forward_body(incoming, forwarded))

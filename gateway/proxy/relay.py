@@ -19,7 +19,7 @@ from gateway.errors import (
 )
 from gateway.money import format_cents
 from gateway.protocol import jsonrpc, sse
-from gateway.proxy.answers import Capture, capture_delivered, process_event, process_value
+from gateway.proxy.answers import Capture, capture_delivered, delivery_failed, process_event, process_value
 from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.exchange import CLIENT_GONE, UPSTREAMS, Context, Exchange, release_calls, settle_call
 from gateway.proxy.headers import ForwardedFor, downstream_headers, upstream_headers
@@ -101,7 +101,7 @@ async def forward_request(ctx: Context, exchange: Exchange, *, body: bytes | Non
             exchange.billable = False  # nothing in an HTTP error is billed (nor delivered, if priced)
             if upstream.status >= 500:
                 fields["outcome"] = "upstream_error"
-        content_type = upstream.headers.get("Content-Type", "")
+        content_type = upstream.headers.get("Content-Type", "").lower()
         answers = bool(exchange.requests or exchange.refusals)
         if content_type.startswith("text/event-stream") and (answers or request.method == "GET"):
             # A GET stream may carry any response of the session (a resumed stream): always read.
@@ -210,8 +210,12 @@ async def _relay_json(ctx: Context, upstream: UpstreamResponse, exchange: Exchan
     response = web.Response(
         status=upstream.status, reason=upstream.reason, body=raw, headers=_client_headers(ctx, upstream)
     )
-    await response.prepare(ctx.request)
-    await response.write_eof()
+    try:
+        await response.prepare(ctx.request)
+        await response.write_eof()
+    except BaseException:
+        delivery_failed(ctx, exchange, to_capture)
+        raise
     capture_delivered(ctx, exchange, to_capture)
     return response
 
@@ -244,7 +248,11 @@ async def relay_sse(
                 to_capture: list[Capture] = []
                 if out is None:
                     out = process_event(ctx, event, exchange, to_capture)
-                await response.write(out)
+                try:
+                    await response.write(out)
+                except BaseException:
+                    delivery_failed(ctx, exchange, to_capture)
+                    raise
                 capture_delivered(ctx, exchange, to_capture)
     except CLIENT_GONE:
         exchange.client_gone = True
