@@ -82,6 +82,8 @@ def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to
         _withhold(item, "it answers a request made with another API key", code="not_yours")
         item["id"] = None  # not the other client's id: it must not answer a request of this one
         return True
+    if decoded.priced and "error" in item:
+        item.pop("result", None)  # an error is not billed, so what else it carries is not delivered
     forwarded = _lookup(ctx, exchange, upstream_id)
     outcome = jsonrpc.classify_response(item)
     if forwarded is None:

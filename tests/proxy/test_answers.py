@@ -114,3 +114,15 @@ def test_another_keys_answer_arrives_as_an_error_with_no_id() -> None:
     item = success(upstream_id)
     answers.process_value(world.ctx, item, other, [])
     assert item["id"] is None and item["error"]["data"]["code"] == "not_yours"
+
+
+def test_a_priced_answer_with_both_an_error_and_a_result_loses_the_result_and_is_voided() -> None:
+    world = World()
+    exchange = world.exchange(None)
+    upstream_id, call = world.call(6, exchange)
+    exchange.requests[upstream_id] = Forwarded(6, "tools/call", call)
+    item = {**success(upstream_id), "error": {"code": -32603, "message": "half-failed"}}
+    to_capture: list[answers.Capture] = []
+    answers.process_value(world.ctx, item, exchange, to_capture)
+    assert "result" not in item and item["error"]["message"] == "half-failed" and item["id"] == 6
+    assert to_capture == [] and world.billing.ops == [("call-6", False)]
