@@ -46,14 +46,10 @@ class Call:
     delivering: bool = False  # its success is being written to a client: captured once written
     void_if_undelivered: bool = False  # dropped or expired while delivering: voided if the write fails
 
-    def claim_for_delivery(self) -> bool:
+    def claim_for_delivery(self) -> None:
         """Mark the call as being delivered (its success is about to be written). Nothing else may
-        void it then: only the writer captures it, or gives it back with ``delivery_failed``. False
-        when another stream is already delivering it (a duplicate: relayed, neither voided nor captured)."""
-        if self.delivering:
-            return False
+        void it then: only the writer captures it, or gives it back with ``delivery_failed``."""
         self.delivering = True
-        return True
 
     def delivery_failed(self) -> bool:
         """The write failed: the call is held again. True when it must now be voided (it was dropped
@@ -86,7 +82,6 @@ class Task:
 
     key_id: str
     call: Call | None
-    created_at: float
 
 
 @dataclass(slots=True, eq=False)
@@ -191,7 +186,7 @@ class Sessions:
         elif len(self._tasks) >= _MAX_TASKS:
             self._forget_task(next(iter(self._tasks)))
         now = self._clock()
-        self._tasks[task_id] = Task(key_id, call, now)
+        self._tasks[task_id] = Task(key_id, call)
         self._tasks_of_key.setdefault(key_id, OrderedDict())[task_id] = None
         if call is not None:
             call.parked_at = now

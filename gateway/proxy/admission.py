@@ -133,10 +133,11 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
                 return None
             forwarded.call = call
     call = forwarded.call
-    nonce = call.call_id if call is not None and method not in TASK_METHODS else rt.billing.new_call_id()
+    own_call = call if method not in TASK_METHODS else None  # a tasks/result's call is its task's
+    nonce = own_call.call_id if own_call is not None else rt.billing.new_call_id()
     upstream_id = upstream_ids.mint(nonce, msg.id, priced=call is not None, owner=exchange.owner)
-    if call is not None and method not in TASK_METHODS:
-        call.upstream_id = upstream_id
+    if own_call is not None:
+        own_call.upstream_id = upstream_id
     exchange.requests[upstream_id] = forwarded
     rt.sessions.track(exchange.scope, msg.id, upstream_id)
     return {**msg.body, "id": upstream_id}

@@ -99,7 +99,9 @@ def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to
         _forget(ctx, exchange, upstream_id, forwarded)
         _answer_unpriced(ctx, item, exchange, forwarded, outcome)
         return True
-    if call.delivering:  # a duplicate answer while its success is being written: that write decides
+    if call.delivering:  # a second answer while its success is being written: that write decides
+        # Not relayed: if that write failed, this copy would have reached the client unbilled.
+        _withhold(item, "the same call's result is being delivered on another stream")
         return True
     if outcome in _DELIVERS_VALUE and (call.settled or not exchange.billable):
         if call.captured:

@@ -126,3 +126,17 @@ def test_a_priced_answer_with_both_an_error_and_a_result_loses_the_result_and_is
     answers.process_value(world.ctx, item, exchange, to_capture)
     assert "result" not in item and item["error"]["message"] == "half-failed" and item["id"] == 6
     assert to_capture == [] and world.billing.ops == [("call-6", False)]
+
+
+def test_a_second_stream_replaying_a_result_being_delivered_gets_no_unbilled_copy() -> None:
+    world = World()
+    upstream_id, call = world.call(7, world.exchange("S1"))
+    assert world.ctx.rt.sessions.park("S1", Forwarded(7, "tools/call", call))
+    first, second = world.exchange("S1"), world.exchange("S1")  # two resumptions of the same stream
+    first_capture: list[answers.Capture] = []
+    answers.process_value(world.ctx, success(upstream_id), first, first_capture)
+    copy = success(upstream_id)
+    answers.process_value(world.ctx, copy, second, [])
+    assert "result" not in copy and copy["error"]["data"]["code"] == "result_withheld" and copy["id"] == 7
+    answers.delivery_failed(world.ctx, first, first_capture)  # the first write fails: nothing was delivered
+    assert world.billing.ops == [] and not call.settled
