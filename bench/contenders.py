@@ -83,6 +83,8 @@ LABELS = {
     "agentpay_pg": "AgentPay paid call, PostgreSQL",
     "agentpay_sqlite_w2": "AgentPay paid call, SQLite, 2 workers",
     "agentpay_pg_w2": "AgentPay paid call, PostgreSQL, 2 workers",
+    "agentpay_sqlite_grants": "AgentPay paid call, SQLite, credit grants",
+    "agentpay_pg_grants": "AgentPay paid call, PostgreSQL, credit grants",
 }
 
 
@@ -215,8 +217,14 @@ def agentpay_gateway(
         "agentpay_pg": "1¢ per call: hold + capture, PostgreSQL (fresh database)",
         "agentpay_sqlite_w2": "as the SQLite paid call, `serve --workers 2` (SO_REUSEPORT), one ledger file",
         "agentpay_pg_w2": "as the PostgreSQL paid call, `serve --workers 2` (SO_REUSEPORT)",
+        "agentpay_sqlite_grants": "as the SQLite paid call with `credit_grants: true`: held and captured in memory, "
+        "written in batches every 2 ms",
+        "agentpay_pg_grants": "as the PostgreSQL paid call with `credit_grants: true`",
     }
-    gw = agentpay.Gateway(key, workdir / key, up.sse_url if sse else up.url, database, paid, workers=workers)
+    extra = {"credit_grants": True} if key.endswith("_grants") else {}
+    gw = agentpay.Gateway(
+        key, workdir / key, up.sse_url if sse else up.url, database, paid, workers=workers, extra=extra
+    )
     c = Contender(key, LABELS[key], note=notes[key], gateway=gw)
     return c
 

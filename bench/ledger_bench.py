@@ -4,6 +4,11 @@ the pair, then runs ``verify`` on the ledger.
 
 Run: ``python -m bench.ledger_bench --database sqlite:////tmp/l.db --callers 32 --seconds 5``
 (prints one JSON document).
+
+``--grants``: the credit-grant path instead (``gateway.billing.grants``, issue 19): the callers hold
+and capture through ``Billing`` with grants on (in memory, out of one grant of the one user's key)
+and the captures are written in batches by the flusher. captures/s counts captures *written* to the
+ledger (the run ends when the last batch has committed); the hold figures are the in-memory hold.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import time
 from typing import Any
 
+from gateway.billing.grants import GrantPolicy
+from gateway.billing.settlement import Billing
 from gateway.ids import TimeOrderedIds
 from gateway.keys import display_prefix, generate_secret, hash_secret
 from gateway.ledger import HoldRequest, open_ledger
@@ -107,13 +114,105 @@ async def run(database: str, callers: int, seconds: float) -> dict[str, Any]:
         await ledger.close()
 
 
+async def run_grants(database: str, callers: int, seconds: float) -> dict[str, Any]:
+    """Captures/s through the credit-grant path: 1 user, 1 key, ``callers`` concurrent callers."""
+    ledger = open_ledger(database)
+    await ledger.open()
+    billing = Billing(ledger, owner="ledger-bench", lease_s=30.0, sweep_interval_s=5.0, grants=GrantPolicy())
+    assert billing.grants is not None
+    maintain = asyncio.get_running_loop().create_task(billing.renew_forever())
+    try:
+        await ledger.create_developer("bench-dev")
+        await ledger.create_user("bench-user")
+        await ledger.topup("bench-user", 10**14)
+        secret = generate_secret()
+        key = await ledger.create_key(
+            user="bench-user",
+            server="bench",
+            key_hash=hash_secret(secret),
+            prefix=display_prefix(secret),
+            expires_at=None,
+            spend_limit=None,
+        )
+        holds: list[float] = []
+        refused = 0
+        calls = 0
+
+        async def caller(deadline: float) -> None:
+            nonlocal refused, calls
+            while time.perf_counter() < deadline:
+                call_id = billing.new_call_id()
+                t0 = time.perf_counter()
+                outcome = await billing.hold(
+                    HoldRequest(
+                        call_id=call_id,
+                        key_id=key.id,
+                        user="bench-user",
+                        developer="bench-dev",
+                        server="bench",
+                        method="tools/call",
+                        name="get_forecast",
+                        amount=PRICE,
+                        fee=0,
+                        lease_s=30.0,
+                        owner="ledger-bench",
+                    )
+                )
+                t1 = time.perf_counter()
+                if not outcome.ok:
+                    refused += 1
+                else:
+                    billing.settle(call_id, capture=True)  # queued; the flusher writes it
+                    holds.append((t1 - t0) * 1000)
+                    calls += 1
+                await asyncio.sleep(0)  # an in-memory hold does not yield: let the other callers run
+
+        await asyncio.gather(*(caller(time.perf_counter() + 0.5) for _ in range(callers)))  # warm-up
+        await billing.wait_settled()
+        holds.clear()
+        calls = 0
+        flushes = billing.grants.flushes
+        before = len(await ledger.list_charges(limit=10**7))
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(started + seconds) for _ in range(callers)))
+        issued = time.perf_counter() - started
+        await billing.wait_settled()  # the last batch committed (and fsynced on SQLite)
+        elapsed = time.perf_counter() - started
+        written = len(await ledger.list_charges(limit=10**7)) - before
+        batches = billing.grants.flushes - flushes
+        await billing.close()
+        violations = await ledger.verify()
+        return {
+            "database": database.split(":", 1)[0],
+            "mode": "grants",
+            "callers": callers,
+            "seconds": round(elapsed, 3),
+            "captures": written,
+            "captures_per_s": round(written / elapsed, 1),
+            "held_per_s": round(calls / issued, 1),
+            "refused": refused,
+            "unbilled": billing.grants.unbilled,
+            "flushes": batches,
+            "calls_per_flush": round(written / max(batches, 1), 1),
+            "hold_p50_ms": round(pct(holds, 50), 4),
+            "hold_p99_ms": round(pct(holds, 99), 4),
+            "verify_ok": not violations and written == calls,
+            "violations": violations[:5] or ([] if written == calls else [f"{calls} captured, {written} written"]),
+        }
+    finally:
+        maintain.cancel()
+        await ledger.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--database", required=True)
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--grants", action="store_true", help="the credit-grant path (hold/capture in memory)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.database, args.callers, args.seconds))))
+    bench = run_grants if args.grants else run
+    print(json.dumps(asyncio.run(bench(args.database, args.callers, args.seconds))))
 
 
 if __name__ == "__main__":

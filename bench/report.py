@@ -84,6 +84,13 @@ def ledger_table(rows: list[dict[str, Any]]) -> str:
         if "unavailable" in r:
             lines.append(f"| {r['database']} | {r['callers']} | unavailable: {r['unavailable']} | | | | |")
             continue
+        if r.get("mode") == "grants":  # issue 19: in-memory holds, captures written in batches
+            lines.append(
+                f"| {r['database']}, credit grants | {r['callers']} | {_f(r['captures_per_s'], 0)} | "
+                f"{r['hold_p50_ms']} / {r['hold_p99_ms']} (in memory) | {r['calls_per_flush']} calls per "
+                f"batch | | {'clean' if r['verify_ok'] else 'VIOLATIONS'} |"
+            )
+            continue
         lines.append(
             f"| {r['database']} | {r['callers']} | {_f(r['captures_per_s'], 0)} | {r['hold_p50_ms']} / "
             f"{r['hold_p99_ms']} | {r['capture_p50_ms']} / {r['capture_p99_ms']} | {r['pair_p50_ms']} / "
@@ -305,6 +312,72 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             f"{_f(pg_a)}× (aiohttp upstream), {_f(pg_f)}× (FastMCP upstream)",
             _met(None if pg_a is None else pg_a >= 0.7 and (pg_f is None or pg_f >= 0.7)),
         )
+    )
+    rows += grant_targets(results)
+    return rows
+
+
+def grant_targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Issue 19's targets (credit grants), from the same run's contenders."""
+    a, f = by_key(results.get("aiohttp") or {}), by_key(results.get("fastmcp") or {})
+
+    def get(cs: dict[str, Any], key: str, name: str) -> float | None:
+        v = (cs.get(key) or {}).get(name)
+        return float(v) if v is not None else None
+
+    def ratio(cs: dict[str, Any], key: str, base: str) -> float | None:
+        return _ratio(get(cs, key, "rps_c32"), get(cs, base, "rps_c32"))
+
+    rows: list[tuple[str, str, str, str]] = []
+    for key, label, target in (
+        ("agentpay_sqlite_grants", "SQLite", 0.90),
+        ("agentpay_pg_grants", "PostgreSQL", 0.85),
+    ):
+        r = ratio(a, key, "agentpay_free")
+        held = ratio(a, key.removesuffix("_grants"), "agentpay_free")
+        rows.append(
+            (
+                f"issue 19: paid {label} with credit grants ÷ free, req/s @32 (aiohttp upstream)",
+                f"≥ {target:.2f}",
+                f"{_f(r)} (per-call holds in the same run: {_f(held)})",
+                _met(None if r is None else r >= target),
+            )
+        )
+    g1, f1 = get(a, "agentpay_sqlite_grants", "p50_c1_ms"), get(a, "agentpay_free", "p50_c1_ms")
+    if g1 is not None and f1 is not None:
+        rows.append(
+            (
+                "issue 19: paid (SQLite, grants) added p50 @1 minus free's",
+                "≤ 0.1 ms",
+                f"{g1 - f1:+.3f} ms ({g1:.3f} vs {f1:.3f} ms)",
+                _met(g1 - f1 <= 0.1),
+            )
+        )
+    for db, target in (("sqlite", 100_000), ("postgresql", 50_000)):
+        row = next(
+            (r for r in results.get("ledger") or [] if r.get("mode") == "grants" and r.get("database") == db), None
+        )
+        if row and "captures_per_s" in row:
+            rows.append(
+                (
+                    f"issue 19: ledger captures/s through the grant path, {db} (1 user, 256 callers)",
+                    f"≥ {target:,}",
+                    f"{row['captures_per_s']:,.0f}/s ({row.get('calls_per_flush')} calls per batch)",
+                    _met(row["captures_per_s"] >= target),
+                )
+            )
+    fm = ratio(f, "agentpay_sqlite_grants", "direct")
+    rows.append(
+        (
+            "issue 19: paid (SQLite, grants) in front of FastMCP ÷ direct",
+            "≥ 0.95",
+            f"{_f(fm)} (per-call holds: {_f(ratio(f, 'agentpay_sqlite', 'direct'))})",
+            _met(None if fm is None else fm >= 0.95),
+        )
+    )
+    fr = ratio(a, "agentpay_free", "reference")
+    rows.append(
+        ("issue 19: free ÷ plain aiohttp pass-through", "≥ 1.0", _f(fr), _met(None if fr is None else fr >= 1.0))
     )
     return rows
 

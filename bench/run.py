@@ -343,7 +343,9 @@ async def run_phase(kind: str, p: Params, tools: install.Tools, work: Path, pg_r
             cs.append(contenders.litellm(up, d, tools))
         cs.append(contenders.agentpay_gateway("agentpay_free", up, d, database="sqlite", paid=False))
         cs.append(contenders.agentpay_gateway("agentpay_sqlite", up, d, database="sqlite", paid=True))
+        cs.append(contenders.agentpay_gateway("agentpay_sqlite_grants", up, d, database="sqlite", paid=True))
         pgs = [contenders.agentpay_gateway("agentpay_pg", up, d, database="", paid=True)]
+        pgs.append(contenders.agentpay_gateway("agentpay_pg_grants", up, d, database="", paid=True))
         if kind == "aiohttp":  # 1 -> 2 workers (serve --workers 2), on the upstream that shows proxy cost
             cs.append(contenders.agentpay_gateway("agentpay_sqlite_w2", up, d, database="sqlite", paid=True, workers=2))
             pgs.append(contenders.agentpay_gateway("agentpay_pg_w2", up, d, database="", paid=True, workers=2))
@@ -406,34 +408,40 @@ async def profile_paid(c: Contender, p: Params, tools: install.Tools, work: Path
 
 
 async def run_ledger(p: Params, work: Path, pg_reason: str | None) -> list[dict[str, Any]]:
-    log("ledger micro-benchmark (hold + capture through gateway.ledger)")
+    log("ledger micro-benchmark (hold + capture through gateway.ledger; then the credit-grant path)")
     rows: list[dict[str, Any]] = []
-    for db in ("sqlite", "postgresql"):
-        for callers in p.ledger_callers:
-            if db == "postgresql" and pg_reason:
-                rows.append({"database": db, "callers": callers, "unavailable": pg_reason})
-                continue
-            if db == "sqlite":
-                url = f"sqlite:///{work / f'ledger-{callers}.db'}"
-            else:
-                url = await agentpay.create_pg_database()
-            try:
-                argv = [PY, "-m", "bench.ledger_bench", "--database", url, "--callers", str(callers)]
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, "--seconds", str(p.ledger_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE
-                )
-                out, _ = await proc.communicate()
-                row = json.loads(out.decode().strip().splitlines()[-1])
-            except (ValueError, IndexError) as exc:
-                row = {"database": db, "callers": callers, "unavailable": f"failed: {exc}"}
-            finally:
-                if db == "postgresql":
-                    await agentpay.drop_pg_database(url)
-            rows.append(row)
-            log(
-                f"  {db:10s} {callers:2d} callers: {row.get('captures_per_s', 0):8.0f} captures/s  "
-                f"capture p50 {row.get('capture_p50_ms', 0)} ms p99 {row.get('capture_p99_ms', 0)} ms"
+    runs = [(db, callers, False) for db in ("sqlite", "postgresql") for callers in p.ledger_callers]
+    runs += [(db, 256, True) for db in ("sqlite", "postgresql")]  # issue 19: 1 user, 256 callers
+    for db, callers, grants in runs:
+        if db == "postgresql" and pg_reason:
+            rows.append({"database": db, "callers": callers, "mode": "grants" if grants else "holds",
+                         "unavailable": pg_reason})  # fmt: skip
+            continue
+        if db == "sqlite":
+            suffix = "-grants" if grants else ""
+            url = f"sqlite:///{work / f'ledger-{callers}{suffix}.db'}"
+        else:
+            url = await agentpay.create_pg_database()
+        try:
+            argv = [PY, "-m", "bench.ledger_bench", "--database", url, "--callers", str(callers)]
+            argv += ["--grants"] if grants else []
+            proc = await asyncio.create_subprocess_exec(
+                *argv, "--seconds", str(p.ledger_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE
             )
+            out, _ = await proc.communicate()
+            row = json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError) as exc:
+            row = {"database": db, "callers": callers, "unavailable": f"failed: {exc}"}
+            row["mode"] = "grants" if grants else "holds"
+        finally:
+            if db == "postgresql":
+                await agentpay.drop_pg_database(url)
+        rows.append(row)
+        log(
+            f"  {db:10s} {callers:2d} callers{' (grants)' if grants else ''}: "
+            f"{row.get('captures_per_s', 0):8.0f} captures/s  "
+            f"capture p50 {row.get('capture_p50_ms', 0)} ms p99 {row.get('capture_p99_ms', 0)} ms"
+        )
     return rows
 
 

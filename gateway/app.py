@@ -8,7 +8,9 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -16,6 +18,7 @@ from aiohttp import web
 from gateway import logs, proxy
 from gateway.api.openapi import openapi_document
 from gateway.api.service import ServiceApi, json_error
+from gateway.billing.grants import GrantPolicy
 from gateway.billing.reload import PriceBook
 from gateway.billing.settlement import Billing, spawn
 from gateway.config import GatewayConfig
@@ -23,7 +26,15 @@ from gateway.errors import AuthError, ConfigError, GatewayError, MethodNotAllowe
 from gateway.http_server import malformed_body_error
 from gateway.ledger import open_ledger
 from gateway.ledger.interfaces import Accounts, Ledger
+from gateway.logins import LoginService, Mailer, open_login_store
 from gateway.metrics import Metrics
+from gateway.oauth import views as oauth_views
+from gateway.oauth.service import OAuthService
+from gateway.oauth.store import open_store as open_oauth_store
+from gateway.payments import build_payments
+from gateway.payments.webhook import PATH as STRIPE_WEBHOOK_PATH
+from gateway.payments.webhook import webhook_handler
+from gateway.portal import add_portal
 from gateway.protocol import jsonrpc
 from gateway.protocol.sessions import Sessions, SessionSigner
 from gateway.proxy.auth import Authenticator
@@ -32,6 +43,7 @@ from gateway.proxy.limits import KeyLimits, TooManyRequests
 from gateway.proxy.routing import Router, redact_path
 from gateway.proxy.upstream_client import UpstreamClient
 from gateway.runtime import RUNTIME, Runtime
+from gateway.stdio import StdioUpstream
 
 log = structlog.get_logger("gateway")
 _SERVICE_API = "/v1/"  # the developers' HTTP API (service_api), mounted on the gateway listener
@@ -66,7 +78,9 @@ def error_response(exc: GatewayError, request_id: jsonrpc.RequestId | None = Non
     if isinstance(exc, TooManyRequests):
         headers["Retry-After"] = str(exc.retry_after_s)
     if isinstance(exc, AuthError) and exc.http_status == 401:
-        if isinstance(exc, MissingKey):
+        if exc.challenge is not None:  # OAuth: where the resource's metadata is (set by the proxy)
+            headers["WWW-Authenticate"] = exc.challenge
+        elif isinstance(exc, MissingKey):
             headers["WWW-Authenticate"] = 'Bearer realm="agentpay"'
         else:
             headers["WWW-Authenticate"] = 'Bearer realm="agentpay", error="invalid_token"'
@@ -172,27 +186,60 @@ def server_options(config: GatewayConfig) -> dict[str, Any]:
     }
 
 
+def login_service(config: GatewayConfig, accounts: Accounts) -> LoginService:
+    """The portal's logins, in their own tables of the ledger's database (opened in ``_lifecycle``)."""
+    portal = config.portal
+    if portal.base_url is None:  # a config built in code rather than loaded: links point at `listen`
+        portal = replace(portal, base_url=f"{'https' if config.tls_cert else 'http'}://{config.listen}")
+    mailer = Mailer(config.smtp) if config.smtp is not None else None
+    return LoginService(open_login_store(config.database), accounts, config=portal, mailer=mailer)
+
+
+def oauth_service(config: GatewayConfig, ledger: Ledger) -> OAuthService | None:
+    """The OAuth authorization server when ``oauth.enabled`` (its tables beside the ledger's). The
+    issuer defaults to the origin of ``portal.base_url``, where the consent page is."""
+    if not config.oauth.enabled:
+        return None
+    base = config.portal.base_url or f"{'https' if config.tls_cert else 'http'}://{config.listen}"
+    parts = urlsplit(base)
+    issuer = config.oauth.issuer or f"{parts.scheme}://{parts.netloc}".lower()
+    secret = config.session_secret.encode() if config.session_secret else os.urandom(32)
+    return OAuthService(
+        store=open_oauth_store(config.database), keys=ledger, config=config, issuer=issuer, consent_secret=secret
+    )
+
+
 def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Application:
     """The gateway application. The ledger is opened (and closed) with the app."""
     app = web.Application(middlewares=[canonical_log], client_max_size=config.max_body_bytes)
     the_ledger = ledger if ledger is not None else open_ledger(config.database)
     metrics = Metrics()
+    oauth = oauth_service(config, the_ledger)
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    billing = Billing(the_ledger, owner=owner, lease_s=config.hold_lease_s, sweep_interval_s=config.sweep_interval_s)
+    billing = Billing(
+        the_ledger,
+        owner=owner,
+        lease_s=config.hold_lease_s,
+        sweep_interval_s=config.sweep_interval_s,
+        grants=GrantPolicy(refresh_s=config.key_cache_s) if config.credit_grants else None,
+    )
     rt = Runtime(
         config=config,
         ledger=the_ledger,
         prices=PriceBook(config.prices_path, config.servers.keys()),
         billing=billing,
-        auth=Authenticator(the_ledger, cache_s=config.key_cache_s),
+        auth=Authenticator(the_ledger, cache_s=config.key_cache_s, tokens=oauth.store if oauth else None),
         metrics=metrics,
         sessions=Sessions(window_s=config.resume_window_s),
         signer=SessionSigner(config.session_secret.encode() if config.session_secret else os.urandom(32)),
         limits=KeyLimits(
             max_concurrent=config.max_concurrent_per_key, rate_per_s=config.rate_per_key, burst=config.rate_burst
         ),
+        logins=login_service(config, the_ledger),
     )
     rt.hosts = {host.lower(): name for name, srv in config.servers.items() for host in srv.hosts}
+    rt.oauth = oauth
+    rt.payments = build_payments(config, the_ledger)  # None without payments.stripe
     metrics.track_pending(lambda: billing.inflight)
     app[RUNTIME] = rt
     app[proxy.DEADLINES] = Deadlines()
@@ -208,8 +255,12 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
     # behind the admin token (admin_api). /metrics on this listener is an unknown server (404).
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    if oauth is not None:
+        oauth_views.add_routes(app)  # /.well-known/oauth-*, /oauth/*: the authorization server
     app.router.add_route("*", "/.well-known/{tail:.*}", _not_found)
     app.router.add_route("*", "/register", _not_found)
+    app.router.add_route("*", STRIPE_WEBHOOK_PATH, webhook_handler(lambda r: r.app[RUNTIME].payments, now=time.time))
+    add_portal(app, config)  # /portal/ (and / redirecting there), before the proxy's catch-all
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
@@ -224,6 +275,15 @@ async def _expire_parked_forever(rt: Runtime) -> None:
                 rt.billing.settle(call.call_id, capture=False)
 
 
+async def _flush_last_used(rt: Runtime) -> None:
+    """On drain: write the keys' last uses gathered since the last flush (a failure is logged: no
+    money depends on them)."""
+    try:
+        await rt.auth.flush_last_used()
+    except Exception as exc:  # noqa: BLE001 - the drain goes on whatever the store says
+        log.warning("last_used_flush_failed", error=str(exc), keys=rt.auth.unflushed)
+
+
 async def _start_draining(app: web.Application) -> None:
     app[RUNTIME].draining = True
 
@@ -234,16 +294,31 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await rt.ledger.open()
     tasks: set[asyncio.Task[None]] = set()
     try:
+        await rt.logins.open()
+        if rt.oauth is not None:
+            await rt.oauth.open()
+            spawn(rt.oauth.purge_forever(), tasks)
+        if rt.payments is not None:
+            await rt.payments.open()
+            rt.billing.on_capture = rt.payments.on_capture  # balance alerts and auto-recharge
         await check_owners(config, rt.ledger)
         for server in config.servers.values():
             if server.upstream is not None:
                 app[proxy.UPSTREAMS][server.name] = UpstreamClient(
                     connect_timeout_s=server.connect_timeout_s, max_connections=server.max_connections
                 )
+            elif server.stdio is not None:  # the gateway runs it: one child process per session
+                stdio = StdioUpstream(server, max_line=config.max_body_bytes)
+                app[proxy.UPSTREAMS][server.name] = stdio
+                rt.metrics.track_stdio(server.name, stdio.process_count, stdio.session_count)
         spawn(rt.prices.watch(), tasks)
         spawn(rt.billing.renew_forever(), tasks)
         spawn(rt.billing.sweep_forever(), tasks)
         spawn(_expire_parked_forever(rt), tasks)
+        spawn(rt.auth.flush_last_used_forever(), tasks)  # keys' last use: one write per 30 s, not per call
+        if rt.payments is not None:
+            spawn(rt.payments.refresh_forever(), tasks)
+            spawn(rt.payments.payout_schedule_forever(), tasks)
         loop = asyncio.get_running_loop()
         rt.prices.install_sighup(loop)
         yield
@@ -255,10 +330,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                 await rt.billing.wait_settled()
         except TimeoutError:
             log.warning("drain_timeout", pending=rt.billing.inflight)
+        await rt.billing.close()  # credit grants: queued captures written, every grant given back
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await _flush_last_used(rt)
         for client in app[proxy.UPSTREAMS].values():
             await client.close()
         app[proxy.DEADLINES].close()
+        if rt.oauth is not None:
+            await rt.oauth.close()
+        if rt.payments is not None:
+            await rt.payments.close()
+        await rt.logins.close()
         await rt.ledger.close()

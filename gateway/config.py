@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, TypeVar
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from yaml.nodes import Node, ScalarNode
 
+from gateway.config_payments import PaymentsConfig, parse_payments
 from gateway.config_yaml import (
     FLOAT_TAG,
     INT_TAG,
@@ -48,7 +50,12 @@ __all__ = [
     "SERVER_NAME_RE",
     "GatewayConfig",
     "LogFormat",
+    "OAuthConfig",
+    "PortalConfig",
     "ServerConfig",
+    "SignupPolicy",
+    "SmtpConfig",
+    "StdioConfig",
     "default_sse_upstream",
     "expand_env",
     "load_config",
@@ -56,12 +63,13 @@ __all__ = [
 ]
 
 LogFormat = Literal["auto", "json", "console"]
+SignupPolicy = Literal["open", "invite", "closed"]
 
 #: Path segments the gateway itself uses; a server called like one would shadow a route.
 RESERVED_SERVER_NAMES: frozenset[str] = frozenset(
     {
         "k", "v1", "metrics", "healthz", "readyz", "sse", "mcp", "messages", "admin",
-        ".well-known", "register", "static", "openapi.json",
+        ".well-known", "register", "static", "openapi.json", "portal", "oauth", "payments",
     }
 )  # fmt: skip
 SERVER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -97,12 +105,34 @@ def default_sse_upstream(upstream: str) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StdioConfig:
+    """How the gateway runs a stdio-only MCP server itself: one child process per MCP session."""
+
+    command: tuple[str, ...]  # argv; the first item is looked up on PATH
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)  # may hold secrets
+    cwd: Path | None = None
+    max_processes: int = 50  # child processes of this server at once (sessions, spares, stateless)
+    idle_timeout_s: float = 300.0  # a child idle this long is stopped (its session ends)
+    warm_processes: int = 1  # started ahead for new sessions; also the shared children of stateless requests
+    stop_grace_s: float = 5.0  # between SIGTERM and SIGKILL when a child is stopped
+    rlimit_address_space_mb: int | None = None  # RLIMIT_AS
+    rlimit_cpu_s: int | None = None  # RLIMIT_CPU
+    rlimit_open_files: int | None = None  # RLIMIT_NOFILE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "command", tuple(self.command))
+        if not isinstance(self.env, MappingProxyType):
+            object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServerConfig:
     """One MCP server behind the gateway."""
 
     name: str
     owner: str  # developer account credited with earnings
-    upstream: str | None = None  # None: the server is only used through the SDK
+    upstream: str | None = None  # None (and no stdio): the server is only used through the SDK
+    stdio: StdioConfig | None = None  # set (instead of upstream): the gateway runs the server's command
     hosts: tuple[str, ...] = ()  # lower-case Host-header names routed to this server
     sse_upstream: str | None = None  # None with an upstream: derived, see default_sse_upstream
     connect_timeout_s: float = 5.0
@@ -120,6 +150,38 @@ class ServerConfig:
         object.__setattr__(self, "hosts", tuple(self.hosts))
         if not isinstance(self.upstream_headers, MappingProxyType):
             object.__setattr__(self, "upstream_headers", MappingProxyType(dict(self.upstream_headers)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthConfig:
+    """``oauth:``: the gateway as the OAuth 2.1 authorization server of its MCP servers (issue 17)."""
+
+    enabled: bool = False
+    issuer: str | None = None  # an origin ("https://pay.example.com"); None: portal.base_url's origin
+    access_token_ttl_s: int = 3600
+    refresh_token_ttl_s: int = 2592000
+    client_metadata_hosts_allowed: tuple[str, ...] = ()  # CIMD fetches allowed to these hosts even if private
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortalConfig:
+    """``portal:``: the web portal's sign-up policy, its public URL and its sessions (issue 15)."""
+
+    signup: SignupPolicy = "invite"  # the code's default; config/gateway.yaml says open
+    base_url: str | None = None  # links in mail and redirects; None: http(s)://<listen> (filled in by load_config)
+    session_ttl_s: float = 604800.0  # sliding: a session lives this long after its last use (at most 30 days)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmtpConfig:
+    """``smtp:``: where the portal's mail (verification, password reset) is sent from."""
+
+    host: str
+    port: int = 587
+    starttls: bool = True
+    from_addr: str  # the ``from`` key: "AgentPay <billing@example.com>"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,6 +207,7 @@ class GatewayConfig:
     admin_listen: str | None = "127.0.0.1:8081"
     admin_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
     key_cache_s: float = 1.0
+    credit_grants: bool = False  # paid calls held and captured in memory against a grant (issue 19)
     resume_window_s: float = 300.0  # how long a call whose client dropped a resumable stream stays held
     max_concurrent_per_key: int = 256  # calls in flight per API key (0 = unlimited)
     rate_per_key: float = 200.0  # sustained requests per second per API key (0 = unlimited)
@@ -157,6 +220,10 @@ class GatewayConfig:
     session_secret: str | None = field(default=None, repr=False)  # signs session ids; share across replicas
     tls_cert: Path | None = None  # PEM certificate chain: terminate TLS on `listen` (HTTP/1.1)
     tls_key: Path | None = None  # PEM private key for tls_cert
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
+    portal: PortalConfig = field(default_factory=PortalConfig)
+    smtp: SmtpConfig | None = None  # None: no e-mail (verification off, resets by `agentpay logins invite`)
+    payments: PaymentsConfig = field(default_factory=PaymentsConfig)  # issue 16: Stripe (config_payments)
 
     def __post_init__(self) -> None:
         if not isinstance(self.servers, MappingProxyType):
@@ -222,11 +289,19 @@ _TOP_KEYS = (
     "resume_window_s", "tls_cert", "tls_key", "max_concurrent_per_key", "rate_per_key", "rate_burst",
     "max_header_bytes", "client_body_timeout_s", "stream_idle_timeout_s", "session_secret",
     "client_header_timeout_s",
-    "client_idle_timeout_s",
+    "client_idle_timeout_s", "credit_grants",
+    "oauth",
+    "portal", "smtp",
+    "payments",
 )  # fmt: skip
+_STDIO_KEYS = (
+    "command", "env", "cwd", "max_processes", "idle_timeout_s", "warm_processes", "stop_grace_s", "rlimits",
+)  # fmt: skip
+_RLIMIT_KEYS = ("address_space_mb", "cpu_s", "open_files")
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
     "max_connections", "max_key_share", "upstream_queue_timeout_s", "platform_fee_percent", "upstream_headers",
+    *_STDIO_KEYS,
 )  # fmt: skip
 _LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 
@@ -275,7 +350,7 @@ def parse_config(
     database = _database(r, r.require(top, "database", "", 1), base)
     prices_node = r.require(top, "prices", "", 1)
     prices_path = _resolve(base, r.string(prices_node, "prices").strip())
-    servers = _servers(r, r.require(top, "servers", "", 1) if "servers" not in top else top["servers"][1])
+    servers = _servers(r, r.require(top, "servers", "", 1) if "servers" not in top else top["servers"][1], base)
 
     admin_listen: str | None = "127.0.0.1:8081"
     if "admin_listen" in top:
@@ -338,6 +413,7 @@ def parse_config(
         admin_listen=admin_listen,
         admin_token=admin_token,
         key_cache_s=opt("key_cache_s", lambda n, w: r.number(n, w, positive=False), 1.0),
+        credit_grants=opt("credit_grants", r.boolean, False),
         resume_window_s=opt("resume_window_s", lambda n, w: r.number(n, w, positive=True), 300.0),
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -350,7 +426,149 @@ def parse_config(
         client_idle_timeout_s=opt("client_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 75.0),
         session_secret=environ.get(SESSION_SECRET_ENV) or opt("session_secret", r.env_string, None),
         stream_idle_timeout_s=opt("stream_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 3600.0),
+        oauth=opt("oauth", lambda n, w: _oauth(r, n), OAuthConfig()),
+        portal=_portal(r, top["portal"][1] if "portal" in top else None, listen_host, listen_port, tls_cert),
+        smtp=opt("smtp", lambda n, w: _smtp(r, n), None),
+        payments=opt("payments", lambda n, w: parse_payments(r, n), PaymentsConfig()),
     )
+
+
+_OAUTH_KEYS = ("enabled", "issuer", "access_token_ttl_s", "refresh_token_ttl_s", "client_metadata_hosts_allowed")
+
+
+_PORTAL_KEYS = ("signup", "base_url", "session_ttl_s")
+_SIGNUP_POLICIES: tuple[SignupPolicy, ...] = ("open", "invite", "closed")
+_SMTP_KEYS = ("host", "port", "starttls", "from", "username", "password")
+MAX_SESSION_S = 30 * 24 * 3600.0  # a portal session ends this long after sign-in, however often it is used
+
+
+def _portal(r: Reader, node: Node | None, listen_host: str, listen_port: int, tls_cert: Path | None) -> PortalConfig:
+    scheme = "https" if tls_cert is not None else "http"
+    default_url = f"{scheme}://{_join_host_port(listen_host, listen_port)}"
+    if node is None or is_null(node):
+        return PortalConfig(base_url=default_url)
+    entries = r.mapping(node, "portal")
+    r.check_keys(entries, _PORTAL_KEYS, "portal")
+
+    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
+        if key not in entries or is_null(entries[key][1]):
+            return default
+        return parse(entries[key][1], f"portal.{key}")
+
+    signup: SignupPolicy = "invite"
+    if "signup" in entries and not is_null(entries["signup"][1]):
+        value = r.string(entries["signup"][1], "portal.signup")
+        if value not in _SIGNUP_POLICIES:
+            raise r.error(
+                f"portal.signup must be one of {', '.join(_SIGNUP_POLICIES)}, got {value!r}", entries["signup"][1]
+            )
+        signup = value
+    base_url = opt("base_url", r.http_url, default_url)
+    parts = urlsplit(base_url)
+    if parts.query:
+        raise r.error(f"portal.base_url: {base_url!r} must not have a ?query", entries["base_url"][1])
+    ttl = opt("session_ttl_s", lambda n, w: r.number(n, w, positive=True), 604800.0)
+    if ttl > MAX_SESSION_S:
+        raise r.error(
+            f"portal.session_ttl_s must be at most {int(MAX_SESSION_S)} (30 days, the longest a session lives), "
+            f"got {entries['session_ttl_s'][1].value}",
+            entries["session_ttl_s"][1],
+        )
+    return PortalConfig(signup=signup, base_url=base_url.rstrip("/"), session_ttl_s=ttl)
+
+
+def _smtp(r: Reader, node: Node) -> SmtpConfig:
+    entries = r.mapping(node, "smtp")
+    r.check_keys(entries, _SMTP_KEYS, "smtp")
+    line = line_of(node)
+
+    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
+        if key not in entries or is_null(entries[key][1]):
+            return default
+        return parse(entries[key][1], f"smtp.{key}")
+
+    host_node = r.require(entries, "host", "smtp", line)
+    host = r.string(host_node, "smtp.host").strip()
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if not (_HOST_RE.match(host) and len(host) <= 253):
+            raise r.error(
+                f"smtp.host: {host!r} is not a host name such as smtp.example.com (the port goes in smtp.port)",
+                host_node,
+            ) from None
+    port = opt("port", lambda n, w: r.integer(n, w, minimum=1), 587)
+    if port > 65535:
+        raise r.error(f"smtp.port must be a number from 1 to 65535, got {port}", entries["port"][1])
+    from_node = r.require(entries, "from", "smtp", line)
+    from_addr = r.env_string(from_node, "smtp.from").strip()
+    _, address = parseaddr(from_addr)
+    if address.count("@") != 1 or any(c.isspace() for c in address) or any(ord(c) < 32 for c in from_addr):
+        raise r.error(f'smtp.from: {from_addr!r} is not an address such as "AgentPay <billing@example.com>"', from_node)
+    username = opt("username", r.env_string, None)
+    password = opt("password", r.env_string, None)
+    if (username is None) != (password is None):
+        missing = "password" if password is None else "username"
+        raise r.error(f"smtp.username and smtp.password must be given together (smtp.{missing} is missing)", line)
+    starttls = opt("starttls", r.boolean, True)
+    if username is not None and not starttls and host.lower() not in ("localhost", "127.0.0.1", "::1", "[::1]"):
+        raise r.error(
+            "smtp.username and smtp.password would cross the network unencrypted with smtp.starttls: false; "
+            "set starttls: true (or relay through a mail server on this machine)",
+            entries["starttls"][1],
+        )
+    return SmtpConfig(
+        host=host,
+        port=port,
+        starttls=starttls,
+        from_addr=from_addr,
+        username=username,
+        password=password,
+    )
+
+
+def _oauth(r: Reader, node: Node) -> OAuthConfig:
+    entries = r.mapping(node, "oauth")
+    r.check_keys(entries, _OAUTH_KEYS, "oauth")
+
+    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
+        if key not in entries or is_null(entries[key][1]):
+            return default
+        return parse(entries[key][1], f"oauth.{key}")
+
+    issuer = opt("issuer", r.http_url, None)
+    if issuer is not None:
+        parts = urlsplit(issuer)
+        if parts.path not in ("", "/") or parts.query:
+            raise r.error(
+                f"oauth.issuer: {issuer!r} must be an origin such as https://pay.example.com (no path, no query)",
+                entries["issuer"][1],
+            )
+        issuer = f"{parts.scheme}://{parts.netloc}".lower()
+    hosts: list[str] = []
+    no_items: list[tuple[str, Node]] = []
+    for host_text, host_node in opt("client_metadata_hosts_allowed", r.string_list, no_items):
+        host = host_text.strip().lower().strip("[]")
+        if not (_is_ip(host) or (_HOST_RE.match(host) and len(host) <= 253)):
+            raise r.error(
+                f"oauth.client_metadata_hosts_allowed: {host_text!r} is not a host name or IP address", host_node
+            )
+        hosts.append(host)
+    return OAuthConfig(
+        enabled=opt("enabled", r.boolean, False),
+        issuer=issuer,
+        access_token_ttl_s=opt("access_token_ttl_s", lambda n, w: r.integer(n, w, minimum=60), 3600),
+        refresh_token_ttl_s=opt("refresh_token_ttl_s", lambda n, w: r.integer(n, w, minimum=60), 2592000),
+        client_metadata_hosts_allowed=tuple(hosts),
+    )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _listen(r: Reader, node: Node, where: str) -> tuple[str, int]:
@@ -398,13 +616,18 @@ def _origin(r: Reader, text: str, node: Node) -> str:
     return value
 
 
-def _servers(r: Reader, node: Node) -> dict[str, ServerConfig]:
+def _servers(r: Reader, node: Node, base: Path) -> dict[str, ServerConfig]:
     if is_null(node):
         return {}
     entries = r.mapping(node, "servers")
     servers: dict[str, ServerConfig] = {}
     host_owner: dict[str, tuple[str, int]] = {}
     for name, (key_node, value_node) in entries.items():
+        if name in RESERVED_SERVER_NAMES:
+            raise r.error(
+                f"server name {name!r} is reserved (the gateway uses /{name} itself); choose another name",
+                key_node,
+            )
         if not SERVER_NAME_RE.match(name):
             raise r.error(
                 f"server name {name!r} is not allowed: use 1-63 lower-case letters, digits, '-' or '_', "
@@ -416,7 +639,7 @@ def _servers(r: Reader, node: Node) -> dict[str, ServerConfig]:
                 f"server name {name!r} is reserved (the gateway uses /{name} itself); choose another name",
                 key_node,
             )
-        server, host_lines = _server(r, name, key_node, value_node)
+        server, host_lines = _server(r, name, key_node, value_node, base)
         for host in server.hosts:
             if host in host_owner:
                 other, other_line = host_owner[host]
@@ -430,7 +653,7 @@ def _servers(r: Reader, node: Node) -> dict[str, ServerConfig]:
     return servers
 
 
-def _server(r: Reader, name: str, key_node: Node, node: Node) -> tuple[ServerConfig, dict[str, int]]:
+def _server(r: Reader, name: str, key_node: Node, node: Node, base: Path) -> tuple[ServerConfig, dict[str, int]]:
     where = f"servers.{name}"
     entries = r.mapping(node, where)
     r.check_keys(entries, _SERVER_KEYS, where)
@@ -443,6 +666,7 @@ def _server(r: Reader, name: str, key_node: Node, node: Node) -> tuple[ServerCon
     owner = r.string(r.require(entries, "owner", where, line_of(key_node)), f"{where}.owner").strip()
     upstream = opt("upstream", r.http_url, None)
     sse_upstream = opt("sse_upstream", r.http_url, None)
+    stdio = _stdio(r, where, entries, base, has_upstream=upstream is not None)
     if sse_upstream is not None and upstream is None:
         raise r.error(f"{where}.sse_upstream needs an upstream as well", entries["sse_upstream"][1])
 
@@ -496,6 +720,7 @@ def _server(r: Reader, name: str, key_node: Node, node: Node) -> tuple[ServerCon
         name=name,
         owner=owner,
         upstream=upstream,
+        stdio=stdio,
         hosts=tuple(hosts),
         sse_upstream=sse_upstream,
         connect_timeout_s=opt("connect_timeout_s", lambda n, w: r.number(n, w, positive=True), 5.0),
@@ -507,6 +732,64 @@ def _server(r: Reader, name: str, key_node: Node, node: Node) -> tuple[ServerCon
         upstream_headers=MappingProxyType(headers),
     )
     return server, host_lines
+
+
+def _stdio(
+    r: Reader, where: str, entries: Mapping[str, tuple[ScalarNode, Node]], base: Path, *, has_upstream: bool
+) -> StdioConfig | None:
+    """The keys of a server the gateway runs itself (``command`` instead of ``upstream``)."""
+    given = [key for key in _STDIO_KEYS if key in entries and not is_null(entries[key][1])]
+    if not given:
+        return None
+    if "command" not in given:
+        raise r.error(f"{where}.{given[0]} is only for stdio servers: give {where}.command too", entries[given[0]][1])
+    command_node = entries["command"][1]
+    if has_upstream:
+        raise r.error(
+            f"{where} has both upstream and command: give upstream for a server that speaks HTTP, or command "
+            "for a stdio server the gateway runs itself, not both",
+            command_node,
+        )
+    command = [text for text, _ in r.string_list(command_node, f"{where}.command")]
+    if not command:
+        raise r.error(
+            f'{where}.command must list the program and its arguments, e.g. ["npx", "-y", "pkg"]', command_node
+        )
+
+    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
+        if key not in entries or is_null(entries[key][1]):
+            return default
+        return parse(entries[key][1], f"{where}.{key}")
+
+    env: dict[str, str] = {}
+    if "env" in given:
+        for name, (name_node, value_node) in r.mapping(entries["env"][1], f"{where}.env").items():
+            if not name or "=" in name or "\0" in name:
+                raise r.error(f"{where}.env: {name!r} is not an environment variable name", name_node)
+            if isinstance(value_node, ScalarNode) and value_node.tag in (INT_TAG, FLOAT_TAG):
+                env[name] = str(value_node.value)
+            else:
+                env[name] = r.env_string(value_node, f"{where}.env.{name}")
+    cwd = opt("cwd", lambda n, w: _resolve(base, r.string(n, w)), None)
+    limits: dict[str, int] = {}
+    if "rlimits" in given:
+        limit_entries = r.mapping(entries["rlimits"][1], f"{where}.rlimits")
+        r.check_keys(limit_entries, _RLIMIT_KEYS, f"{where}.rlimits")
+        for name, (_, value_node) in limit_entries.items():
+            if not is_null(value_node):
+                limits[name] = r.integer(value_node, f"{where}.rlimits.{name}", minimum=1)
+    return StdioConfig(
+        command=tuple(command),
+        env=MappingProxyType(env),
+        cwd=cwd,
+        max_processes=opt("max_processes", lambda n, w: r.integer(n, w, minimum=1), 50),
+        idle_timeout_s=opt("idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 300.0),
+        warm_processes=opt("warm_processes", lambda n, w: r.integer(n, w, minimum=0), 1),
+        stop_grace_s=opt("stop_grace_s", lambda n, w: r.number(n, w, positive=False), 5.0),
+        rlimit_address_space_mb=limits.get("address_space_mb"),
+        rlimit_cpu_s=limits.get("cpu_s"),
+        rlimit_open_files=limits.get("open_files"),
+    )
 
 
 def _valid_host(host: str) -> bool:

@@ -147,6 +147,7 @@ class AuthError(GatewayError):
         "Send your AgentPay API key as 'Authorization: Bearer ap_...' or 'X-API-Key'; "
         "ask the gateway operator for a key for this server"
     )
+    challenge: str | None = None  # the 401's WWW-Authenticate when OAuth is on (set by the proxy)
 
 
 class MissingKey(AuthError):
@@ -236,3 +237,113 @@ class Unavailable(GatewayError):
     code = "unavailable"
     http_status = 503
     default_hint = "The gateway is shutting down or not ready; retry shortly"
+
+
+class AccountNotFound(NotFound):
+    """A ledger account named by an operator (``logins invite --user``) does not exist."""
+
+    code = "account_not_found"
+
+
+# --- logins (the portal's e-mail + password sign-in; ``gateway.logins``) ----------------------
+class LoginError(GatewayError):
+    """Anything a sign-up, sign-in or one-time link refuses. The portal shows ``message`` next to the
+    form; none of them says whether an e-mail address has a login (except EmailTaken on sign-up)."""
+
+    code = "login_error"
+    http_status = 400
+    jsonrpc_code = INVALID_PARAMS
+
+
+class SignupClosed(LoginError):
+    code = "signup_closed"
+    http_status = 403
+    default_hint = "Ask the operator for an invite"
+
+
+class InvalidEmail(LoginError):
+    code = "invalid_email"
+    default_hint = "Enter an e-mail address such as alice@example.com"
+
+
+class WeakPassword(LoginError):
+    code = "weak_password"
+
+    def __init__(self, reason: str, *, hint: str | None = None):
+        super().__init__(reason, hint=hint or "Choose a password of 10 to 1024 characters that is not your e-mail")
+        self.reason = reason
+
+
+class EmailTaken(LoginError):
+    code = "email_taken"
+    http_status = 409
+    default_hint = "Sign in instead, or reset your password"
+
+
+class BadCredentials(LoginError):
+    """Unknown e-mail, wrong password, disabled login or no password set: one answer for all."""
+
+    code = "bad_credentials"
+    http_status = 401
+    default_hint = "Check the e-mail address and password"
+
+
+class Throttled(LoginError):
+    code = "throttled"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int, hint: str | None = None):
+        super().__init__(message, hint=hint or f"Wait {retry_after_s} s before trying again")
+        self.retry_after_s = retry_after_s
+        self.data = {"retry_after_s": retry_after_s}
+
+
+class LinkInvalid(LoginError):
+    code = "link_invalid"
+    default_hint = "The link was used already, has expired or is not complete; ask for a new one"
+
+
+# --- OAuth (the gateway as authorization server; ``gateway.oauth``) ---------------------------
+class InvalidToken(AuthError):
+    """An OAuth access token that is unknown, expired or revoked (401, ``error="invalid_token"``)."""
+
+    code = "invalid_token"
+    default_hint = "Your connection's sign-in ended; reconnect the server in your client to sign in again"
+
+
+class OAuthError(GatewayError):
+    """An OAuth endpoint's refusal, answered as RFC 6749 §5.2 says: ``{"error", "error_description"}``.
+    ``error`` is the RFC's code (invalid_request, invalid_client, invalid_grant, invalid_target, …)."""
+
+    code = "oauth_error"
+    http_status = 400
+    jsonrpc_code = INVALID_REQUEST
+
+    def __init__(self, error: str, message: str, *, status: int = 400, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.error = error
+        self.status = status
+
+
+# --- payments (Stripe top-ups and payouts; ``gateway.payments``) -------------------------------
+class PaymentsNotConfigured(GatewayError):
+    code = "payments_not_configured"
+    http_status = 409
+    jsonrpc_code = INVALID_REQUEST
+    default_hint = "Add a payments.stripe section to the gateway configuration (see the README's Payments section)"
+
+
+class WebhookSignatureInvalid(BadRequest):
+    """A webhook whose Stripe-Signature is missing, forged or stale: answered 400, nothing changed."""
+
+    code = "webhook_signature_invalid"
+    default_hint = "Check that payments.stripe.webhook_secret is this endpoint's signing secret"
+
+
+class PaymentProviderError(GatewayError):
+    """Stripe refused a request or could not be reached."""
+
+    code = "payment_provider_error"
+    http_status = 502
+    jsonrpc_code = INTERNAL_ERROR
+    default_hint = "Nothing was charged; retry shortly (the same request is idempotent at Stripe)"

@@ -28,7 +28,9 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "backslashreplace")).hexdigest()
 
 
-_SECRET_IN_TEXT = re.compile(r"(?:apst|ap)_[A-Za-z0-9_\-]{6,}")
+# API keys, service tokens, and the OAuth secrets (gateway.oauth.models: access and refresh tokens,
+# authorization codes, client secrets)
+_SECRET_IN_TEXT = re.compile(r"(?:apst|apat|aprt|apac|apcs|ap)_[A-Za-z0-9_\-]{6,}")
 
 
 def redact_secrets(text: str) -> str:
@@ -43,7 +45,7 @@ def contains_secret(text: str) -> bool:
 
 def display_prefix(secret: str) -> str:
     """What may be shown or logged: the type prefix plus a few characters ("ap_3xK9q2Lm")."""
-    for kind in (SERVICE_TOKEN_PREFIX, API_KEY_PREFIX):
+    for kind in (SERVICE_TOKEN_PREFIX, "apat_", "aprt_", API_KEY_PREFIX):
         if secret.startswith(kind):
             return secret[: len(kind) + _DISPLAY_CHARS]
     return secret[:4] + "…"

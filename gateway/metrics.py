@@ -45,6 +45,15 @@ class Metrics:
             ["digest"],
             registry=self.registry,
         )
+        self.stdio_processes = Gauge(
+            "agentpay_stdio_processes",
+            "Child processes of stdio servers the gateway runs (sessions, warm, shared), by server",
+            ["server"],
+            registry=self.registry,
+        )
+        self.stdio_sessions = Gauge(
+            "agentpay_stdio_sessions", "Open sessions of stdio servers, by server", ["server"], registry=self.registry
+        )
         # Counts made on the request path are kept as plain integers and added to the counters above
         # when the metrics are rendered (the only way they are read, so a scrape sees every count):
         # ``labels(...).inc()`` validates and takes a lock each time, a dict update does not. Label
@@ -81,6 +90,11 @@ class Metrics:
 
     def track_pending(self, count: Callable[[], int]) -> None:
         self.pending_holds.set_function(lambda: float(count()))
+
+    def track_stdio(self, server: str, processes: Callable[[], int], sessions: Callable[[], int]) -> None:
+        """Read a stdio server's counts of children and sessions when the metrics are rendered."""
+        self.stdio_processes.labels(server=server).set_function(lambda: float(processes()))
+        self.stdio_sessions.labels(server=server).set_function(lambda: float(sessions()))
 
     def set_price_digest(self, digest: str) -> None:
         self.price_table.clear()

@@ -174,7 +174,7 @@ async def _at_least(rows: Awaitable[list[str]], n: int, *, at_most: bool = False
 
 
 @asynccontextmanager
-async def cluster(tmp_path: Path, upstream_url: str) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, upstream_url: str, *, grants: bool = False) -> AsyncIterator[Cluster]:
     spec = StoreSpec.fresh("postgres", tmp_path)  # fails (never skips) when PostgreSQL is down
     database = f"{spec.location}?schema={spec.schema}"
     shared = tmp_path / "shared"
@@ -200,6 +200,7 @@ async def cluster(tmp_path: Path, upstream_url: str) -> AsyncIterator[Cluster]:
                 admin_token=ADMIN_TOKEN,
                 rate_per_key=0,
                 max_concurrent_per_key=0,
+                credit_grants=grants,
             )
         )
         config = yaml.safe_load(configs[-1].read_text())
@@ -435,9 +436,71 @@ async def check_sigkill(c: Cluster, upstream_completed: list[str]) -> dict[str, 
     }
 
 
-async def test_three_replicas_behave_as_one_gateway(tmp_path: Path) -> None:
+async def check_grant_burst(c: Cluster, upstream_completed: list[str]) -> dict[str, Any]:
+    """With credit grants: 300 concurrent calls against 1003 cents at 5 cents, a balance large enough
+    that every replica takes grants at first. The end of the balance is still exact: floor(B/p)."""
+    balance, calls = parse_cents("1003"), 300
+    expected = balance // PRICE
+    key, _ = await c.new_user("grace", format_cents(balance))
+    before = upstream_completed.count("get_forecast")
+    started = time.monotonic()
+    results = await _fire_burst(c, key, calls)
+    wall = time.monotonic() - started
+    receipts = [r.charge_id for r in results if r.charge_id is not None]
+    assert len(receipts) == len(set(receipts)) == expected
+    assert all(r.refused_for_funds for r in results if r.charge_id is None)
+    await poll_until(lambda: _at_least(c.pending("grace"), 0, at_most=True), within=10)  # grants given back
+    assert set(await c.charges("grace")) == set(receipts)
+    assert upstream_completed.count("get_forecast") - before == expected
+    account = await c.ledger.get_account(AccountKind.USER, "grace")
+    assert (account.balance, account.held) == (balance - expected * PRICE, 0)
+    assert await c.ledger.verify() == []
+    return {"calls": calls, "charged": len(receipts), "expected": expected, "wall_s": round(wall, 2)}
+
+
+async def check_sigkill_holding_a_grant(c: Cluster, victim: int) -> dict[str, Any]:
+    """A replica SIGKILLed while it holds a credit grant: the grant returns within lease + sweep; what
+    it had delivered is charged at most once (captures it had not flushed yet are lost, unbilled)."""
+    key, _ = await c.new_user("heidi", "1000")
+    victim_pid = c.gateways[victim].proc.pid
+    results = [await c.post(victim, key, tool_call("get_forecast", {"city": f"h{i}"}, i)) for i in range(12)]
+    receipts = {r.charge_id for r in results if r.charge_id is not None}
+    assert len(receipts) == 12
+    grants = await c.pending("heidi", victim_pid)
+    assert grants and all(g.startswith("gr_") for g in grants), grants
+    c.gateways[victim].proc.send_signal(signal.SIGKILL)
+    c.dead.add(victim)
+    await c.gateways[victim].proc.wait()
+    killed_at = time.time()
+    # no survivor renews the dead replica's grant: the sweep voids it once its lease lapses
+    await poll_until(lambda: _at_least(c.pending("heidi"), 0, at_most=True), within=LEASE_S + SWEEP_S + 5)
+    returned_after = time.time() - killed_at
+    assert returned_after <= LEASE_S + SWEEP_S + 1.0, returned_after
+    charges = set(await c.charges("heidi"))
+    assert charges <= receipts  # never a charge the client did not get, never twice
+    account = await c.ledger.get_account(AccountKind.USER, "heidi")
+    assert (account.balance, account.held) == (parse_cents("1000") - len(charges) * PRICE, 0)
+    assert await c.ledger.verify() == []
+    return {
+        "grant_returned_after_s": round(returned_after, 2),
+        "delivered": len(receipts),
+        "charged": len(charges),
+        "unbilled_at_kill": len(receipts) - len(charges),
+    }
+
+
+async def test_a_replica_killed_holding_a_credit_grant_gives_it_back_within_lease_and_sweep(tmp_path: Path) -> None:
     async with run_fault_upstream() as (upstream_url, upstream):
-        async with cluster(tmp_path, upstream_url) as c:
+        async with cluster(tmp_path, upstream_url, grants=True) as c:
+            figures = {"grant_burst": await check_grant_burst(c, upstream.completed)}
+            figures["sigkill_with_grant"] = await check_sigkill_holding_a_grant(c, victim=1)
+            print("\nreplica test figures (credit grants):", json.dumps(figures, indent=2))
+
+
+@pytest.mark.parametrize("grants", [False, True], ids=["per-call-holds", "credit-grants"])
+async def test_three_replicas_behave_as_one_gateway(tmp_path: Path, grants: bool) -> None:
+    async with run_fault_upstream() as (upstream_url, upstream):
+        async with cluster(tmp_path, upstream_url, grants=grants) as c:
             figures: dict[str, Any] = {}
             figures["burst"] = await check_burst(c, upstream.completed)
             await check_sessions(c, upstream.requests)

@@ -101,6 +101,7 @@ def create_admin_app(ops_factory: Callable[[], Operations], admin_token: str | N
             server=_text(body, "server") or "",
             expires=_text(body, "expires", required=False),
             spend_limit_cents=_cents(body, "spend_limit_cents", required=False),
+            name=_text(body, "name", required=False),
         )
         return await ok(result, 201)
 

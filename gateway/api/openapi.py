@@ -189,6 +189,7 @@ def openapi_document(surface: str = "service") -> dict[str, Any]:
                     server={"type": "string"},
                     expires={"type": "string"},
                     spend_limit_cents=_CENTS,
+                    name={"type": ["string", "null"], "minLength": 1, "maxLength": 100},
                 ),
                 ok_status="201",
             ),

@@ -17,6 +17,7 @@ from gateway.errors import InvalidInput, NotFound
 from gateway.keys import API_KEY_PREFIX, SERVICE_TOKEN_PREFIX, display_prefix, generate_secret, hash_secret
 from gateway.ledger.base import (
     MAX_AMOUNT,
+    PROVIDER_REFERENCE_PREFIX,
     AccountKind,
     Charge,
     KeyRecord,
@@ -26,7 +27,7 @@ from gateway.ledger.base import (
     operator_reference,
 )
 from gateway.ledger.interfaces import Ledger
-from gateway.ledger.rows import amount_too_large
+from gateway.ledger.rows import amount_too_large, require_key_name
 from gateway.money import AmountError, format_cents, parse_cents
 
 _DURATION = re.compile(r"^([0-9]+)([smhdw])$")  # ASCII digits only: \d also takes fullwidth or Arabic-Indic ones
@@ -77,6 +78,8 @@ def key_json(key: KeyRecord) -> dict[str, Any]:
         "revoked_at": iso(key.revoked_at),
         "spend_limit_cents": None if key.spend_limit is None else format_cents(key.spend_limit),
         "spent_cents": format_cents(key.spent),
+        "name": key.name,
+        "last_used_at": iso(key.last_used_at),  # up to auth.LAST_USED_FLUSH_S behind; None: never used
     }
 
 
@@ -155,6 +158,12 @@ class Operations:
         value = amount(cents)
         if value <= 0:
             raise InvalidInput("a top-up must be more than 0 cents")
+        if reference is not None and reference.startswith(PROVIDER_REFERENCE_PREFIX):
+            raise InvalidInput(
+                f"top-up references starting with {PROVIDER_REFERENCE_PREFIX!r} are the payment provider's "
+                "(its webhooks credit them once)",
+                hint="Choose another reference",
+            )
         transfer = await self.ledger.topup(name, value, reference=reference)
         account = await self.ledger.get_account(AccountKind.USER, name)
         return {
@@ -185,7 +194,11 @@ class Operations:
         server: str,
         expires: str | None = None,
         spend_limit_cents: str | None = None,
+        name: str | None = None,
     ) -> dict[str, Any]:
+        """A new key (its secret under "key", shown this once). ``name``: surrounding blanks dropped,
+        blank is no name; the ledger refuses one over 100 characters or with control characters."""
+        name = require_key_name((name.strip() or None) if isinstance(name, str) else name)
         if self.config is not None and server not in self.config.servers:
             known = ", ".join(sorted(self.config.servers)) or "none"
             raise NotFound(f"server {server!r} is not in the config (configured servers: {known})")
@@ -198,6 +211,7 @@ class Operations:
             prefix=display_prefix(secret),
             expires_at=parse_expiry(expires, time.time()) if expires else None,
             spend_limit=None if spend_limit_cents is None else amount(spend_limit_cents, "spend limit", moved=False),
+            name=name,
         )
         return {**key_json(record), "key": secret}
 

@@ -5,7 +5,9 @@ All amounts are integers in millicents (see ``gateway.money``). Balances are the
 account's postings; every transfer's postings sum to zero.
 
 Accounts and sign convention (balance = sum of postings):
-  user             money the user can spend (top-ups credit it, charges debit it); never below held
+  user             money the user can spend (top-ups credit it, charges debit it); never below held,
+                   except through a clawback (the payment provider took money back: a refund, a
+                   lost dispute), which may leave it negative; no hold passes until it is covered
   developer        earnings not yet paid out (charges credit it, payouts debit it)
   world            the outside world: top-ups debit it, settled payouts credit it (may be negative)
   platform_fee     the operator's fee income
@@ -54,6 +56,13 @@ def developer_reference(developer: str, key: str) -> str:
     return f"{DEVELOPER_REFERENCE_PREFIX}{developer}:{key}"
 
 
+# Top-up and clawback references written by the payment provider integration (``gateway.payments``):
+# "stripe:checkout:<session>", "stripe:refund:<refund>", "stripe:dispute:<dispute>:withdrawn", ... An
+# operator's top-up reference may not start with it (``operations.topup`` refuses), so no hand-typed
+# reference can pre-empt (or collide with) a credit the provider's webhook will make.
+PROVIDER_REFERENCE_PREFIX = "stripe:"
+
+
 def namespaced_legacy_refund_reference(reference: str, developer: str) -> str:
     """A refund reference stored before namespaces (migration 0006, dumps of version 1), given the
     developer of the refunded charge. The service API stored "<developer>:<key>", the operator the
@@ -99,6 +108,9 @@ class Account:
         return self.balance - self.held
 
 
+KEY_NAME_MAX = 100  # characters of a key's name (migration 0010's CHECK)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: str  # public identifier, e.g. "key_3f9a..."
@@ -111,6 +123,10 @@ class KeyRecord:
     spend_limit: int | None  # millicents; None = unlimited
     spent: int  # millicents captured through this key, net of refunds
     held: int  # millicents in pending holds through this key
+    name: str | None = None  # what its user called it (at most KEY_NAME_MAX printable characters)
+    # when it last authenticated a call: gathered in memory and written by ``touch_keys`` at most every
+    # ``proxy.auth.LAST_USED_FLUSH_S`` seconds, so up to that much behind (None: never used)
+    last_used_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +153,20 @@ class HoldOutcome:
     @property
     def ok(self) -> bool:
         return self.status in (HoldStatus.OK, HoldStatus.REPLAYED)
+
+
+@dataclass(frozen=True, slots=True)
+class FreeCall:
+    """A call that may use a free allowance: the first ``limit`` priced calls of ``user`` on ``server``
+    (``scope`` "*": the server's allowance) or on one name (``scope`` the name) each UTC ``day``."""
+
+    call_id: str
+    user: str
+    server: str
+    scope: str  # "*" (the server's allowance) or the name that has its own
+    name: str  # tool name, resource URI or prompt name actually called
+    day: str  # the UTC day, "YYYY-MM-DD"
+    limit: int  # free calls per day
 
 
 def charge_id_for(call_id: str) -> str:
@@ -188,7 +218,7 @@ class Charge:
 @dataclass(frozen=True, slots=True)
 class Transfer:
     id: str
-    kind: str  # topup | charge | refund | payout | payout_settle | payout_fail
+    kind: str  # topup | charge | refund | payout | payout_settle | payout_fail | clawback
     amount: int
     reference: str | None
     created_at: float
@@ -341,6 +371,8 @@ EXPORT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("spend_limit", "int"),
         ("spent", "int"),
         ("held", "int"),
+        ("name", "text"),  # dump version 3 (migration 0010); NULL when read from an older dump
+        ("last_used_at", "float"),
     ),
     "holds": (
         ("call_id", "text"),

@@ -14,6 +14,9 @@ which Python writes with the shortest repr that reads back as the same double.
 Version 2 stores refund references namespaced by actor ("admin:<key>", "dev:<developer>:<key>",
 migration 0006). A version 1 dump (written before) is still read: its refund references are moved
 into their namespaces by the migration's rule (``base.namespaced_legacy_refund_reference``).
+
+Version 3 adds the keys' ``name`` and ``last_used_at`` (migration 0010); the keys of an older dump have
+them NULL.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from gateway.errors import InvalidInput
 from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, ExportRow, namespaced_legacy_refund_reference
 
 FORMAT = "agentpay-ledger"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# Columns a table gained in a version: the rows of an older dump have them NULL.
+_ADDED_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {3: {"keys": ("name", "last_used_at")}}
 
 
 def write_dump(rows: Iterable[ExportRow], out: IO[str], *, source: str) -> dict[str, int]:
@@ -52,6 +57,7 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
     header_seen = ended = False
     number = 0
     legacy: list[ExportRow] | None = None  # the rows of a version 1 dump, held back until its end
+    version = VERSION
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -69,7 +75,8 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
                 )
             if item.get("version") not in READABLE_VERSIONS:
                 raise InvalidInput(f"line {number}: dump version {item.get('version')!r} is not supported")
-            if item.get("version") == 1:
+            version = item["version"]
+            if version == 1:
                 legacy = []
             header_seen = True
             continue
@@ -89,7 +96,7 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
             raise InvalidInput(f"line {number}: table {table} after {EXPORT_TABLES[position]}: tables are out of order")
         position = index
         counts[table] += 1
-        checked = check_row(table, row, where=f"line {number}")
+        checked = check_row(table, _with_added_columns(table, row, version), where=f"line {number}")
         if legacy is None:
             yield table, checked
         else:
@@ -100,6 +107,12 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
         raise InvalidInput(f"the dump ends at line {number} without its end marker: it is truncated")
     if legacy is not None:
         yield from _namespaced_refund_references(legacy)
+
+
+def _with_added_columns(table: str, row: dict[str, Any], version: int) -> dict[str, Any]:
+    """``row`` of a dump of ``version`` with the columns its table gained since, NULL."""
+    added = [c for since, tables in _ADDED_COLUMNS.items() if version < since for c in tables.get(table, ())]
+    return {**dict.fromkeys(added), **row} if added else row
 
 
 def _namespaced_refund_references(rows: list[ExportRow]) -> Iterator[ExportRow]:

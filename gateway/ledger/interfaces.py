@@ -7,7 +7,7 @@ All amounts are integers in millicents. Methods raise ``gateway.errors`` types.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 from gateway.ledger.base import (
@@ -18,6 +18,7 @@ from gateway.ledger.base import (
     Earnings,
     EarningsBreakdown,
     ExportRow,
+    FreeCall,
     HoldInfo,
     HoldOutcome,
     HoldRequest,
@@ -29,6 +30,7 @@ from gateway.ledger.base import (
     UsageRow,
     UserSummary,
 )
+from gateway.ledger.grants import GrantedCall, GrantFlush, GrantRequest, GrantState
 
 
 class Store(Protocol):
@@ -81,7 +83,9 @@ class Keys(Protocol):
         prefix: str,
         expires_at: float | None,
         spend_limit: int | None,
-    ) -> KeyRecord: ...
+        name: str | None = None,
+    ) -> KeyRecord:
+        """Raises NotFound for an unknown user, InvalidInput for a name ``rows.require_key_name`` refuses."""
 
     async def find_key(self, key_hash: str) -> KeyRecord | None: ...
 
@@ -92,6 +96,12 @@ class Keys(Protocol):
 
     async def revoked_since(self, since: float) -> list[str]:
         """Ids of keys revoked at or after ``since`` (for cache invalidation)."""
+
+    async def touch_keys(self, last_used: Mapping[str, float]) -> None:
+        """Record when keys last authenticated a call (key id -> unix seconds), in one write: a key's
+        ``last_used_at`` only moves forward (an older time never overwrites a newer one, whichever
+        process flushes last); unknown ids are ignored. Called with what a process gathered in memory
+        (``proxy.auth.Authenticator``), at most every few seconds, never once per call."""
 
     async def create_service_token(
         self, *, developer: str, servers: Sequence[str], token_hash: str, prefix: str
@@ -132,6 +142,23 @@ class Holds(Protocol):
 
     async def get_hold(self, call_id: str) -> HoldInfo:
         """Raises NotFound."""
+
+
+class Allowances(Protocol):
+    """Free allowances: the first N priced calls of each UTC day cost 0 (the price table's
+    ``free_calls_per_day``). Counted in the database, so replicas sharing it agree exactly."""
+
+    async def claim_free_call(self, call: FreeCall) -> bool:
+        """In one transaction, guarded by the database: record ``call`` as free if fewer than
+        ``call.limit`` calls are recorded for its (user, server, scope, day), pending or used. True
+        when the call is free (nothing is held for it then)."""
+
+    async def settle_free_call(self, call_id: str, *, used: bool) -> None:
+        """A free call ended: ``used`` (its success was delivered) keeps it counted; otherwise it is
+        given back (a later call of the day is free instead). Idempotent."""
+
+    async def free_calls_used(self, user: str, server: str, scope: str, day: str) -> int:
+        """How many free calls (pending or used) are recorded for that allowance and day."""
 
 
 class Charges(Protocol):
@@ -185,6 +212,28 @@ class Payouts(Protocol):
     async def list_payouts(self, developer: str | None = None) -> list[Payout]: ...
 
 
+class Clawbacks(Protocol):
+    """Money a payment provider took back from a user (a refund of a top-up, a lost dispute)."""
+
+    async def clawback(self, user: str, amount: int, reference: str) -> Transfer:
+        """Move ``amount`` from the user to the world account (transfer kind ``clawback``) even when
+        that leaves the user's balance below zero or below what it holds: the money already left at the
+        provider. A user whose available balance is negative is refused every hold (``hold`` needs
+        ``balance - held >= amount``) until top-ups cover the debt; captures of holds taken before still
+        stand. ``reference`` is required and idempotent like ``topup``'s: a repeat returns the original
+        transfer with ``replayed=True``, the same reference for another user/amount raises
+        IdempotencyConflict. Its reverse (a dispute won) is a ``topup`` with its own reference.
+        Raises NotFound, InvalidInput (amount <= 0, empty reference), AmountTooLarge,
+        BalanceLimitExceeded (the user's balance would pass -MAX_BALANCE; nothing written)."""
+
+    async def reverse_payout(self, payout_id: str) -> Transfer:
+        """A settled payout's money came back (the provider reversed its transfer): world -> the
+        developer, the whole payout, transfer kind ``payout_reversal`` with the payout id as its
+        reference (at most one per payout: a repeat returns it with ``replayed=True``). The payout
+        stays ``settled`` (its reference names the reversed transfer). Raises NotFound, Conflict
+        unless the payout is settled."""
+
+
 class Reports(Protocol):
     """Read-only views: a user's summary, usage, a developer's earnings and statement."""
 
@@ -218,5 +267,40 @@ class Audit(Protocol):
         Raises InvalidInput for rows that do not fit (nothing is written then)."""
 
 
-class Ledger(Store, Accounts, Keys, Holds, Charges, Payouts, Reports, Audit, Protocol):
+class Grants(Protocol):
+    """Credit grants (``gateway.ledger.grants``): one hold of several calls' worth that a process
+    spends in memory and settles in batches. A grant is a hold row, so ``Holds.renew`` and
+    ``Holds.sweep`` keep its lease; these operations move its amount."""
+
+    async def grant(self, req: GrantRequest) -> GrantState:
+        """Open a grant (a new id) or top one up (a pending grant's id), in one transaction guarded
+        like a hold: reserve ``min(want, available // share, key's remaining cap // share)``, or
+        nothing when that is below ``least`` (TOO_LOW) or the key is revoked or expired (REVOKED).
+        CLOSED when the id names a grant that is no longer pending. Raises NotFound for an unknown
+        user, developer or key, InvalidInput for a key of another user or a bad amount,
+        IdempotencyConflict when the id names a hold that is not a grant of this key."""
+
+    async def flush_grant(
+        self, grant_id: str, calls: Sequence[GrantedCall], *, release: int | None = 0
+    ) -> GrantFlush:
+        """In one durable transaction: charge each call (its own captured hold row, charge transfer,
+        postings and charge row, as a capture writes them) out of the grant, skipping call ids charged
+        already; then give back ``release`` more of the grant (None: all that is left). A grant left
+        with nothing is voided. A call the grant no longer covers (it lapsed and was swept) is charged
+        only if the user's available balance and the key's cap still allow it (guarded as a hold), and
+        is otherwise reported ``unbilled``: never an overdraft. Raises NotFound for an unknown grant."""
+
+    async def refresh_grants(self, grant_ids: Sequence[str], lease_s: float) -> dict[str, GrantState]:
+        """Renew the leases of these pending grants to now + lease_s and report each one's state
+        (the user's available balance, the key's remaining cap, whether the key is revoked)."""
+
+    async def grants_outstanding(self, user: str, key_id: str | None = None) -> int:
+        """What pending grants of ``user`` (of one key, when given) reserve now, across processes."""
+
+
+class Billable(Holds, Allowances, Grants, Protocol):
+    """What proxied calls' billing uses: holds, free allowances and credit grants."""
+
+
+class Ledger(Store, Accounts, Keys, Holds, Allowances, Grants, Charges, Payouts, Clawbacks, Reports, Audit, Protocol):
     """Everything a store provides: what the CLI's ledger commands and the app's wiring hold."""

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.errors import AmountTooLarge, BalanceLimitExceeded, InvalidInput
 from gateway.ledger.base import (
+    KEY_NAME_MAX,
     MAX_AMOUNT,
     MAX_BALANCE,
     Charge,
@@ -64,6 +66,41 @@ def require_name(value: str, what: str) -> str:
     return value
 
 
+def require_key_name(value: object) -> str | None:
+    """A key's name as given (None: no name): 1 to ``KEY_NAME_MAX`` printable characters. Control
+    characters, line breaks and invisible format characters (a right-to-left override, a zero-width
+    space) are refused: a name is shown on the keys list and in the CLI's output as it is."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"a key name must be text, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput("a key name must not be empty", hint="Leave the name out for a key without one")
+    if len(value) > KEY_NAME_MAX:
+        raise InvalidInput(
+            f"a key name is at most {KEY_NAME_MAX} characters, got {len(value)}", hint="Give a shorter name"
+        )
+    if not value.isprintable():
+        raise InvalidInput(
+            "a key name may hold only printable characters (no control characters or line breaks)",
+            hint="Give a name of letters, digits, spaces and punctuation",
+        )
+    return value
+
+
+def require_key_times(last_used: Mapping[str, float]) -> list[tuple[str, float]]:
+    """``touch_keys``'s argument as (key id, unix seconds) pairs sorted by id: the order in which both
+    stores lock the keys rows (as the batched holds do), so two processes flushing at once cannot deadlock."""
+    pairs = []
+    for key_id, when in last_used.items():
+        if not isinstance(key_id, str) or not key_id:
+            raise InvalidInput(f"a key id must be a non-empty string, got {key_id!r}")
+        if isinstance(when, bool) or not isinstance(when, int | float) or not math.isfinite(when):
+            raise InvalidInput(f"the last use of key {key_id} must be unix seconds, got {when!r}")
+        pairs.append((key_id, float(when)))
+    return sorted(pairs)
+
+
 def require_limit(limit: object) -> None:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise InvalidInput(f"limit must be a positive integer, got {limit!r}")
@@ -81,6 +118,8 @@ def key_record(row: Sequence[Any]) -> KeyRecord:
         spend_limit=row[7],
         spent=row[8],
         held=row[9],
+        name=row[10],
+        last_used_at=row[11],
     )
 
 

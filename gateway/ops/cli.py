@@ -9,18 +9,22 @@ import argparse
 import asyncio
 import csv
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.api.operations import Operations
+from gateway import logs
+from gateway.api.operations import Operations, iso
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import GatewayError
 from gateway.ledger import open_ledger, redact_url
 from gateway.ledger.base import ExportRow
 from gateway.ledger.dump import read_dump, write_dump
+from gateway.logins import Login
+from gateway.ops import payments_cli
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -79,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     kcreate.add_argument("--server", required=True)
     kcreate.add_argument("--expires", help="a duration (30d, 12h) or an ISO date")
     kcreate.add_argument("--spend-limit-cents", help="most this key may ever spend, in cents")
+    kcreate.add_argument("--name", help="a name for the key, shown in lists (at most 100 printable characters)")
     command("list", "list keys (prefixes only)", keys).add_argument("--user")
     command("revoke", "revoke a key by id or unique prefix", keys).add_argument("id_or_prefix")
 
@@ -116,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--server")
     command("earnings", "a developer's earnings").add_argument("developer")
 
+    logins = command("logins", "portal logins (e-mail + password) for user and developer accounts").add_subparsers(
+        dest="action", required=True
+    )
+    invite = command(
+        "invite", "print a one-time sign-in link that sets the password (creates the login or links accounts)", logins
+    )
+    invite.add_argument("email")
+    invite.add_argument("--user", help="the user account to link (must exist; default: the e-mail's own)")
+    invite.add_argument("--developer", help="the developer account to link (must exist)")
+    command("list", "list logins", logins)
+    command("disable", "disable a login and end its sessions", logins).add_argument("email")
+
+    payments_cli.add_commands(command, commands, users, developers)
     ledger = command("ledger", "ledger maintenance").add_subparsers(dest="action", required=True)
     command("verify", "check every ledger invariant; exit non-zero on a violation", ledger)
     export = command("export", "dump every table of the ledger to a store-neutral JSON-lines file", ledger)
@@ -155,6 +173,17 @@ def _print(value: Any, as_json: bool) -> None:
             print(f"{name}: {item}")
 
 
+def _key_text(key: dict[str, Any]) -> dict[str, Any]:
+    """A key as the text output shows it: its name quoted (a name with blanks or '=' cannot pass for
+    other fields), ``last_used_at=never`` for a key no call has used (``--json`` keeps null)."""
+    shown = dict(key)
+    if shown.get("name") is not None:
+        shown["name"] = json.dumps(shown["name"], ensure_ascii=False)
+    if "last_used_at" in shown and shown["last_used_at"] is None:
+        shown["last_used_at"] = "never"
+    return shown
+
+
 def _print_csv(rows: Any) -> None:
     fields = ["created_at", "kind", "amount_cents", "server", "name", "charge_id", "transfer_id"]
     writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
@@ -179,7 +208,11 @@ def _action(args: argparse.Namespace) -> Callable[[Operations], Awaitable[Any]] 
         ("users", "topup"): lambda o: o.topup(args.name, args.cents, args.reference),
         ("users", "show"): lambda o: o.show_user(args.name),
         ("keys", "create"): lambda o: o.create_key(
-            user=args.user, server=args.server, expires=args.expires, spend_limit_cents=args.spend_limit_cents
+            user=args.user,
+            server=args.server,
+            expires=args.expires,
+            spend_limit_cents=args.spend_limit_cents,
+            name=args.name,
         ),
         ("keys", "list"): lambda o: o.list_keys(args.user),
         ("keys", "revoke"): lambda o: o.revoke_key(args.id_or_prefix),
@@ -197,6 +230,48 @@ def _action(args: argparse.Namespace) -> Callable[[Operations], Awaitable[Any]] 
         ("ledger", "verify"): lambda o: o.verify(),
     }
     return table.get((cmd, action))
+
+
+def _login_record(login: Login) -> dict[str, Any]:
+    return {
+        "id": login.id,
+        "email": login.email,
+        "user": login.user,
+        "developer": login.developer,
+        "verified": login.verified,
+        "disabled": login.disabled,
+        "has_password": login.has_password,
+        "created_at": iso(login.created_at),
+        "last_login_at": iso(login.last_login_at),
+    }
+
+
+async def _logins(config: GatewayConfig, args: argparse.Namespace) -> Any:
+    """`logins invite|list|disable`, through the same LoginService the portal uses."""
+    from gateway.app import login_service  # the gateway's own wiring, imported only for these commands
+
+    logs.configure(config.log_format, level=logging.WARNING)  # stdout is the command's answer
+    ledger = open_ledger(config.database)
+    await ledger.open()
+    service = login_service(config, ledger)
+    try:
+        await service.open()
+        if args.action == "invite":
+            link = await service.invite(args.email, user=args.user, developer=args.developer)
+            login = await service.find_login(link.email)
+            return {
+                "email": link.email,
+                "user": login.user if login else None,
+                "developer": login.developer if login else None,
+                "url": link.url,
+                "expires_at": iso(link.expires_at),
+            }
+        if args.action == "disable":
+            return _login_record(await service.disable(args.email))
+        return [_login_record(login) for login in await service.list_logins()]
+    finally:
+        await service.close()
+        await ledger.close()
 
 
 async def _migrate(database: str) -> dict[str, Any]:
@@ -327,12 +402,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = asyncio.run(check(config))
             _print(result, args.json)
             return 0
+        if args.command == "logins":
+            _print(asyncio.run(_logins(config, args)), args.json)
+            return 0
+        if payments_cli.handles(args, config):
+            _print(asyncio.run(payments_cli.run(config, args)), args.json)
+            return 0
         action = _action(args)
         if action is None:  # pragma: no cover - argparse rejects unknown commands first
             raise GatewayError(f"unknown command {args.command}")
         result = asyncio.run(_with_ops(config, action))
         if args.command == "statement" and args.csv:
             _print_csv(result)
+            return 0
+        if args.command == "keys" and not args.json:
+            keys: Any = result
+            _print([_key_text(k) for k in keys] if isinstance(keys, list) else _key_text(keys), False)
             return 0
         _print(result, args.json)
         if args.command == "ledger" and not result["ok"]:

@@ -14,6 +14,7 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +36,15 @@ TOOLS: list[dict[str, Any]] = [
         "name": "premium_report",
         "description": "A detailed premium weather report.",
         "inputSchema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+    {
+        "name": "translate",
+        "description": "Translate a text (metered: reports 0.1 cent per character in io.agentpay/charge).",
+        "inputSchema": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "to": {"type": "string"}},
+            "required": ["text"],
+        },
     },
     {
         "name": "add",
@@ -189,6 +199,17 @@ class DemoUpstream:
                 {
                     "resultType": "input_required",
                     "inputRequests": {"answer": {"method": "elicitation/create", "params": {"message": "Which city?"}}},
+                },
+            )
+        if name == "translate":  # metered: the cost of the call is reported with its result
+            source = str(args.get("text", ""))
+            self.completed.append("translate")
+            cost = Decimal(len(source)) / 10  # 0.1 cent per character, at most 1 decimal: exact
+            return _result(
+                rid,
+                {
+                    "content": [{"type": "text", "text": f"[{args.get('to', 'en')}] {source}"}],
+                    "_meta": {"io.agentpay/charge": {"amount_cents": str(cost)}},
                 },
             )
         tools: dict[str, Callable[[], str]] = {

@@ -23,6 +23,7 @@ from gateway.http_server import GatewayRunner
 from gateway.ledger import open_ledger
 from gateway.money import format_cents
 from gateway.runtime import RUNTIME
+from gateway.stdio.process import command_problem
 
 log = structlog.get_logger("gateway")
 
@@ -36,6 +37,10 @@ async def check(config: GatewayConfig) -> dict[str, Any]:
         await check_owners(config, ledger)
     finally:
         await ledger.close()
+    for name, srv in config.servers.items():
+        problem = command_problem(srv.stdio) if srv.stdio is not None else None
+        if problem is not None:
+            raise ConfigError(f"servers.{name}.command cannot start: {problem}", file=str(config.path))
     return {
         "config": str(config.path),
         "prices": str(config.prices_path),
@@ -43,6 +48,7 @@ async def check(config: GatewayConfig) -> dict[str, Any]:
         "servers": {
             name: {
                 "upstream": srv.upstream,
+                "command": list(srv.stdio.command) if srv.stdio is not None else None,  # a stdio server
                 "owner": srv.owner,
                 "hosts": list(srv.hosts),
                 "default_price_cents": format_cents(table.default(name)),

@@ -5,7 +5,10 @@ connections over N processes, each a complete gateway (its own ledger connection
 id, lease renewal and sweeper) exactly like the replicas of a multi-replica deployment, so nothing
 new is shared between them: the ledger already serialises money across processes (SQLite's file
 lock, PostgreSQL's row locks) and every replica-level guarantee (revocation within 1 s, price
-reloads, stranded holds voided by the sweeper) holds between workers too.
+reloads, stranded holds voided by the sweeper) holds between workers too. The exception is a stdio
+server's session (``gateway.stdio``): its child process runs in one worker, which its session id
+names; a request of that session the kernel hands to another worker is answered 404, so stdio servers
+want one worker (or replicas behind a load balancer with affinity on ``Mcp-Session-Id``).
 
 The supervisor (this module) only starts the workers, forwards SIGTERM/SIGINT to them so they
 drain, and restarts a worker that dies without being asked to stop (its stranded holds are voided

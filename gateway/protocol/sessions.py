@@ -45,6 +45,15 @@ class Call:
     parked_at: float | None = None  # set while waiting for a response on another stream / a task
     delivering: bool = False  # its success is being written to a client: captured once written
     void_if_undelivered: bool = False  # dropped or expired while delivering: voided if the write fails
+    metered_price: int | None = None  # metered: charged for a success carrying no valid report
+    charge: int | None = None  # what its success costs, when not ``price`` (a metered report)
+    reported: int | None = None  # metered: the upstream's report, when it was above the hold and capped
+    free: bool = False  # a free allowance's call: nothing held, its success costs 0
+
+    @property
+    def amount(self) -> int:
+        """What its success costs (captured): the price held, or less for a metered report."""
+        return self.price if self.charge is None else self.charge
 
     def claim_for_delivery(self) -> None:
         """Mark the call as being delivered (its success is about to be written). Nothing else may

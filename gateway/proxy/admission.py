@@ -8,7 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.billing.pricing import PriceTable
+from gateway.billing.pricing import Price, PriceTable
+from gateway.billing.rules import BadUnits, PriceRule
 from gateway.config import GatewayConfig
 from gateway.errors import (
     INVALID_PARAMS,
@@ -17,7 +18,7 @@ from gateway.errors import (
     BodyTooLarge,
     GatewayError,
 )
-from gateway.ledger.base import HoldOutcome, HoldRequest, HoldStatus
+from gateway.ledger.base import FreeCall, HoldOutcome, HoldRequest, HoldStatus
 from gateway.money import format_cents
 from gateway.protocol import jsonrpc, upstream_ids
 from gateway.protocol.jsonrpc import Message
@@ -128,10 +129,15 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
     else:
         price = _price_of(ctx, msg, table)
         if price:
-            call = await _hold(ctx, msg, price, exchange)
-            if call is None:
-                return None
-            forwarded.call = call
+            # a flat price is held as it is (no quote object on that path: it stays as cheap as it was)
+            held = (price, None) if isinstance(price, int) else _quote(ctx, msg, price, exchange)
+            if held is None:
+                return None  # refused: its arguments cannot be priced
+            if held[0]:
+                call = await _hold(ctx, msg, held, _allowance(ctx, table, price), exchange)
+                if call is None:
+                    return None
+                forwarded.call = call
     call = forwarded.call
     own_call = call if method not in TASK_METHODS else None  # a tasks/result's call is its task's
     nonce = own_call.call_id if own_call is not None else rt.billing.new_call_id()
@@ -143,15 +149,43 @@ async def _admit(ctx: Context, msg: Message, table: PriceTable, exchange: Exchan
     return {**msg.body, "id": upstream_id}
 
 
-def _price_of(ctx: Context, msg: Message, table: PriceTable) -> int:
+def _price_of(ctx: Context, msg: Message, table: PriceTable) -> Price:
     target = msg.priced_target()
     if target is None:
         return 0
     kind, name = target
     ctx.fields.setdefault("target", name)
-    price = table.lookup(ctx.server.name, kind, name)
-    ctx.fields["price_cents"] = format_cents(price)
+    price = table.price_of(ctx.server.name, kind, name)
+    if isinstance(price, int):
+        ctx.fields["price_cents"] = format_cents(price)
     return price
+
+
+def _quote(ctx: Context, msg: Message, price: PriceRule, exchange: Exchange) -> tuple[int, int | None] | None:
+    """(what a request priced by a rule is held for, a metered call's price without a report); None
+    (and a -32602 refusal, nothing charged) when the argument its price counts units of is missing,
+    not a non-negative integer, or over the limit."""
+    arguments = msg.params.get("arguments")
+    if not isinstance(arguments, dict):
+        arguments = {}
+    try:
+        quote = price.quote(arguments, strings_count=msg.method == "prompts/get")
+    except BadUnits as exc:
+        ctx.rt.metrics.refusals.labels(server=ctx.server.name, reason="invalid_units").inc()
+        hint = "Send the argument as a JSON integer within the limit shown in the tool's io.agentpay/price"
+        data = {"code": "invalid_units", "argument": exc.argument, "hint": hint}
+        exchange.refusals.append(jsonrpc.error_body(msg.id, INVALID_PARAMS, exc.message, data))
+        return None
+    ctx.fields["price_cents"] = format_cents(quote.hold)
+    return quote.hold, quote.price if quote.metered else None
+
+
+def _allowance(ctx: Context, table: PriceTable, price: Price) -> tuple[int, bool]:
+    """(free calls per day, whether they are the name's own) for a call at ``price``: the name's
+    own allowance when its rule has one, else the server's. 0: no allowance."""
+    if not isinstance(price, int) and price.free_calls_per_day is not None:
+        return price.free_calls_per_day, True
+    return table.prices_of(ctx.server.name).free_calls_per_day, False
 
 
 def _cancellation(ctx: Context, msg: Message, exchange: Exchange) -> dict[str, Any]:
@@ -172,11 +206,22 @@ def _task_not_found(msg: Message) -> dict[str, Any]:
     )
 
 
-async def _hold(ctx: Context, msg: Message, price: int, exchange: Exchange) -> Call | None:
-    """Hold the price of a priced request; None (and a refusal) when the balance or cap refuses it."""
+async def _hold(
+    ctx: Context, msg: Message, held: tuple[int, int | None], allowance: tuple[int, bool], exchange: Exchange
+) -> Call | None:
+    """Hold the price of a priced request (or use its free allowance); None (and a refusal) when the
+    balance or cap refuses it."""
     rt, server, key = ctx.rt, ctx.server, ctx.key
     kind, name = msg.priced_target() or ("tool", "")
     call_id = rt.billing.new_call_id()
+    assert msg.id is not None
+    limit, own = allowance
+    if limit and await rt.billing.claim_free(
+        FreeCall(call_id, key.user, server.name, f"{kind}:{name}" if own else "*", name, rt.billing.today(), limit)
+    ):
+        ctx.fields["free_call"] = True
+        return Call(call_id, msg.id, server.name, kind, name, 0, 0, free=True)
+    price, metered_price = held
     outcome = await rt.billing.hold(
         HoldRequest(
             call_id=call_id,
@@ -195,10 +240,13 @@ async def _hold(ctx: Context, msg: Message, price: int, exchange: Exchange) -> C
     if not outcome.ok:
         rt.metrics.refusals.labels(server=server.name, reason=outcome.status.value).inc()
         modern = _is_modern(ctx.request, msg)
-        exchange.refusals.append(_payment_refusal(msg, kind, name, price, outcome, rt.config, modern=modern))
+        exchange.refusals.append(
+            _payment_refusal(
+                msg, kind, name, price, outcome, rt.config, modern=modern, metered=metered_price is not None
+            )
+        )
         return None
-    assert msg.id is not None
-    return Call(call_id, msg.id, server.name, kind, name, price, outcome.available)
+    return Call(call_id, msg.id, server.name, kind, name, price, outcome.available, metered_price=metered_price)
 
 
 def _is_modern(request: web.Request, msg: Message) -> bool:
@@ -219,6 +267,7 @@ def _payment_refusal(
     config: GatewayConfig,
     *,
     modern: bool = False,
+    metered: bool = False,
 ) -> dict[str, Any]:
     topup = config.topup_url or "ask the gateway operator to top up your AgentPay balance"
     if outcome.status is HoldStatus.SPEND_LIMIT:
@@ -228,12 +277,16 @@ def _payment_refusal(
     else:
         code = "insufficient_funds"
         reason = f"your available AgentPay balance is {format_cents(outcome.available)}¢"
+        if outcome.available < 0:  # a clawback (a card payment refunded or disputed) after the money was spent
+            reason += " (below zero: a card payment was refunded or disputed after its credit was spent)"
         what_to_do = f"To continue, top up: {topup}."
     label = {"tool": "Calling tool", "resource": "Reading resource", "prompt": "Getting prompt"}[kind]
-    text = f"Payment required: {label} {name!r} costs {format_cents(price)}¢ and {reason}. {what_to_do}"
+    costs = f"needs {format_cents(price)}¢ held (the most it can cost)" if metered else f"costs {format_cents(price)}¢"
+    text = f"Payment required: {label} {name!r} {costs} and {reason}. {what_to_do}"
     data: dict[str, Any] = {
         "code": code,
         "price_cents": format_cents(price),
+        "needed_cents": format_cents(price),
         "available_cents": format_cents(outcome.available),
         "topup_url": config.topup_url,
     }

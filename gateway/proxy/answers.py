@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
+from gateway.billing.rules import parse_report
 from gateway.errors import RESULT_WITHHELD
 from gateway.ledger.base import charge_id_for
 from gateway.money import format_cents
@@ -26,6 +29,7 @@ class Capture:
 
 
 _OUR_ID = '"' + upstream_ids.PREFIX
+log = structlog.get_logger("gateway.proxy.answers")
 
 
 def process_event(ctx: Context, event: sse.Event, exchange: Exchange, to_capture: list[Capture]) -> bytes:
@@ -115,6 +119,8 @@ def _process_response(ctx: Context, item: dict[str, Any], exchange: Exchange, to
             settle_call(ctx, exchange, call, capture=False)
         return True
     if outcome is Outcome.SUCCESS:
+        if call.metered_price is not None:
+            _meter(ctx, item, call)
         _add_receipt(item, call)
         call.claim_for_delivery()  # from now on only the writer settles it (``capture_delivered``)
         to_capture.append(Capture(upstream_id, forwarded, call))  # forgotten once captured
@@ -176,16 +182,55 @@ def _task_status(result: Any) -> str | None:
     return status if isinstance(status, str) else None
 
 
+def _meter(ctx: Context, item: dict[str, Any], call: Call) -> None:
+    """What a metered call's success costs, from the report in THIS result (the one about to be
+    delivered and captured; never another response's): the report capped at the hold, or the
+    table's price when there is none or it is malformed (logged)."""
+    assert call.metered_price is not None
+    reported, problem = parse_report(item["result"])
+    call.reported = None
+    if reported is None:
+        call.charge = call.metered_price
+        if problem is not None:
+            log.warning(
+                "metered_report_malformed",
+                server=call.server,
+                name=call.name,
+                call_id=call.call_id,
+                problem=problem,
+                charged_cents=format_cents(call.metered_price),
+            )
+        return
+    call.charge = min(reported, call.price)
+    if reported > call.price:
+        call.reported = reported
+        log.warning(
+            "metered_report_capped",
+            server=call.server,
+            name=call.name,
+            call_id=call.call_id,
+            reported_cents=format_cents(reported),
+            max_cents=format_cents(call.price),
+        )
+
+
 def _add_receipt(item: dict[str, Any], call: Call) -> None:
     result = item["result"]
     meta = result.get("_meta")
     if not isinstance(meta, dict):
         meta = result["_meta"] = {}
-    meta[RECEIPT_META] = {
-        "charge_id": charge_id_for(call.call_id),
-        "amount_cents": format_cents(call.price),
-        "balance_cents": format_cents(call.available_after),
+    amount = call.amount
+    receipt: dict[str, Any] = {
+        "charge_id": charge_id_for(call.call_id) if amount else None,  # nothing charged: no charge
+        "amount_cents": format_cents(amount),
     }
+    if call.free:
+        receipt["free_allowance"] = True  # the balance was not read: nothing was held
+    else:
+        receipt["balance_cents"] = format_cents(call.available_after + call.price - amount)
+    if call.reported is not None:
+        receipt["reported_cents"] = format_cents(call.reported)
+    meta[RECEIPT_META] = receipt
 
 
 def _withhold(item: dict[str, Any], why: str, *, code: str = "result_withheld") -> None:
@@ -210,20 +255,29 @@ def _annotate_list(ctx: Context, item: dict[str, Any], method: str) -> bool:
     entries = result.get(list_key)
     if not isinstance(entries, list):
         return False
-    table = ctx.rt.prices.table
+    prices = ctx.rt.prices.table.prices_of(ctx.server.name)
+    free_calls = prices.free_calls_per_day
     changed = False
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get(name_field), str):
             continue
-        price = table.lookup(ctx.server.name, kind, entry[name_field])
+        price = prices.price_of(kind, entry[name_field])
         if price == 0:
             continue
         meta = entry.get("_meta")
         if not isinstance(meta, dict):
             meta = entry["_meta"] = {}
-        meta[PRICE_META] = {"amount_cents": format_cents(price), "currency": "USD", "per": "successful call"}
-        if ctx.rt.config.price_in_description:
+        if isinstance(price, int):
+            shown: dict[str, Any] = {"amount_cents": format_cents(price)}
             note = f"Costs {format_cents(price)}¢ per successful call."
+        else:
+            shown = price.describe()
+            note = f"Costs {shown['from_cents']}¢ to {shown['max_cents']}¢ per successful call."
+        shown.update(currency="USD", per="successful call")
+        if free_calls and "free_calls_per_day" not in shown:
+            shown["free_calls_per_day"] = free_calls
+        meta[PRICE_META] = shown
+        if ctx.rt.config.price_in_description:
             desc = entry.get("description")
             entry["description"] = f"{desc} ({note})" if isinstance(desc, str) and desc else note
         changed = True

@@ -17,12 +17,12 @@ from gateway.protocol import upstream_ids
 from gateway.protocol.sessions import Call, Forwarded, LegacyChannel
 from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.routing import Route, Router
-from gateway.proxy.upstream_client import UpstreamClient
+from gateway.proxy.upstream_client import Upstream
 from gateway.runtime import Runtime
 
 LOG_FIELDS: web.RequestKey[dict[str, Any]] = web.RequestKey("log_fields", dict)
 DEADLINES: web.AppKey[Deadlines] = web.AppKey("deadlines", Deadlines)  # the request path's timeouts
-UPSTREAMS: web.AppKey[dict[str, UpstreamClient]] = web.AppKey("upstreams", dict)  # server -> its client
+UPSTREAMS: web.AppKey[dict[str, Upstream]] = web.AppKey("upstreams", dict)  # server -> its client (HTTP or stdio)
 ROUTER: web.AppKey[Router] = web.AppKey("router", Router)
 PRICE_META = "io.agentpay/price"
 RECEIPT_META = "io.agentpay/receipt"
@@ -99,8 +99,12 @@ def settle_call(ctx: Context, exchange: Exchange, call: Call, *, capture: bool) 
         return
     rt = ctx.rt
     rt.sessions.unpark(exchange.session_id, call)
-    rt.billing.settle(call.call_id, capture=capture)
-    if capture:
-        rt.metrics.count_charge(ctx.server.name, call.price)
-        exchange.charged += call.price
+    amount = call.amount
+    if call.charge is None and not call.free:
+        rt.billing.settle(call.call_id, capture=capture)  # a flat or per-unit price: all that is held
+    else:
+        rt.billing.settle(call.call_id, capture=capture, amount=call.charge, free=call.free)
+    if capture and amount:
+        rt.metrics.count_charge(ctx.server.name, amount)
+        exchange.charged += amount
         ctx.fields["charge_id"] = charge_id_for(call.call_id)

@@ -8,16 +8,22 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.errors import (
+    AuthError,
+    InvalidToken,
     MethodNotAllowed,
+    MissingKey,
     OriginForbidden,
     UnknownServer,
 )
 from gateway.keys import key_from_headers
+from gateway.oauth import metadata
 from gateway.protocol import jsonrpc
 from gateway.proxy.admission import admit_all, forward_body, read_body
+from gateway.proxy.auth import ACCESS_TOKEN_PREFIX
 from gateway.proxy.exchange import DEADLINES, LOG_FIELDS, ROUTER, Context, Exchange, SessionNotFound, id_scope
 from gateway.proxy.legacy import legacy_post, legacy_stream
 from gateway.proxy.relay import forward_request
+from gateway.proxy.routing import Route, host_name
 from gateway.runtime import RUNTIME
 
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -33,9 +39,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
     origin = headers.get("Origin")
     if origin is not None:
         _check_origin(origin, server, rt.config)
-    key = await rt.auth.authenticate(route.path_key or key_from_headers(headers), server.name)
+    try:
+        if route.path_key is not None and route.path_key.startswith(ACCESS_TOKEN_PREFIX):
+            raise InvalidToken(
+                "An OAuth access token is never accepted in the URL", hint="Send it as 'Authorization: Bearer …'"
+            )
+        key = await rt.auth.authenticate(route.path_key or key_from_headers(headers), server.name)
+    except AuthError as exc:
+        if rt.oauth is not None and exc.http_status == 401:
+            exc.challenge = _challenge(request, route, exc)
+        raise
     fields["key"] = key.prefix
-    if server.upstream is None:
+    if server.upstream is None and server.stdio is None:
         raise UnknownServer(
             f"Server {server.name!r} is integrated through the AgentPay SDK and has no MCP endpoint here",
             hint="Call the developer's own server URL",
@@ -49,6 +64,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def _dispatch(ctx: Context) -> web.StreamResponse:
     request, rt, route, key, fields = ctx.request, ctx.rt, ctx.route, ctx.key, ctx.fields
+    if route.endpoint != "mcp" and ctx.server.stdio is not None:
+        raise UnknownServer(
+            f"Server {ctx.server.name!r} is a stdio server run by the gateway: it is served over Streamable HTTP only",
+            hint=f"Use /{ctx.server.name}/mcp (the 2024-11-05 HTTP+SSE endpoints are for HTTP upstreams)",
+        )
     if route.endpoint == "sse":
         if request.method != "GET":
             raise MethodNotAllowed(
@@ -98,3 +118,14 @@ async def _post(ctx: Context, session_id: str | None) -> web.StreamResponse:
         value = exchange.refusals if incoming.is_batch else exchange.refusals[0]
         return web.Response(body=jsonrpc.dumps(value), content_type="application/json")
     return await forward_request(ctx, exchange, body=forward_body(incoming, forwarded))
+
+
+def _challenge(request: web.Request, route: Route, exc: AuthError) -> str:
+    """``Bearer resource_metadata="…"``: where an OAuth client finds how to sign in for this server."""
+    rt = request.app[RUNTIME]
+    origin = metadata.public_origin(request, rt.config)
+    host = host_name(request.headers.get("Host"))
+    host_routed = host is not None and rt.hosts.get(host) == route.server
+    path = metadata.resource_path(route, request.rel_url.raw_path, host_routed)
+    error = None if isinstance(exc, MissingKey) else "invalid_token"
+    return metadata.challenge(f"{origin}{metadata.PRM_PATH}{path}", error=error)

@@ -23,7 +23,7 @@ from gateway.proxy.answers import Capture, capture_delivered, delivery_failed, p
 from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.exchange import CLIENT_GONE, UPSTREAMS, Context, Exchange, release_calls, settle_call
 from gateway.proxy.headers import ForwardedFor, downstream_headers, upstream_headers
-from gateway.proxy.upstream_client import UpstreamResponse
+from gateway.proxy.upstream_client import UpstreamAnswer
 
 
 def _forwarded_for(request: web.Request, config: GatewayConfig) -> ForwardedFor:
@@ -55,7 +55,7 @@ def _is_trusted(peer: str, proxies: tuple[str, ...]) -> bool:
 
 async def open_upstream(
     ctx: Context, method: str, url: str, *, body: bytes | None, accept_sse: bool = False
-) -> UpstreamResponse:
+) -> UpstreamAnswer:
     server, request = ctx.server, ctx.request
     headers = upstream_headers(
         request.headers, forwarded=_forwarded_for(request, ctx.rt.config), extra=server.upstream_headers
@@ -87,11 +87,10 @@ async def open_upstream(
 
 async def forward_request(ctx: Context, exchange: Exchange, *, body: bytes | None) -> web.StreamResponse:
     rt, request, server, fields = ctx.rt, ctx.request, ctx.server, ctx.fields
-    assert server.upstream is not None
-    url = server.upstream
+    url = server.upstream or ""  # a stdio server (server.stdio) needs no URL
     if request.rel_url.query_string:
         url = f"{url}?{request.rel_url.query_string}"
-    upstream: UpstreamResponse | None = None
+    upstream: UpstreamAnswer | None = None
     try:
         upstream = await open_upstream(ctx, request.method, url, body=body)
         if request.method == "DELETE" and upstream.status < 300 and exchange.session_id is not None:
@@ -123,7 +122,7 @@ async def forward_request(ctx: Context, exchange: Exchange, *, body: bytes | Non
             fields["outcome"] = "charged" if exchange.charged else ("refused" if exchange.refusals else "ok")
 
 
-def _client_headers(ctx: Context, upstream: UpstreamResponse) -> Any:
+def _client_headers(ctx: Context, upstream: UpstreamAnswer) -> Any:
     """The upstream's response headers for the client, with its session id signed to the caller's key."""
     headers = downstream_headers(upstream.headers.items())
     session = headers.get("Mcp-Session-Id")
@@ -132,7 +131,7 @@ def _client_headers(ctx: Context, upstream: UpstreamResponse) -> Any:
     return headers
 
 
-def _arrived(upstream: UpstreamResponse) -> bytes | None:
+def _arrived(upstream: UpstreamAnswer) -> bytes | None:
     """The whole response body when it has already arrived, else None. A small answer usually comes
     in the same packets as its headers: then it is taken as it is, with no wait and so no timer."""
     content = upstream.content
@@ -141,7 +140,7 @@ def _arrived(upstream: UpstreamResponse) -> bytes | None:
     return None
 
 
-def _whole_answer(ctx: Context, upstream: UpstreamResponse) -> web.Response | None:
+def _whole_answer(ctx: Context, upstream: UpstreamAnswer) -> web.Response | None:
     """The upstream's answer relayed untouched in one response, if its body has already arrived."""
     body = _arrived(upstream)
     if body is None:
@@ -151,7 +150,7 @@ def _whole_answer(ctx: Context, upstream: UpstreamResponse) -> web.Response | No
     )
 
 
-async def stream_raw(ctx: Context, upstream: UpstreamResponse) -> web.StreamResponse:
+async def stream_raw(ctx: Context, upstream: UpstreamAnswer) -> web.StreamResponse:
     """Relay status, headers and body untouched: in one response when the body has already arrived,
     else chunk by chunk as they arrive."""
     whole = _whole_answer(ctx, upstream)
@@ -177,7 +176,7 @@ async def stream_raw(ctx: Context, upstream: UpstreamResponse) -> web.StreamResp
     return response
 
 
-async def _relay_json(ctx: Context, upstream: UpstreamResponse, exchange: Exchange) -> web.StreamResponse:
+async def _relay_json(ctx: Context, upstream: UpstreamAnswer, exchange: Exchange) -> web.StreamResponse:
     server = ctx.server
     raw = _arrived(upstream)
     if raw is None:
@@ -222,7 +221,7 @@ async def _relay_json(ctx: Context, upstream: UpstreamResponse, exchange: Exchan
 
 async def relay_sse(
     ctx: Context,
-    upstream: UpstreamResponse,
+    upstream: UpstreamAnswer,
     exchange: Exchange,
     *,
     rewrite: Callable[[sse.Event], bytes | None] | None = None,
@@ -277,7 +276,7 @@ class _Injected:
 
 
 async def _chunks(
-    upstream: UpstreamResponse, inject: asyncio.Queue[bytes] | None, idle_s: float, deadlines: Deadlines
+    upstream: UpstreamAnswer, inject: asyncio.Queue[bytes] | None, idle_s: float, deadlines: Deadlines
 ) -> Any:
     """Upstream body chunks as they arrive, merged with injected events when there is an injection
     queue. Raises TimeoutError when the upstream sends nothing for ``idle_s``."""

@@ -108,10 +108,15 @@ class Router:
         return route
 
 
+PORTAL_LINK_PATH = "/portal/link/"
+
+
 def redact_path(raw_path: str) -> str:
     """The path with any embedded key replaced, safe to log: the segment after a ``k`` segment, and
     any segment holding something shaped like a key (mistyped URLs such as ``//k/<key>/…`` or
     ``/<key>/mcp``), percent-encoded or not (``/ap%5F…/mcp``)."""
+    if raw_path.startswith(PORTAL_LINK_PATH):  # the portal's one-time sign-in links carry a secret token
+        return PORTAL_LINK_PATH + "<redacted>"
     if "/k/" not in raw_path and "_" not in raw_path and "%" not in raw_path:  # nothing to redact: as it is
         return raw_path
     segments = raw_path.split("/")

@@ -30,6 +30,7 @@ import asyncio
 import ssl
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import (
     BasicAuth,
@@ -67,6 +68,38 @@ class _Target:
     path: str  # the request target: " <path and query> HTTP/1.1\r\n"
     host_line: str  # "Host: …\r\n", unless the caller's headers name one
     credentials: str | None  # "Authorization: Basic …\r\n" from the URL's user info
+
+
+class UpstreamAnswer(Protocol):
+    """What the relay reads from an upstream: this module's ``UpstreamResponse``, or a stdio
+    server's answer (``gateway.stdio``), which the gateway builds from its child's messages."""
+
+    status: int
+    reason: str
+    headers: CIMultiDictProxy[str]
+    content: StreamReader
+
+    async def read(self) -> bytes: ...
+
+    def release(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """Where the proxy forwards a server's requests: ``UpstreamClient`` (HTTP) or ``StdioUpstream``."""
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        data: bytes | None,
+        headers: CIMultiDict[str],
+        key: str | None = None,
+        key_share: float = 0.5,
+        queue_timeout_s: float = 10.0,
+    ) -> UpstreamAnswer: ...
+
+    async def close(self) -> None: ...
 
 
 class UpstreamResponse:

@@ -5,6 +5,7 @@ npm package ``@modelcontextprotocol/conformance`` 0.1.x expect: the ``test_*`` t
 protection on loopback.
 
     python -m tests.conformance.fixture_server --port 8123        # serves http://127.0.0.1:8123/mcp
+    python -m tests.conformance.fixture_server --stdio            # the same server over stdio
 """
 
 from __future__ import annotations
@@ -332,9 +333,14 @@ async def serve(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="loopback port to listen on")
+    where.add_argument("--stdio", action="store_true", help="speak MCP over stdin/stdout instead (one client)")
     args = parser.parse_args()
-    anyio.run(serve, args.port)
+    if args.stdio:
+        build_server().run("stdio")
+    else:
+        anyio.run(serve, args.port)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 fixture server directly, twice, and then through a real ``agentpay serve`` process with the API key
 in the URL path; compare the results check by check.
 
-    python -m tests.conformance.run [--out DIR]
+    python -m tests.conformance.run [--out DIR] [--stdio]
+
+With ``--stdio`` the gateway does not proxy the fixture's HTTP endpoint: it runs the same fixture
+as a stdio server itself (``command:``), one child per session, and the results through it are
+compared with the direct runs against the HTTP fixture.
 
 Exit status: 0 when no check that passed directly (in both direct runs) failed through the gateway,
 the priced calls were charged exactly once each (errors never), and ``agentpay ledger verify`` is
@@ -88,6 +92,7 @@ class SuiteRun:
     statuses: dict[CheckKey, str] = field(default_factory=dict)  # graded and WARNING checks
     messages: dict[CheckKey, str] = field(default_factory=dict)
     scenarios: list[str] = field(default_factory=list)
+    info: set[CheckKey] = field(default_factory=set)  # checks the suite reported as INFO (not graded here)
 
     def passed(self) -> set[CheckKey]:
         return {k for k, s in self.statuses.items() if s == "SUCCESS"}
@@ -113,11 +118,13 @@ def parse_results(run: SuiteRun, stdout: str) -> None:
         repeats: Counter[str] = Counter()
         for check in json.loads(path.read_text()):
             status = check.get("status")
-            if status not in (*GRADED, "WARNING"):
-                continue  # INFO entries are traces, not checks
             cid = str(check.get("id"))
             repeats[cid] += 1
             key = (scenario, cid if repeats[cid] == 1 else f"{cid}#{repeats[cid]}")
+            if status not in (*GRADED, "WARNING"):
+                if status == "INFO":
+                    run.info.add(key)
+                continue  # INFO entries are traces, not checks
             run.statuses[key] = status
             if check.get("errorMessage"):
                 run.messages[key] = str(check["errorMessage"])
@@ -232,7 +239,10 @@ class Report:
         stable_pass = d1.passed() & d2.passed()
         unstable = {k for k in d1.graded() | d2.graded() if d1.statuses.get(k) != d2.statuses.get(k)}
         gateway_pass = self.gateway.passed()
-        failed_via_gateway = stable_pass - gateway_pass
+        # A check the suite itself did not grade through the gateway (INFO: e.g. SSE streams are
+        # optional when a server answers in JSON, as a stdio server's lone response is) is no regression.
+        not_graded_via_gateway = (stable_pass - gateway_pass) & self.gateway.info
+        failed_via_gateway = stable_pass - gateway_pass - not_graded_via_gateway
         flaky_via_gateway: set[CheckKey] = set()
         if self.retried is not None:
             flaky_via_gateway = failed_via_gateway & self.retried.passed()
@@ -243,6 +253,7 @@ class Report:
             "stable_direct": stable_pass,
             "gateway": gateway_pass,
             "regressions": failed_via_gateway - flaky_via_gateway,
+            "not_graded_via_gateway": not_graded_via_gateway,
             "flaky_via_gateway": flaky_via_gateway,
             "extra_via_gateway": gateway_pass - (d1.passed() | d2.passed()),
             "failed_direct": (d1.graded() | d2.graded()) - d1.passed() - d2.passed(),
@@ -297,6 +308,7 @@ def print_report(report: Report) -> dict[str, Any]:
         ("passed directly, run 2", len(sets["direct_2"])),
         ("passed through the gateway", len(sets["gateway"])),
         ("regressions (passed directly, failed via gateway)", len(sets["regressions"])),
+        ("passed directly, not graded via gateway (INFO)", len(sets["not_graded_via_gateway"])),
         ("failed via gateway once, passed on retry", len(sets["flaky_via_gateway"])),
         ("extra passes through the gateway", len(sets["extra_via_gateway"])),
         ("unstable directly (run 1 != run 2)", len(sets["unstable_direct"])),
@@ -308,6 +320,7 @@ def print_report(report: Report) -> dict[str, Any]:
         print(f"  {name:<{width}}  {count:>4}")
     for title, name in (
         ("regressions", "regressions"),
+        ("not graded through the gateway (the suite's INFO)", "not_graded_via_gateway"),
         ("flaky through the gateway", "flaky_via_gateway"),
         ("extra passes through the gateway", "extra_via_gateway"),
         ("unstable directly", "unstable_direct"),
@@ -348,7 +361,7 @@ def print_report(report: Report) -> dict[str, Any]:
     return summary
 
 
-async def run_all(out: Path) -> int:
+async def run_all(out: Path, *, stdio: bool = False) -> int:
     try:
         tools = await asyncio.to_thread(ensure_installed)
     except NpmUnavailable as exc:
@@ -363,7 +376,17 @@ async def run_all(out: Path) -> int:
 
         gw_dir = out / "gateway-config"
         gw_dir.mkdir()
-        config_path = write_config(gw_dir, {SERVER: direct_url}, prices=PRICES, admin_listen=None)
+        if stdio:  # the gateway runs the fixture itself, over stdio
+            command = [sys.executable, "-m", "tests.conformance.fixture_server", "--stdio"]
+            config_path = write_config(
+                gw_dir,
+                {SERVER: None},
+                prices=PRICES,
+                admin_listen=None,
+                server_options={SERVER: {"command": command, "cwd": str(REPO)}},
+            )
+        else:
+            config_path = write_config(gw_dir, {SERVER: direct_url}, prices=PRICES, admin_listen=None)
         key = await create_account(config_path)
         async with run_gateway_process(config_path) as gp:
             gw_url = f"http://127.0.0.1:{gp.port}/k/{key}/{SERVER}/mcp"
@@ -420,8 +443,9 @@ async def run_all(out: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "last", help="where results are written")
+    parser.add_argument("--stdio", action="store_true", help="the gateway runs the fixture over stdio")
     args = parser.parse_args()
-    sys.exit(asyncio.run(run_all(args.out.resolve())))
+    sys.exit(asyncio.run(run_all(args.out.resolve(), stdio=args.stdio)))
 
 
 if __name__ == "__main__":

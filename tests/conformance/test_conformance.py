@@ -36,3 +36,24 @@ def test_conformance_suite_passes_through_the_gateway_as_it_does_directly(tmp_pa
     assert summary["failed_direct"] == [], report
     assert counts["passed through the gateway"] >= 40, report
     assert summary["regressions"] == [] and summary["problems"] == [] and summary["ledger_ok"], report
+
+
+@pytest.mark.timeout(900)
+def test_conformance_suite_passes_through_the_gateway_running_the_fixture_over_stdio(tmp_path: Path) -> None:
+    """The same fixture, run by the gateway as a stdio server (``command:``): the same checks pass."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.conformance.run", "--stdio", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=840,
+        check=False,
+    )
+    report = proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert proc.returncode != 2, f"npm could not provide @modelcontextprotocol/conformance\n{report}"
+    assert proc.returncode == 0, report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed_direct"] == [], report
+    assert summary["counts"]["passed through the gateway"] >= 40, report
+    assert summary["regressions"] == [] and summary["problems"] == [] and summary["ledger_ok"], report

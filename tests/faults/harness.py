@@ -111,6 +111,7 @@ class Scenario:
     users: int = 3
     balance_cents: int = 1_000_000
     timing: Timing = field(default_factory=Timing)
+    credit_grants: bool = False  # paid calls held and captured in memory against grants (issue 19)
 
 
 @dataclass(frozen=True)
@@ -464,6 +465,7 @@ class Report:
     def figures(self) -> str:
         lines = [
             f"scenario {self.scenario}  seed {self.seed}  elapsed {self.elapsed_s:.1f}s",
+            f"  unbilled share         {self.unbilled_successes / max(self.successes_seen, 1):.2%} of successes seen",
             f"  kills survived         gateway {self.gateway_kills}, upstream {self.upstream_kills}",
             f"  other faults           sqlite locks {self.sqlite_locks}, disk-full windows {self.disk_full_windows}, "
             f"pg connections terminated {self.pg_terminations}",
@@ -540,6 +542,7 @@ class FaultRun:
             sweep_interval_s=t.sweep_interval_s,
             drain_grace_s=2,
             max_concurrent_per_key=1024,
+            credit_grants=self.sc.credit_grants,
             server_options={"weather": {"read_timeout_s": t.read_timeout_s, "platform_fee_percent": FEE_PERCENT}},
         )
         self.database = yaml.safe_load(self.config_path.read_text())["database"]

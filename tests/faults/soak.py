@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fault-share", type=float, default=0.15, help="share of calls with an upstream fault")
     parser.add_argument("--cancel-share", type=float, default=0.05, help="share of clients that disconnect mid-stream")
     parser.add_argument("--min-calls", type=int, default=0)
+    parser.add_argument("--credit-grants", action="store_true", help="run the gateway with credit_grants: true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, ledger)")
     return parser
 
@@ -44,6 +45,7 @@ async def soak(args: argparse.Namespace) -> int:
         gateway_kills=args.kills,
         upstream_kills=args.kills // 10 if args.upstream_kills is None else args.upstream_kills,
         database=args.database,
+        credit_grants=args.credit_grants,
     )
     workdir = Path(tempfile.mkdtemp(prefix="agentpay-soak-"))
     report = await run_scenario(workdir, scenario, seed)

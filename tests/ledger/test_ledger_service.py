@@ -305,7 +305,8 @@ async def test_refund_references_stored_before_namespaces_keep_replaying_for_the
     ledger = store.open(clock)
     await ledger.open()  # applies 0006 again, to those rows
     try:
-        assert (await ledger.applied_migrations())[-1] == "0006_refund_references_per_actor"
+        # deleted above, so present only if applied again (later migrations may follow it in the list)
+        assert "0006_refund_references_per_actor" in await ledger.applied_migrations()
         developer_retry = await ledger.refund(charge_id, 100, reference=developer_reference("acme", "k1"))
         operator_retry = await ledger.refund(charge_id, 200, reference=operator_reference("k2"))
         assert developer_retry.replayed and developer_retry.id == by_developer.id

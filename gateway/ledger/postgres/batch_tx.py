@@ -394,10 +394,10 @@ class PostgresBatchTx(PostgresSingle):
         platform = self._system[AccountKind.PLATFORM_FEE]
         legs = [(hold.user_id, -amount), (hold.developer_id, amount - fee), (platform, fee)]
         user, developer = accounts[hold.user_id], accounts[hold.developer_id]
-        # the guard of _post: no leg may take an account's available balance below zero
-        if user.available + hold.amount - amount < 0 or any(
-            accounts[account].available + value < 0 for account, value in legs[1:]
-        ):
+        # the guard of _post: no leg may take an account's available balance below zero; the user's is
+        # not checked: releasing the hold and debiting at most its amount never lowers it (it may be
+        # below zero already, after a clawback, and the capture still stands)
+        if any(accounts[account].available + value < 0 for account, value in legs[1:]):
             raise Conflict(f"the ledger refused a capture of call {call_id!r} that would overdraw an account")
         # nor any balance past MAX_BALANCE (the user's only falls); exact: Python integers do not overflow
         for account_id, value in legs[1:]:

@@ -24,7 +24,7 @@ _SYSTEM_KINDS = (AccountKind.WORLD, AccountKind.PLATFORM_FEE, AccountKind.PAYOUT
 
 _KEY_COLUMNS = """
     k.id, a.name, k.server, k.prefix, k.created_at, k.expires_at, k.revoked_at,
-    k.spend_limit, k.spent, k.held
+    k.spend_limit, k.spent, k.held, k.name, k.last_used_at
     FROM keys k JOIN accounts a ON a.id = k.user_account_id
 """
 _CHARGE_COLUMNS = """

@@ -5,13 +5,15 @@ hashes are stored).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gateway.errors import AlreadyExists, InvalidInput, NotFound
 from gateway.ledger.base import AccountKind, KeyRecord, ServiceToken
 from gateway.ledger.postgres.common import _KEY_COLUMNS, Conn, Row
 from gateway.ledger.postgres.store import PostgresStore
 from gateway.ledger.rows import key_record as _key_record
+from gateway.ledger.rows import require_key_name as _require_key_name
+from gateway.ledger.rows import require_key_times as _require_key_times
 from gateway.ledger.rows import require_name as _require_name
 
 _TOKEN_COLUMNS = """
@@ -38,9 +40,11 @@ class PostgresKeys(PostgresStore):
         prefix: str,
         expires_at: float | None,
         spend_limit: int | None,
+        name: str | None = None,
     ) -> KeyRecord:
         _require_name(server, "server")
         _require_name(key_hash, "key hash")
+        name = _require_key_name(name)
         if spend_limit is not None and (
             not isinstance(spend_limit, int) or isinstance(spend_limit, bool) or spend_limit < 0
         ):
@@ -50,8 +54,8 @@ class PostgresKeys(PostgresStore):
             user_id = await self._account_id(conn, AccountKind.USER, user)
             key_id = "key_" + secrets.token_hex(6)
             inserted = await conn.fetchval(
-                "INSERT INTO keys (id, user_account_id, server, key_hash, prefix, created_at, expires_at, spend_limit) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key_hash) DO NOTHING RETURNING id",
+                "INSERT INTO keys (id, user_account_id, server, key_hash, prefix, created_at, expires_at, spend_limit, "
+                "name) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (key_hash) DO NOTHING RETURNING id",
                 key_id,
                 user_id,
                 server,
@@ -60,6 +64,7 @@ class PostgresKeys(PostgresStore):
                 self._clock(),
                 expires_at,
                 spend_limit,
+                name,
             )
             if inserted is None:
                 raise AlreadyExists("a key with this secret already exists")
@@ -132,6 +137,29 @@ class PostgresKeys(PostgresStore):
             return [row[0] for row in rows]
 
         return await self._read(tx)
+
+    async def touch_keys(self, last_used: Mapping[str, float]) -> None:
+        pairs = _require_key_times(last_used)
+        if not pairs:
+            return
+        ids = [key_id for key_id, _ in pairs]
+        times = [when for _, when in pairs]
+
+        async def tx(conn: Conn) -> None:
+            # One statement. The rows are locked in id order first (FOR NO KEY UPDATE, as the batched
+            # holds lock keys), so two replicas flushing at once wait for each other instead of
+            # deadlocking; GREATEST ignores a NULL and keeps the newer time (an older one changes nothing).
+            await conn.execute(
+                "WITH v AS (SELECT * FROM unnest($1::text[], $2::double precision[]) AS v (id, t)), "
+                "locked AS MATERIALIZED (SELECT k.id FROM keys k JOIN v ON v.id = k.id "
+                "ORDER BY k.id FOR NO KEY UPDATE OF k) "
+                "UPDATE keys k SET last_used_at = GREATEST(k.last_used_at, v.t) "
+                "FROM v JOIN locked l ON l.id = v.id WHERE k.id = v.id",
+                ids,
+                times,
+            )
+
+        await self._run(tx, idempotent=True)
 
     @staticmethod
     async def _key_by_id(conn: Conn, key_id: str) -> KeyRecord:

@@ -189,6 +189,43 @@ UPDATE transfers t SET reference = r.reference FROM refund_references_0006 r WHE
 DROP TABLE refund_references_0006;
 """
 
+_FREE_CALLS = """
+CREATE TABLE free_calls (
+    call_id    TEXT PRIMARY KEY,
+    user_name  TEXT NOT NULL,
+    server     TEXT NOT NULL,
+    scope      TEXT NOT NULL,
+    day        TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'used')),
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX free_calls_by_day ON free_calls (user_name, server, scope, day);
+"""
+
+# Clawbacks: the rule and the reason are those of the SQLite migration of the same name
+# (``sqlite.migrations._CLAWBACKS``): a user's balance may go negative (and below what it holds)
+# through a clawback only; the stores' conditional UPDATEs still refuse every debit that would take a
+# non-world account's available below zero, and the balance limit's CHECK still bounds it.
+_CLAWBACKS = """
+ALTER TABLE accounts DROP CONSTRAINT accounts_user_available_not_negative;
+ALTER TABLE accounts DROP CONSTRAINT accounts_balance_not_negative;
+ALTER TABLE accounts ADD CONSTRAINT accounts_balance_not_negative CHECK (kind IN ('world', 'user') OR balance >= 0);
+ALTER TABLE transfers DROP CONSTRAINT transfers_kind_check;
+ALTER TABLE transfers ADD CONSTRAINT transfers_kind_check
+    CHECK (kind IN ('topup', 'charge', 'refund', 'payout', 'payout_settle', 'payout_fail', 'clawback',
+                     'payout_reversal'));
+CREATE INDEX transfers_clawbacks ON transfers (account_id) WHERE kind = 'clawback';
+"""
+
+# A key's name and when it last authenticated a call: the rule and the reason are those of the SQLite
+# migration of the same name (``sqlite.migrations._KEY_NAMES_AND_LAST_USE``). A nullable column without
+# a default rewrites no row; the CHECK scans ``keys`` once (all NULL) under the ALTER's lock.
+_KEY_NAMES_AND_LAST_USE = """
+ALTER TABLE keys ADD COLUMN name TEXT COLLATE "C" CHECK (name IS NULL OR char_length(name) BETWEEN 1 AND 100),
+    ADD COLUMN last_used_at DOUBLE PRECISION;
+"""
+
 # (name, SQL script), applied in order; each script runs as one multi-statement execute.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", _INITIAL),
@@ -215,4 +252,11 @@ DROP INDEX postings_transfer;
     ),
     ("0005_account_balance_limit", _BALANCE_LIMIT),
     ("0006_refund_references_per_actor", _REFUND_REFERENCES),
+    # Free allowances (price table's free_calls_per_day): one row per free call, counted per user,
+    # server, scope ("*" or a name) and UTC day. Not money: no posting, no balance.
+    ("0007_free_calls", _FREE_CALLS),
+    # A user's balance may go negative through a clawback (payment provider refunds and disputes).
+    ("0008_clawbacks", _CLAWBACKS),
+    # A key's optional name, and when it last authenticated a call (flushed from memory, not per call).
+    ("0010_key_names_and_last_use", _KEY_NAMES_AND_LAST_USE),
 )

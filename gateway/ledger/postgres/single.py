@@ -188,7 +188,11 @@ class PostgresSingle(PostgresStore):
             await conn.execute(
                 "UPDATE keys SET held = held - $1, spent = spent + $2 WHERE id = $3", held, amount, key_id
             )
-        await self._post(conn, charge_id, [(user_id, -amount), (developer_id, amount - fee), (platform, fee)])
+        # The user's leg needs no guard: the hold was released just above, so the available balance
+        # cannot fall (it may be below zero already, after a clawback: the capture still stands).
+        await self._post(
+            conn, charge_id, [(user_id, -amount), (developer_id, amount - fee), (platform, fee)], unguarded=(user_id,)
+        )
         balance_after = await self._available(conn, user_id)
         await conn.execute(
             "INSERT INTO charges (id, call_id, user_account_id, developer_account_id, amount, fee, "

@@ -18,7 +18,7 @@ import random
 import re
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Self
@@ -359,10 +359,14 @@ class PostgresStore:
         return {row["id"]: row for row in rows}
 
     @staticmethod
-    async def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]]) -> None:
+    async def _post(
+        conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]], *, unguarded: Collection[int] = ()
+    ) -> None:
         """Write balanced postings and apply them to balances (accounts already locked by the
-        caller when there are several). A leg that would take a non-world account's available
-        balance below zero raises ``_WouldGoNegative``; one that would take any balance outside
+        caller when there are several). A debit that would take a non-world account's available
+        balance below zero raises ``_WouldGoNegative`` (a credit always passes: a user in debt after a
+        clawback can be topped up or refunded; so does a debit of an ``unguarded`` account: a capture,
+        bounded by its hold, and a clawback); one that would take any balance outside
         +-MAX_BALANCE raises BalanceLimitExceeded (the transaction then rolls back)."""
         legs = [(account, amount) for account, amount in legs if amount != 0]
         if sum(amount for _, amount in legs) != 0:
@@ -385,12 +389,13 @@ class PostgresStore:
             # cannot leave BIGINT; a sum out of range updates nothing and is refused below.
             updated = await conn.fetchval(
                 "UPDATE accounts SET balance = balance + $1 "
-                "WHERE id = $2 AND (kind = 'world' OR balance - held + $1 >= 0) "
+                "WHERE id = $2 AND (kind = 'world' OR NOT $5 OR balance - held + $1 >= 0) "
                 "AND balance + $1 BETWEEN $3 AND $4 RETURNING id",
                 amount,
                 account,
                 -MAX_BALANCE,
                 MAX_BALANCE,
+                amount < 0 and account not in unguarded,
             )
             if updated is None:
                 row = await conn.fetchrow("SELECT kind, name, balance FROM accounts WHERE id = $1", account)

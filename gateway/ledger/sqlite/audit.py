@@ -23,7 +23,7 @@ _EXPORT_QUERIES: dict[str, str] = {
     "ORDER BY charge_id IS NOT NULL, created_at, id",
     "postings": "SELECT id, transfer_id, account_id, amount FROM postings ORDER BY id",
     "keys": "SELECT id, user_account_id, server, key_hash, prefix, created_at, expires_at, revoked_at, "
-    "spend_limit, spent, held FROM keys ORDER BY created_at, id",
+    "spend_limit, spent, held, name, last_used_at FROM keys ORDER BY created_at, id",
     "holds": "SELECT call_id, key_id, user_account_id, developer_account_id, server, method, name, amount, fee, "
     "state, owner, created_at, lease_expires_at, settled_at, charge_id FROM holds ORDER BY created_at, call_id",
     "charges": "SELECT id, call_id, user_account_id, developer_account_id, amount, fee, refunded, balance_after, "
@@ -140,10 +140,18 @@ def _verify(conn: Conn) -> list[str]:
         "ON c.key_id = k.id WHERE k.spent <> COALESCE(c.s, 0)"
     ):
         problems.append(f"key {key_id}: spent {spent} but its charges net of refunds sum to {s}")
-    for name, balance, held in q(
-        "SELECT name, balance, held FROM accounts WHERE kind = 'user' AND (balance - held < 0 OR held < 0)"
+    # Only a clawback takes a user's available below zero (every other debit is guarded, a capture
+    # never lowers it), so it is never lower than minus what the user's clawbacks took.
+    for name, balance, held, clawed in q(
+        "SELECT a.name, a.balance, a.held, COALESCE(c.s, 0) FROM accounts a "
+        "LEFT JOIN (SELECT account_id, SUM(amount) AS s FROM transfers WHERE kind = 'clawback' "
+        "GROUP BY account_id) c ON c.account_id = a.id "
+        "WHERE a.kind = 'user' AND (a.balance - a.held < -COALESCE(c.s, 0) OR a.held < 0)"
     ):
-        problems.append(f"user {name!r}: balance {balance} with {held} held leaves a negative available")
+        problems.append(
+            f"user {name!r}: balance {balance} with {held} held leaves a negative available "
+            f"beyond its clawbacks ({clawed})"
+        )
     for kind, name, held in q("SELECT kind, name, held FROM accounts WHERE held < 0 AND kind <> 'user'"):
         problems.append(f"{kind} {name!r}: negative held {held}")
     for kind, name, balance, stored in q(
@@ -178,6 +186,17 @@ def _verify(conn: Conn) -> list[str]:
     ):
         problems.append(f"charge {charge_id}: refunded {refunded} but its refunds sum to {s}")
     problems.extend(_verify_payouts(conn))
+    for transfer_id, reference, amount, state, payout_amount, credited in q(
+        "SELECT t.id, t.reference, t.amount, po.state, po.amount, "
+        "COALESCE((SELECT SUM(p.amount) FROM postings p WHERE p.transfer_id = t.id "
+        "          AND p.account_id = po.developer_account_id), 0) "
+        "FROM transfers t LEFT JOIN payouts po ON po.id = t.reference WHERE t.kind = 'payout_reversal'"
+    ):
+        if state != "settled" or amount != payout_amount or credited != amount:
+            problems.append(
+                f"payout_reversal transfer {transfer_id} of payout {reference}: payout {state or 'missing'} "
+                f"({payout_amount}), amount {amount}, developer {credited:+}"
+            )
     return problems
 
 

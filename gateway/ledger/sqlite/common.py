@@ -19,7 +19,7 @@ Conn = sqlite3.Connection
 
 _KEY_COLUMNS = """
     k.id, a.name, k.server, k.prefix, k.created_at, k.expires_at, k.revoked_at,
-    k.spend_limit, k.spent, k.held
+    k.spend_limit, k.spent, k.held, k.name, k.last_used_at
     FROM keys k JOIN accounts a ON a.id = k.user_account_id
 """
 _CHARGE_COLUMNS = """
@@ -61,8 +61,9 @@ class SqliteCommon:
 
     @staticmethod
     def _post(conn: Conn, transfer_id: str, legs: Sequence[tuple[int, int]], *, balancing: int = 0) -> None:
-        """Write balanced postings and apply them to balances. A leg that would take a
-        non-world account's available balance below zero raises ``_WouldGoNegative``; one that would
+        """Write balanced postings and apply them to balances. A debit that would take a
+        non-world account's available balance below zero raises ``_WouldGoNegative`` (a credit always
+        passes: a user in debt after a clawback can be topped up or refunded); one that would
         take any balance outside +-MAX_BALANCE raises BalanceLimitExceeded (the caller's savepoint or
         transaction then rolls back every leg already applied).
         ``balancing``: the sum of legs of this transfer the caller has already written itself."""
@@ -78,8 +79,8 @@ class SqliteCommon:
             # sum cannot overflow SQLite's 64-bit integers (which would make it a REAL).
             updated = conn.execute(
                 "UPDATE accounts SET balance = balance + ? "
-                "WHERE id = ? AND (kind = 'world' OR balance - held + ? >= 0) AND balance + ? BETWEEN ? AND ?",
-                (amount, account, amount, amount, -MAX_BALANCE, MAX_BALANCE),
+                "WHERE id = ? AND (kind = 'world' OR ? > 0 OR balance - held + ? >= 0) AND balance + ? BETWEEN ? AND ?",
+                (amount, account, amount, amount, amount, -MAX_BALANCE, MAX_BALANCE),
             ).rowcount
             if updated != 1:
                 row = conn.execute("SELECT kind, name, balance FROM accounts WHERE id = ?", (account,)).fetchone()

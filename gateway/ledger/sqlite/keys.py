@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.errors import AlreadyExists, InvalidInput, NotFound
 from gateway.ledger.base import AccountKind, KeyRecord, ServiceToken
 from gateway.ledger.rows import key_record as _key_record
+from gateway.ledger.rows import require_key_name as _require_key_name
+from gateway.ledger.rows import require_key_times as _require_key_times
 from gateway.ledger.rows import require_name as _require_name
 from gateway.ledger.sqlite.common import _KEY_COLUMNS, Conn
 from gateway.ledger.sqlite.store import SqliteStore
@@ -69,9 +71,11 @@ class SqliteKeys(SqliteStore):
         prefix: str,
         expires_at: float | None,
         spend_limit: int | None,
+        name: str | None = None,
     ) -> KeyRecord:
         _require_name(server, "server")
         _require_name(key_hash, "key hash")
+        name = _require_key_name(name)
         if spend_limit is not None and (
             not isinstance(spend_limit, int) or isinstance(spend_limit, bool) or spend_limit < 0
         ):
@@ -84,8 +88,8 @@ class SqliteKeys(SqliteStore):
             key_id = "key_" + secrets.token_hex(6)
             conn.execute(
                 "INSERT INTO keys (id, user_account_id, server, key_hash, prefix, created_at, "
-                "expires_at, spend_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key_id, user_id, server, key_hash, prefix, self._clock(), expires_at, spend_limit),
+                "expires_at, spend_limit, name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key_id, user_id, server, key_hash, prefix, self._clock(), expires_at, spend_limit, name),
             )
             return self._key_by_id(conn, key_id)
 
@@ -134,6 +138,20 @@ class SqliteKeys(SqliteStore):
             return [row[0] for row in rows]
 
         return await self._read(tx)
+
+    async def touch_keys(self, last_used: Mapping[str, float]) -> None:
+        pairs = _require_key_times(last_used)
+        if not pairs:
+            return
+
+        def tx(conn: Conn) -> None:
+            # max(): a time older than the stored one (another process's late flush) changes nothing
+            conn.executemany(
+                "UPDATE keys SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?",
+                [(when, key_id) for key_id, when in pairs],
+            )
+
+        await self._write(tx, durable=False)  # a crash loses at most a console's "last used", no money
 
     # --- service tokens -------------------------------------------------------------------------
     async def create_service_token(

@@ -202,6 +202,62 @@ WHERE id IN (SELECT id FROM temp.refund_references_0006);
 DROP TABLE temp.refund_references_0006;
 """
 
+_FREE_CALLS = """
+CREATE TABLE free_calls (
+    call_id    TEXT PRIMARY KEY,
+    user_name  TEXT NOT NULL,
+    server     TEXT NOT NULL,
+    scope      TEXT NOT NULL,
+    day        TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('pending', 'used')),
+    created_at REAL NOT NULL
+);
+CREATE INDEX free_calls_by_day ON free_calls (user_name, server, scope, day);
+"""
+
+# Clawbacks (``ledger.base``: money a payment provider took back, a refund or a lost dispute, taken
+# from a user even below zero), and payout reversals (a settled payout's transfer came back: world ->
+# developer, at most once per payout by the unique (kind, reference) index). A user's balance may now
+# be negative and below what it holds; every other account keeps its guards, and a hold still needs
+# ``balance - held >= amount`` (the stores' conditional UPDATEs), so a user in debt is refused every
+# priced call until a top-up covers the debt.
+# SQLite cannot drop a CHECK: the table definitions are rewritten in ``sqlite_schema`` (SQLite's
+# documented procedure for removing or loosening CHECK constraints: every existing row satisfies the
+# looser ones, so nothing is rebuilt), ``writable_schema = RESET`` re-reads the schema, and the index
+# that follows bumps the schema cookie, so every other connection to the file re-reads it too. The
+# temporary table refuses the migration (rolling it back) unless all three definitions were rewritten.
+_CLAWBACKS = """
+PRAGMA writable_schema = ON;
+UPDATE sqlite_schema
+SET sql = replace(replace(sql,
+    'CHECK (kind <> ''user'' OR balance - held >= 0)', 'CHECK (kind <> ''user'' OR held >= 0)'),
+    'CHECK (kind = ''world'' OR balance >= 0)', 'CHECK (kind IN (''world'', ''user'') OR balance >= 0)')
+WHERE type = 'table' AND name = 'accounts';
+UPDATE sqlite_schema
+SET sql = replace(sql, '''payout_settle'', ''payout_fail''))',
+    '''payout_settle'', ''payout_fail'', ''clawback'', ''payout_reversal''))')
+WHERE type = 'table' AND name = 'transfers';
+PRAGMA writable_schema = RESET;
+CREATE TEMP TABLE migration_0008_checks (rewritten INTEGER NOT NULL CHECK (rewritten = 3));
+INSERT INTO temp.migration_0008_checks (rewritten)
+SELECT (SELECT COUNT(*) FROM sqlite_schema WHERE name = 'accounts' AND instr(sql, 'OR held >= 0)') > 0)
+     + (SELECT COUNT(*) FROM sqlite_schema WHERE name = 'accounts' AND instr(sql, 'IN (''world'', ''user'')') > 0)
+     + (SELECT COUNT(*) FROM sqlite_schema WHERE name = 'transfers' AND instr(sql, '''payout_reversal''') > 0);
+DROP TABLE temp.migration_0008_checks;
+CREATE INDEX transfers_clawbacks ON transfers (account_id) WHERE kind = 'clawback';
+"""
+
+# A key's name (given by its user or the operator, shown on the keys list: at most 100 characters,
+# ``rows.require_key_name`` refuses control and other unprintable characters) and when it last
+# authenticated a call: written by ``touch_keys``, which each gateway process calls with the times it
+# gathered in memory at most every ``auth.LAST_USED_FLUSH_S`` seconds (never once per call). Both
+# NULL for every key there is: ADD COLUMN rewrites no row.
+_KEY_NAMES_AND_LAST_USE = """
+ALTER TABLE keys ADD COLUMN name TEXT CHECK (name IS NULL OR length(name) BETWEEN 1 AND 100);
+ALTER TABLE keys ADD COLUMN last_used_at REAL;
+"""
+
 # (name, SQL script). Statements are separated by ';' at the end of a line.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", _INITIAL),
@@ -227,4 +283,11 @@ DROP INDEX holds_key_pending;
     ),
     ("0005_account_balance_limit", _BALANCE_LIMIT),
     ("0006_refund_references_per_actor", _REFUND_REFERENCES),
+    # Free allowances (price table's free_calls_per_day): one row per free call, counted per user,
+    # server, scope ("*" or a name) and UTC day. Not money: no posting, no balance.
+    ("0007_free_calls", _FREE_CALLS),
+    # A user's balance may go negative through a clawback (payment provider refunds and disputes).
+    ("0008_clawbacks", _CLAWBACKS),
+    # A key's optional name, and when it last authenticated a call (flushed from memory, not per call).
+    ("0010_key_names_and_last_use", _KEY_NAMES_AND_LAST_USE),
 )

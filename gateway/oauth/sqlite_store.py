@@ -1,0 +1,325 @@
+"""The OAuth tables on SQLite (a ``gateway.storage.SqliteSide`` on the ledger's file)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, cast
+
+from gateway.oauth.models import AccessToken, AuthMethod, Client, CodeRecord, Grant, RefreshRecord
+from gateway.oauth.store import CONCERN
+from gateway.storage import Migration, SqliteSide
+from gateway.storage.sqlite import Conn
+
+MIGRATIONS: tuple[Migration, ...] = (
+    (
+        "oauth_0001_initial",
+        """
+CREATE TABLE oauth_clients (
+    client_id     TEXT PRIMARY KEY,
+    client_name   TEXT,
+    client_uri    TEXT,
+    redirect_uris TEXT NOT NULL,
+    auth_method   TEXT NOT NULL CHECK (auth_method IN ('none', 'client_secret_post', 'client_secret_basic')),
+    secret_hash   TEXT,
+    created_at    REAL NOT NULL
+);
+CREATE TABLE oauth_grants (
+    id          TEXT PRIMARY KEY,
+    client_id   TEXT NOT NULL,
+    client_name TEXT,
+    user_name   TEXT NOT NULL,
+    login_id    TEXT NOT NULL,
+    server      TEXT NOT NULL,
+    resource    TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    key_id      TEXT NOT NULL,
+    key_hash    TEXT NOT NULL,
+    key_prefix  TEXT NOT NULL,
+    spend_limit INTEGER CHECK (spend_limit IS NULL OR spend_limit >= 0),
+    created_at  REAL NOT NULL,
+    revoked_at  REAL
+);
+CREATE INDEX oauth_grants_user ON oauth_grants (user_name, server, client_id);
+CREATE TABLE oauth_codes (
+    code_hash      TEXT PRIMARY KEY,
+    grant_id       TEXT NOT NULL REFERENCES oauth_grants (id),
+    client_id      TEXT NOT NULL,
+    redirect_uri   TEXT NOT NULL,
+    resource       TEXT NOT NULL,
+    scope          TEXT NOT NULL,
+    code_challenge TEXT NOT NULL,
+    expires_at     REAL NOT NULL,
+    used_at        REAL
+);
+CREATE TABLE oauth_access_tokens (
+    token_hash TEXT PRIMARY KEY,
+    grant_id   TEXT NOT NULL REFERENCES oauth_grants (id),
+    client_id  TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE INDEX oauth_access_tokens_expiry ON oauth_access_tokens (expires_at);
+CREATE TABLE oauth_refresh_tokens (
+    token_hash TEXT PRIMARY KEY,
+    grant_id   TEXT NOT NULL REFERENCES oauth_grants (id),
+    client_id  TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at    REAL
+);
+CREATE INDEX oauth_refresh_tokens_expiry ON oauth_refresh_tokens (expires_at);
+""",
+    ),
+)
+
+_GRANT_COLUMNS = (
+    "id, client_id, client_name, user_name, login_id, server, resource, scope, key_id, key_hash, key_prefix, "
+    "spend_limit, created_at, revoked_at"
+)
+
+
+def _grant(row: Sequence[Any]) -> Grant:
+    return Grant(
+        id=row[0],
+        client_id=row[1],
+        client_name=row[2],
+        user=row[3],
+        login_id=row[4],
+        server=row[5],
+        resource=row[6],
+        scope=row[7],
+        key_id=row[8],
+        key_hash=row[9],
+        key_prefix=row[10],
+        spend_limit=row[11],
+        created_at=row[12],
+        revoked_at=row[13],
+    )
+
+
+def _client(row: Sequence[Any]) -> Client:
+    return Client(
+        client_id=row[0],
+        client_name=row[1],
+        client_uri=row[2],
+        redirect_uris=tuple(json.loads(row[3])),
+        auth_method=cast(AuthMethod, row[4]),
+        secret_hash=row[5],
+        created_at=row[6],
+        kind="dcr",
+    )
+
+
+class SqliteOAuthStore:
+    def __init__(self, path: str) -> None:
+        self._side = SqliteSide(path, concern=CONCERN, migrations=MIGRATIONS)
+
+    async def open(self) -> None:
+        await self._side.open()
+
+    async def close(self) -> None:
+        await self._side.close()
+
+    async def save_client(self, client: Client) -> None:
+        def tx(c: Conn) -> None:
+            c.execute(
+                "INSERT INTO oauth_clients (client_id, client_name, client_uri, redirect_uris, auth_method, "
+                "secret_hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    client.client_id,
+                    client.client_name,
+                    client.client_uri,
+                    json.dumps(list(client.redirect_uris)),
+                    client.auth_method,
+                    client.secret_hash,
+                    client.created_at,
+                ),
+            )
+
+        await self._side.write(tx)
+
+    async def get_client(self, client_id: str) -> Client | None:
+        def tx(c: Conn) -> Client | None:
+            row = c.execute(
+                "SELECT client_id, client_name, client_uri, redirect_uris, auth_method, secret_hash, created_at "
+                "FROM oauth_clients WHERE client_id = ?",
+                (client_id,),
+            ).fetchone()
+            return None if row is None else _client(row)
+
+        return await self._side.read(tx)
+
+    async def save_grant(self, grant: Grant) -> None:
+        def tx(c: Conn) -> None:
+            c.execute(
+                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    grant.id,
+                    grant.client_id,
+                    grant.client_name,
+                    grant.user,
+                    grant.login_id,
+                    grant.server,
+                    grant.resource,
+                    grant.scope,
+                    grant.key_id,
+                    grant.key_hash,
+                    grant.key_prefix,
+                    grant.spend_limit,
+                    grant.created_at,
+                    grant.revoked_at,
+                ),
+            )
+
+        await self._side.write(tx)
+
+    async def get_grant(self, grant_id: str) -> Grant | None:
+        def tx(c: Conn) -> Grant | None:
+            row = c.execute(f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE id = ?", (grant_id,)).fetchone()
+            return None if row is None else _grant(row)
+
+        return await self._side.read(tx)
+
+    async def active_grant(self, user: str, server: str, client_id: str) -> Grant | None:
+        def tx(c: Conn) -> Grant | None:
+            row = c.execute(
+                f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE user_name = ? AND server = ? AND client_id = ? "
+                "AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 1",
+                (user, server, client_id),
+            ).fetchone()
+            return None if row is None else _grant(row)
+
+        return await self._side.read(tx)
+
+    async def grants_for_user(self, user: str) -> list[Grant]:
+        def tx(c: Conn) -> list[Grant]:
+            rows = c.execute(
+                f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE user_name = ? AND revoked_at IS NULL "
+                "ORDER BY created_at DESC",
+                (user,),
+            ).fetchall()
+            return [_grant(row) for row in rows]
+
+        return await self._side.read(tx)
+
+    async def revoke_grant(self, grant_id: str, now: float) -> bool:
+        def tx(c: Conn) -> bool:
+            cur = c.execute(
+                "UPDATE oauth_grants SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, grant_id)
+            )
+            return cur.rowcount == 1
+
+        return await self._side.write(tx)
+
+    async def save_code(self, code_hash: str, code: CodeRecord) -> None:
+        def tx(c: Conn) -> None:
+            c.execute(
+                "INSERT INTO oauth_codes (code_hash, grant_id, client_id, redirect_uri, resource, scope, "
+                "code_challenge, expires_at, used_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    code_hash,
+                    code.grant_id,
+                    code.client_id,
+                    code.redirect_uri,
+                    code.resource,
+                    code.scope,
+                    code.code_challenge,
+                    code.expires_at,
+                    code.used_at,
+                ),
+            )
+
+        await self._side.write(tx)
+
+    async def redeem_code(self, code_hash: str, now: float) -> CodeRecord | None:
+        def tx(c: Conn) -> CodeRecord | None:
+            row = c.execute(
+                "SELECT grant_id, client_id, redirect_uri, resource, scope, code_challenge, expires_at, used_at "
+                "FROM oauth_codes WHERE code_hash = ?",
+                (code_hash,),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[7] is None:
+                c.execute("UPDATE oauth_codes SET used_at = ? WHERE code_hash = ?", (now, code_hash))
+            return CodeRecord(*row)
+
+        return await self._side.write(tx)
+
+    async def save_tokens(
+        self,
+        *,
+        grant_id: str,
+        client_id: str,
+        access_hash: str,
+        access_expires_at: float,
+        refresh_hash: str,
+        refresh_expires_at: float,
+    ) -> None:
+        def tx(c: Conn) -> None:
+            c.execute(
+                "INSERT INTO oauth_access_tokens (token_hash, grant_id, client_id, expires_at) VALUES (?, ?, ?, ?)",
+                (access_hash, grant_id, client_id, access_expires_at),
+            )
+            c.execute(
+                "INSERT INTO oauth_refresh_tokens (token_hash, grant_id, client_id, expires_at) VALUES (?, ?, ?, ?)",
+                (refresh_hash, grant_id, client_id, refresh_expires_at),
+            )
+
+        await self._side.write(tx)
+
+    async def rotate_refresh(self, refresh_hash: str, now: float) -> RefreshRecord | None:
+        def tx(c: Conn) -> RefreshRecord | None:
+            row = c.execute(
+                "SELECT grant_id, client_id, expires_at, used_at FROM oauth_refresh_tokens WHERE token_hash = ?",
+                (refresh_hash,),
+            ).fetchone()
+            if row is None:
+                return None
+            if row[3] is None:
+                c.execute("UPDATE oauth_refresh_tokens SET used_at = ? WHERE token_hash = ?", (now, refresh_hash))
+            return RefreshRecord(*row)
+
+        return await self._side.write(tx)
+
+    async def find_refresh(self, refresh_hash: str) -> RefreshRecord | None:
+        def tx(c: Conn) -> RefreshRecord | None:
+            row = c.execute(
+                "SELECT grant_id, client_id, expires_at, used_at FROM oauth_refresh_tokens WHERE token_hash = ?",
+                (refresh_hash,),
+            ).fetchone()
+            return None if row is None else RefreshRecord(*row)
+
+        return await self._side.read(tx)
+
+    async def find_access_token(self, access_hash: str) -> AccessToken | None:
+        def tx(c: Conn) -> AccessToken | None:
+            row = c.execute(
+                "SELECT t.grant_id, g.server, g.key_hash, t.expires_at, "
+                "t.revoked_at IS NOT NULL OR g.revoked_at IS NOT NULL "
+                "FROM oauth_access_tokens t JOIN oauth_grants g ON g.id = t.grant_id WHERE t.token_hash = ?",
+                (access_hash,),
+            ).fetchone()
+            return None if row is None else AccessToken(row[0], row[1], row[2], row[3], bool(row[4]))
+
+        return await self._side.read(tx)
+
+    async def revoke_access_token(self, access_hash: str, client_id: str, now: float) -> bool:
+        def tx(c: Conn) -> bool:
+            cur = c.execute(
+                "UPDATE oauth_access_tokens SET revoked_at = ? WHERE token_hash = ? AND client_id = ? "
+                "AND revoked_at IS NULL",
+                (now, access_hash, client_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._side.write(tx)
+
+    async def purge(self, before: float) -> int:
+        def tx(c: Conn) -> int:
+            n = c.execute("DELETE FROM oauth_codes WHERE expires_at < ?", (before,)).rowcount
+            n += c.execute("DELETE FROM oauth_access_tokens WHERE expires_at < ?", (before,)).rowcount
+            n += c.execute("DELETE FROM oauth_refresh_tokens WHERE expires_at < ?", (before,)).rowcount
+            return int(n)
+
+        return await self._side.write(tx)
