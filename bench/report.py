@@ -236,7 +236,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _met(af <= 0.5 and ap <= 1.0 and ap99 <= 2.0),
             )
         )
-    lrows = [r for r in results.get("ledger") or [] if isinstance(r, dict)]
+    lrows = [r for r in results.get("ledger") or [] if isinstance(r, dict) and r.get("mode") != "grants"]
     sq = next((r for r in lrows if r.get("database") == "sqlite" and r.get("callers") == 32), None)
     if sq and "captures_per_s" in sq:
         rows.append(

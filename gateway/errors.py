@@ -288,6 +288,15 @@ class BadCredentials(LoginError):
     default_hint = "Check the e-mail address and password"
 
 
+class Unverified(LoginError):
+    """The right password for an address not confirmed yet (SMTP on): no session until it is, so a
+    stranger who signed up with someone else's address cannot use (or arm) the account meanwhile."""
+
+    code = "unverified"
+    http_status = 403
+    default_hint = "Open the link we mailed you, or ask for a password reset to get a new one"
+
+
 class Throttled(LoginError):
     code = "throttled"
     http_status = 429

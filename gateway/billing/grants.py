@@ -20,9 +20,10 @@ per-call hold while grants of its user are still outstanding anywhere waits up t
 for them to come back before it is refused (``Billing.hold``), so N concurrent calls against a
 balance B at price p still succeed exactly ⌊B/p⌋ times, in one process or across replicas.
 
-What a crash loses: the captures queued since the last flush (at most ``flush_s`` of calls, which
-were delivered: unbilled, never charged twice); the grant's hold stays pending until its lease
-lapses and the sweep voids it, so its money returns within lease + sweep interval.
+What a crash loses: the captures queued or being written since the last committed flush (a flush
+every ``flush_s``, one per grant in flight; with more than ``max_batch`` queued, callers wait for
+the writer): delivered, unbilled, never charged twice. The grant's hold stays pending until its
+lease lapses and the sweep voids it, so its money returns within lease + sweep interval.
 
 Changes made elsewhere reach grants within ``key_cache_s``: every ``tick`` (at most ``key_cache_s``)
 one ``refresh_grants`` renews the leases and reads each grant's key and balance back.
@@ -62,7 +63,7 @@ class GrantPolicy:
     min_calls: int = 8  # a grant smaller than this many calls' worth is not taken: per-call holds
     max_calls: int = 65_536  # the most calls' worth one request for a grant asks for
     share: int = 4  # a grant takes at most 1/share of the available balance and of the key's cap
-    max_batch: int = 4096  # calls written per flush transaction
+    max_batch: int = 4096  # calls written per flush transaction; more queued than this: callers wait
     refresh_s: float = 1.0  # at most this long between reading back each grant's key and balance (key_cache_s)
 
     @property
@@ -101,6 +102,7 @@ class _Grant:
     flushing: int = 0  # flushes of this grant in flight (at most one: the next batch waits and grows)
     flushed: asyncio.Event = field(default_factory=asyncio.Event)  # set while no flush is in flight
     releasing: bool = False  # being given back: no call is taken out of it, no top-up starts
+    epoch: int = 0  # bumped by every top-up: a refresh read before it must not judge the grant after it
     extending: asyncio.Task[None] | None = None
 
     @property
@@ -144,7 +146,7 @@ class GrantBook:
         if req.key_id is None:
             return None
         grant = self._grants.get((req.user, req.key_id))
-        if grant is None or grant.remaining < req.amount:
+        if grant is None or grant.remaining < req.amount or len(grant.unflushed) >= self.policy.max_batch:
             return None
         now = self._clock()
         if now >= grant.lease_until or now < grant.low_until or grant.releasing:
@@ -176,6 +178,18 @@ class GrantBook:
                 req.user, req.key_id, req.developer, req.server, since=self._clock()
             )
         grant.price = req.amount
+        for _ in range(_MAX_FLUSH_ATTEMPTS):
+            if len(grant.unflushed) < self.policy.max_batch:
+                break
+            # Back-pressure: the ledger writes slower than calls arrive. Callers wait for the writer,
+            # so what a crash can lose (the queued captures) stays within a batch or two.
+            if grant.flushing:
+                await grant.flushed.wait()
+            else:
+                await asyncio.shield(self._schedule_flush())
+            taken = self.take(req)
+            if taken is not None:
+                return taken
         if self._clock() < grant.low_until or grant.releasing:
             return None
         if grant.extending is None:
@@ -220,6 +234,7 @@ class GrantBook:
             grant.calls, grant.since = 0, now
             self._read_back(grant, state)
             if state.status is GrantStatus.OK and grant.db_id == grant_id:
+                grant.epoch += 1
                 grant.remaining += state.granted
                 grant.low_water = state.granted // 2
                 grant.lease_until = now + self.lease_s * 2 / 3
@@ -360,14 +375,16 @@ class GrantBook:
     async def refresh(self) -> None:
         grants = [g for g in self._grants.values() if g.db_id is not None]
         ids = [g.db_id or "" for g in grants]
+        epochs = [g.epoch for g in grants]
         states = await self.ledger.refresh_grants(ids, self.lease_s)
         now = self._clock()
         idle: list[_Grant] = []
-        for grant, grant_id in zip(grants, ids, strict=True):
+        for grant, grant_id, epoch in zip(grants, ids, epochs, strict=True):
+            if grant.epoch != epoch or grant.extending is not None:
+                continue  # topped up (or being topped up) since the read: what it says is stale
             state = states.get(grant_id)
             if state is None or state.status is GrantStatus.CLOSED:
-                if grant.extending is None:  # (a top-up may be creating the row right now)
-                    self._lost(grant, grant_id)
+                self._lost(grant, grant_id)
                 continue
             grant.lease_until = now + self.lease_s * 2 / 3
             self._read_back(grant, state)

@@ -116,7 +116,7 @@ class Billing:
         await grants.release_user(req.user)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grants.policy.drain_wait_s
-        give_up = loop.time() + 10 * grants.policy.drain_wait_s  # however long grants keep moving
+        give_up = loop.time() + 3 * grants.policy.drain_wait_s  # however long grants keep moving
         seen: int | None = None
         while True:
             # Outstanding grants are read BEFORE the hold: a grant given back between the two is

@@ -422,6 +422,16 @@ EXPORT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("completed_at", "float"),
     ),
 }
+
+
+def imported_debt(account: dict[str, Any]) -> int:
+    """An imported account's debt (migration 0011; not in the dump): a user's shortfall, the
+    tightest bound the database guard accepts for its balance and held."""
+    if account["kind"] != AccountKind.USER.value:
+        return 0
+    return max(0, int(account["held"]) - int(account["balance"]))
+
+
 EXPORT_TABLES: tuple[str, ...] = tuple(EXPORT_COLUMNS)  # dependency order: import in this order
 
 # One dumped row: (table, {column: value}).

@@ -1,14 +1,19 @@
 """Password hashing (argon2id through argon2-cffi) and the password and e-mail rules.
 
-Hashing costs tens of milliseconds of CPU and 64 MiB: it runs in a worker thread, never on the
-event loop. An unknown e-mail is answered after verifying a dummy hash, so it takes as long as a
-wrong password.
+Hashing costs tens of milliseconds of CPU and 64 MiB: it runs in worker threads of its own
+(``HASH_THREADS``), never on the event loop nor in the loop's default executor, so a flood of
+sign-ups or sign-ins queues behind those threads only (at most ``HASH_THREADS`` hashes of 64 MiB at
+once) and never delays what else uses the default executor (aiohttp's DNS lookups for upstreams).
+An unknown e-mail is answered after verifying a dummy hash, so it takes as long as a wrong password.
 """
 
 from __future__ import annotations
 
 import asyncio
 import unicodedata
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -18,6 +23,8 @@ from gateway.errors import InvalidEmail, WeakPassword
 MIN_PASSWORD = 10
 MAX_PASSWORD = 1024  # argon2 hashes any length; a longer one only costs us (a DoS guard)
 MAX_EMAIL = 254  # RFC 5321's path limit
+HASH_THREADS = 2
+_T = TypeVar("_T")
 
 
 def normalize_email(text: str) -> str:
@@ -59,9 +66,16 @@ class Passwords:
     def __init__(self, hasher: PasswordHasher | None = None) -> None:
         self.hasher = hasher if hasher is not None else PasswordHasher()
         self._dummy: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="argon2")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, work: Callable[..., _T], *args: str) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args)
 
     async def hash(self, password: str) -> str:
-        return await asyncio.to_thread(self.hasher.hash, password)
+        return await self._run(self.hasher.hash, password)
 
     async def verify(self, password_hash: str | None, password: str) -> tuple[bool, str | None]:
         """(whether ``password`` matches, a new hash when the stored one's parameters are outdated).
@@ -69,9 +83,9 @@ class Passwords:
         if password_hash is None:
             if self._dummy is None:
                 self._dummy = await self.hash("agentpay dummy password, never matched")
-            await asyncio.to_thread(self._check, self._dummy, password)
+            await self._run(self._check, self._dummy, password)
             return False, None
-        if not await asyncio.to_thread(self._check, password_hash, password):
+        if not await self._run(self._check, password_hash, password):
             return False, None
         if self.hasher.check_needs_rehash(password_hash):
             return True, await self.hash(password)

@@ -227,6 +227,18 @@ class PostgresLoginStore:
             expires_at = slid
         return session_id, _login(row, 3), created_at, expires_at
 
+    async def session_live(self, session_id: str, login_id: str, now: float) -> bool:
+        async def find(c: Conn) -> Any:
+            return await c.fetchrow(
+                "SELECT 1 FROM web_sessions s JOIN logins l ON l.id = s.login_id "
+                "WHERE s.id = $1 AND s.login_id = $2 AND s.expires_at > $3 AND l.disabled_at IS NULL",
+                session_id,
+                login_id,
+                now,
+            )
+
+        return await self.side.transaction(find) is not None
+
     async def delete_session(self, token_hash: str) -> None:
         async def tx(c: Conn) -> None:
             await c.execute("DELETE FROM web_sessions WHERE token_hash = $1", token_hash)

@@ -43,6 +43,7 @@ from gateway.errors import (
     NotFound,
     SignupClosed,
     Unavailable,
+    Unverified,
     WeakPassword,
 )
 from gateway.ledger.base import AccountKind
@@ -92,6 +93,7 @@ class LoginService:
         self.mail_enabled = mailer is not None
         self.base_url = (config.base_url or "http://127.0.0.1:8080").rstrip("/")
         self.clock = clock
+        self._own_passwords = passwords is None  # its threads end with this service
         self.passwords = passwords if passwords is not None else Passwords()
         self.throttle = Throttle(store, clock)
         self._mail_tasks: set[asyncio.Task[None]] = set()
@@ -105,6 +107,8 @@ class LoginService:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        if self._own_passwords:
+            self.passwords.close()
         await self.store.close()
 
     # --- sign-up and sign-in ---------------------------------------------------------------------
@@ -159,6 +163,8 @@ class LoginService:
         if not ok or row is None or row.login.disabled or len(password) > MAX_PASSWORD:
             raise BadCredentials("the e-mail address or the password is wrong")
         await self.throttle.succeeded(attempt)
+        if self.mail_enabled and not row.login.verified:  # only the password's holder learns this
+            raise Unverified(f"{row.login.email} is not confirmed yet")
         now = self.clock()
         await self.store.signed_in(row.login.id, now, new_hash)
         return replace(row.login, last_login_at=now)
@@ -185,6 +191,10 @@ class LoginService:
             return None
         session_id, login, created_at, expires_at = found
         return WebSession(session_id, login, csrf_for(token), created_at, expires_at)
+
+    async def session_live(self, session_id: str, login_id: str) -> bool:
+        """Whether a session (by its public id, as a consent ticket names it) is still signed in."""
+        return await self.store.session_live(session_id, login_id, self.clock())
 
     async def close_session(self, token: str) -> None:
         if token and len(token) <= MAX_TOKEN:

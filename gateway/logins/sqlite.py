@@ -213,6 +213,16 @@ class SqliteLoginStore:
             expires_at = slid
         return session_id, _login(row[3:]), created_at, expires_at
 
+    async def session_live(self, session_id: str, login_id: str, now: float) -> bool:
+        def find(c: sqlite3.Connection) -> Any:
+            return c.execute(
+                "SELECT 1 FROM web_sessions s JOIN logins l ON l.id = s.login_id "
+                "WHERE s.id = ? AND s.login_id = ? AND s.expires_at > ? AND l.disabled_at IS NULL",
+                (session_id, login_id, now),
+            ).fetchone()
+
+        return await self.side.read(find) is not None
+
     async def delete_session(self, token_hash: str) -> None:
         await self.side.write(lambda c: c.execute("DELETE FROM web_sessions WHERE token_hash = ?", (token_hash,)))
 

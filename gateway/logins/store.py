@@ -64,6 +64,9 @@ class LoginStore(Protocol):
         """The live session with this token hash: (id, login, created_at, expires_at), its expiry
         slid to ``min(now + ttl_s, created_at + max_s)``. None: unknown, expired, login disabled."""
 
+    async def session_live(self, session_id: str, login_id: str, now: float) -> bool:
+        """Whether the session ``session_id`` of ``login_id`` exists, is unexpired and its login enabled."""
+
     async def delete_session(self, token_hash: str) -> None: ...
 
     async def delete_sessions(self, login_id: str) -> int: ...

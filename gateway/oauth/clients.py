@@ -159,13 +159,27 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64 RFC 6052 and RFC 8215, SIIT,
+# IPv4-compatible): a translator on the path would connect to that IPv4 address, so it is the one checked.
+_IPV4_IN_LOW_BITS = tuple(
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96")
+)
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")  # deprecated, but still routed locally by some networks
+
+
 def _global(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _SITE_LOCAL:
+            return False
+        embedded = ip.ipv4_mapped or ip.sixtofour  # (Teredo's 2001::/32 is not global at all)
+        if embedded is None and any(ip in net for net in _IPV4_IN_LOW_BITS):
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return embedded.is_global and not embedded.is_multicast
     return ip.is_global and not ip.is_multicast
 
 

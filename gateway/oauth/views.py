@@ -234,15 +234,17 @@ def problem_page(message: str, *, status: int, hint: str = "") -> web.Response:
 
 async def authorize(request: web.Request) -> web.StreamResponse:
     """Check the request, then send the browser to the consent page (in the portal, where the
-    person's session is; it signs them in first)."""
+    person's session is; it signs them in first). A request refused with a redirect to the client goes
+    there too: the error redirect waits until the person has signed in (RFC 9700 §4.11.2), so a link
+    to our issuer never bounces a stranger straight to a redirect URI anyone could register."""
     oauth = oauth_of(request)
     params = {k: v for k, v in request.query.items()}
     try:
         await oauth.check_request(params)
     except AuthorizePageError as exc:
         return problem_page(str(exc), status=400)
-    except AuthorizeRedirectError as exc:
-        raise web.HTTPFound(exc.location) from None
+    except AuthorizeRedirectError:
+        pass  # the consent page redirects with the error once the person is signed in
     raise web.HTTPSeeOther(f"{portal_base(request)}{CONSENT_PATH}?{request.query_string}")
 
 
@@ -253,9 +255,10 @@ async def consent_post(request: web.Request) -> web.StreamResponse:
     form = {name: value for name, value in data.items() if isinstance(value, str)}
     params = request_params(form)
     who = oauth.tickets.check(form.get("csrf_token", ""), params, oauth.clock())
-    if who is None:
+    logins = request.config_dict[RUNTIME].logins
+    if who is None or not await logins.session_live(who.session_id, who.login_id):  # signed out since
         return problem_page(
-            "This consent form's CSRF token is missing, expired or not for this request",
+            "This consent form's CSRF token is missing, expired or not for this request, or you signed out",
             status=403,
             hint="Go back to the application and connect again",
         )

@@ -250,7 +250,6 @@ async def _logins(config: GatewayConfig, args: argparse.Namespace) -> Any:
     """`logins invite|list|disable`, through the same LoginService the portal uses."""
     from gateway.app import login_service  # the gateway's own wiring, imported only for these commands
 
-    logs.configure(config.log_format, level=logging.WARNING)  # stdout is the command's answer
     ledger = open_ledger(config.database)
     await ledger.open()
     service = login_service(config, ledger)
@@ -396,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.ops.demo import run_demo
 
             return run_demo(config, upstream_port=args.upstream_port)
+        # Every one-shot command below answers on stdout: its log events (a missed webhook found
+        # by reconcile, say) go to stderr, never into the answer (`--json` stays parseable).
+        logs.configure(config.log_format, level=logging.WARNING)
         if args.command == "check-config":
             from gateway.ops.serve import check
 

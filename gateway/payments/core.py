@@ -72,6 +72,10 @@ class PaymentsCore:
         if not isinstance(topup_id, str):
             return None
         topup = await self.store.topup(topup_id)
-        if topup is not None:
-            await self.store.link_payment_intent(topup.id, intent)
-        return topup
+        if topup is None:
+            return None
+        await self.store.link_payment_intent(topup.id, intent)  # only when it has none yet
+        topup = await self.store.topup(topup.id)
+        # One top-up, one PaymentIntent: another intent naming it (made elsewhere on the account, or a
+        # copy of its metadata) is not ours, and its refunds or disputes take nothing from this user.
+        return topup if topup is not None and topup.payment_intent == intent else None

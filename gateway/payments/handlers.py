@@ -14,7 +14,8 @@ charge.refund.updated / refund.updated / refund.failed (status failed or cancele
                                          topup "stripe:refund:<refund>:failed" (after the refund's own
                                          clawback, made if it never was: the pair sums to zero)
 charge.dispute.funds_withdrawn           clawback "stripe:dispute:<dispute>:withdrawn"
-charge.dispute.funds_reinstated          topup    "stripe:dispute:<dispute>:reinstated"
+charge.dispute.funds_reinstated          topup    "stripe:dispute:<dispute>:reinstated" (after the dispute's
+                                         own withdrawal, made if it never was: the pair sums to zero)
 payment_intent.succeeded (auto-recharge) topup    "stripe:payment_intent:<intent>"
 payment_intent.payment_failed (recharge) nothing (auto-recharge paused; off after three)
 account.updated                          nothing (payouts_enabled recorded)
@@ -240,6 +241,13 @@ class Handlers(Topups, RechargeMixin, PayoutsMixin):
             log.warning("payments_currency_refused", topup=topup.id, currency=currency, event="dispute")
             return "refused_currency"
         amount = cents_of(dispute.get("amount"), "dispute amount")
+        if not await self._withdraw(topup, intent, dispute, amount):
+            return "replayed"
+        return "clawed_back"
+
+    async def _withdraw(self, topup: Topup, intent: str | None, dispute: dict[str, Any], amount: int) -> bool:
+        """The dispute's withdrawal (crediting the top-up first if its credit never landed); whether
+        it was made now (False: made before)."""
         if topup.state in ("created", "pending"):
             charge_id = object_id(dispute.get("charge"))
             charge = await self.api.retrieve_charge(charge_id) if charge_id else {"amount": amount}
@@ -254,16 +262,19 @@ class Handlers(Topups, RechargeMixin, PayoutsMixin):
                 "its amount was taken back from your AgentPay balance until the dispute is settled.",
             )
             await self.balance_changed(topup.user)
-        return "replayed" if transfer.replayed else "clawed_back"
+        return not transfer.replayed
 
     async def _dispute_reinstated(self, dispute: dict[str, Any]) -> str:
-        topup, _ = await self._dispute_topup(dispute)
+        """The withdrawal is made first if it never was (same reference: a replay otherwise), so a
+        reinstatement never credits money that was not taken: the pair sums to zero in any order."""
+        topup, intent = await self._dispute_topup(dispute)
         if topup is None:
             return "unknown_charge"
         currency = str(dispute.get("currency") or "").lower()
         if currency != self.config.currency:
             return "refused_currency"
         amount = cents_of(dispute.get("amount"), "dispute amount")
+        await self._withdraw(topup, intent, dispute, amount)
         transfer = await self.ledger.topup(
             topup.user, millis(amount), reference=f"stripe:dispute:{dispute['id']}:reinstated"
         )

@@ -261,8 +261,14 @@ class RechargeMixin(PaymentsCore):
         topup = await self.store.topup(topup_id) if isinstance(topup_id, str) else None
         if topup is None and isinstance(intent.get("id"), str):
             topup = await self.store.topup_by(payment_intent=intent["id"])
-        if topup is None or topup.kind != "recharge":
+        if topup is None or topup.kind != "recharge" or not isinstance(intent.get("id"), str):
             return None
-        if topup.payment_intent is None and isinstance(intent.get("id"), str):
-            await self.store.link_payment_intent(topup.id, intent["id"])
+        if topup.payment_intent is None:
+            await self.store.link_payment_intent(topup.id, intent["id"])  # only when it has none yet
+            topup = await self.store.topup(topup.id)
+        # One top-up, one PaymentIntent: another intent naming this top-up in its metadata (one we
+        # never created) credits nothing, or the top-up would be credited once per such intent.
+        if topup is None or topup.payment_intent != intent["id"]:
+            log.warning("payments_intent_not_ours", intent=intent["id"], topup=topup_id)
+            return None
         return topup

@@ -10,7 +10,7 @@ import time
 
 from aiohttp import web
 
-from gateway.errors import BadCredentials, EmailTaken, LinkInvalid, LoginError, Throttled
+from gateway.errors import BadCredentials, EmailTaken, LinkInvalid, LoginError, Throttled, Unverified
 from gateway.logins.models import Login
 from gateway.portal import security
 from gateway.portal.render import client_address, page
@@ -77,6 +77,11 @@ async def login(request: web.Request) -> web.StreamResponse:
         message = f"Too many attempts to sign in. Try again in {wait} seconds."
         context = {"email": email, "error": message, "next": next_path or ""}
         return await page(request, "login.html", context, status=429, headers={"Retry-After": str(wait)})
+    except Unverified as exc:
+        message = f"Confirm your e-mail address first: open the link we sent to {email}. {exc.hint}."
+        return await page(
+            request, "login.html", {"email": email, "error": message, "next": next_path or ""}, status=403
+        )
     return await _signed_in(request, found, next_path or "/portal/")
 
 
@@ -99,7 +104,7 @@ async def link_form(request: web.Request) -> web.StreamResponse:
 
 async def link(request: web.Request) -> web.StreamResponse:
     form = await security.form_of(request)
-    security.check_anonymous_csrf(request, form)
+    await security.check_link_csrf(request, form)
     logins = request.config_dict[RUNTIME].logins
     token = request.match_info["token"]
     shown = await logins.peek_link(token)
@@ -122,7 +127,7 @@ async def reset_form(request: web.Request) -> web.StreamResponse:
 async def reset(request: web.Request) -> web.StreamResponse:
     """The same page whether the address has a login or not."""
     form = await security.form_of(request)
-    security.check_anonymous_csrf(request, form)
+    await security.check_link_csrf(request, form)
     await request.config_dict[RUNTIME].logins.request_reset(form.get("email", "").strip())
     return await page(request, "reset.html", {"sent": True})
 

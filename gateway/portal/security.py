@@ -27,6 +27,7 @@ CSRF_COOKIE = "agentpay_csrf"
 COOKIE_PATH = "/portal"
 CSRF_FIELD = "csrf_token"
 
+
 @dataclass(frozen=True, slots=True)
 class _Found:
     session: WebSession | None
@@ -119,6 +120,14 @@ def check_anonymous_csrf(request: web.Request, form: dict[str, str]) -> None:
             "this form's CSRF token is missing or does not match",
             hint="Reload the page and send the form again (cookies must be enabled)",
         )
+
+
+async def check_link_csrf(request: web.Request, form: dict[str, str]) -> None:
+    """A one-time link's or the reset page's form, which a signed-in person may open too (their page
+    carries the session's token): that token, or the pre-session one."""
+    ws = await session_of(request)
+    if ws is None or not _same(ws.csrf_token, form.get(CSRF_FIELD, "")):
+        check_anonymous_csrf(request, form)
 
 
 def check_csrf(session: WebSession, form: dict[str, str]) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.config import load_config
+from gateway.errors import ConfigError
 from gateway.ledger import open_ledger
 from gateway.ledger.base import AccountKind
 from gateway.ledger.grants import GRANT_METHOD
@@ -191,3 +193,12 @@ async def test_the_config_switch_decides_whether_grants_are_used(tmp_path: Path,
             await gw.settled()
             assert bool(await _grant_rows(gw, "alice")) is grants
             assert await gw.ledger.verify() == []
+
+
+def test_credit_grants_is_a_boolean_and_off_by_default(tmp_path: Path) -> None:
+    assert load_config(write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"})).credit_grants is False
+    on = write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"}, credit_grants=True)
+    assert load_config(on).credit_grants is True
+    bad = write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"}, credit_grants="sometimes")
+    with pytest.raises(ConfigError, match="credit_grants"):
+        load_config(bad)

@@ -9,7 +9,7 @@ from multiprocessing.synchronize import Barrier
 from threading import BrokenBarrierError
 
 from gateway.errors import GatewayError
-from gateway.ledger.base import HoldRequest
+from gateway.ledger.base import FreeCall, HoldRequest
 
 from .conftest import StoreSpec
 
@@ -66,3 +66,20 @@ def open_and_verify(stores: list[StoreSpec], barrier: Barrier, results: Queue[li
         # report it rather than leave the others waiting at the barrier
         barrier.abort()
         results.put([f"{type(exc).__name__}: {exc}"])
+
+
+async def _claim_free_calls(store: StoreSpec, worker: int, calls: int, limit: int, barrier: Barrier) -> int:
+    async with store.open() as ledger:
+        barrier.wait(timeout=60)  # start all processes' claims together
+        claims = [
+            FreeCall(f"free-{worker}-{i}", "alice", "weather", "*", "get_forecast", "2026-03-01", limit)
+            for i in range(calls)
+        ]
+        return sum(await asyncio.gather(*(ledger.claim_free_call(claim) for claim in claims)))
+
+
+def claim_free_calls(
+    store: StoreSpec, worker: int, calls: int, limit: int, barrier: Barrier, results: Queue[int]
+) -> None:
+    """Process entry point: attempt ``calls`` free-call claims against ``limit``; report how many won."""
+    results.put(asyncio.run(_claim_free_calls(store, worker, calls, limit, barrier)))

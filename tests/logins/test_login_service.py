@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from argon2 import PasswordHasher
@@ -22,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.ledger.base import AccountKind
 from gateway.logins import Passwords
+from gateway.logins.passwords import HASH_THREADS
 from gateway.logins.service import MAX_SESSION_S, csrf_for
 from tests.logins.conftest import BASE_URL, LoginsEnv
 
@@ -255,6 +258,24 @@ async def test_signing_out_ends_that_session_only_and_everywhere_ends_them_all(e
     assert [await env.service.session(token) for token in tokens] == [None, None, None]
 
 
+async def test_a_session_is_live_by_its_public_id_until_it_ends_expires_or_its_login_is_disabled(
+    env: LoginsEnv,
+) -> None:
+    login = await env.service.signup("alice@example.com", PASSWORD)
+    other = await env.service.signup("bob@example.com", PASSWORD)
+    token, ws = await env.service.open_session(login)
+    assert await env.service.session_live(ws.id, login.id)
+    assert not await env.service.session_live(ws.id, other.id)  # the id alone names no one else's session
+    await env.service.close_session(token)
+    assert not await env.service.session_live(ws.id, login.id)
+    _, ws = await env.service.open_session(login)
+    await env.service.disable("alice@example.com")
+    assert not await env.service.session_live(ws.id, login.id)
+    _, ws = await env.service.open_session(other)
+    env.clock.advance(env.service.config.session_ttl_s + 1)
+    assert not await env.service.session_live(ws.id, other.id)
+
+
 async def test_changing_the_password_needs_the_current_one_and_ends_every_session(env: LoginsEnv) -> None:
     login = await env.service.signup("alice@example.com", PASSWORD)
     token, _ = await env.service.open_session(login)
@@ -372,3 +393,33 @@ async def test_the_migrations_are_recorded_with_the_concern_prefix(env: LoginsEn
     await again.open()  # a second opening applies nothing twice
     count = await env.spec.fetchval("SELECT COUNT(*) FROM schema_migrations WHERE name = ?", "logins_0001_initial")
     assert count == 1
+
+
+async def test_a_flood_of_password_hashes_never_takes_the_default_executor_that_dns_lookups_use() -> None:
+    """Sign-ups and sign-ins are unauthenticated and each costs an argon2 hash: queued behind the
+    hashing threads, they must not hold up the loop's default executor (aiohttp resolves upstream
+    host names there), nor run more than HASH_THREADS hashes (64 MiB each) at once."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    class Stuck(PasswordHasher):
+        def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+            started.release()
+            release.wait(timeout=30)
+            return "stuck"
+
+    passwords = Passwords(Stuck())
+    loop = asyncio.get_running_loop()
+    waiter = ThreadPoolExecutor(max_workers=1)  # waits for the hashes without the default executor
+    flood = [asyncio.create_task(passwords.hash(f"password {n}")) for n in range(40)]
+    try:
+        for _ in range(HASH_THREADS):  # the hashing threads are busy ...
+            assert await loop.run_in_executor(waiter, lambda: started.acquire(timeout=10))
+        # ... and the default executor still answers at once
+        assert await asyncio.wait_for(loop.getaddrinfo("127.0.0.1", 80), timeout=5)
+        assert not started.acquire(blocking=False)  # no third hash ran meanwhile
+    finally:
+        release.set()
+        assert await asyncio.gather(*flood) == ["stuck"] * 40
+        passwords.close()
+        waiter.shutdown()

@@ -20,7 +20,7 @@ import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from gateway.config import SmtpConfig
-from gateway.errors import LinkInvalid
+from gateway.errors import BadCredentials, LinkInvalid, Unverified
 from gateway.logins import LoginService, Mailer
 from tests.logins.conftest import BASE_URL, LoginsEnv
 
@@ -142,6 +142,24 @@ async def test_signup_with_smtp_mails_a_verification_link_that_verifies_the_addr
     assert verified.verified
     with pytest.raises(LinkInvalid):
         await service.redeem_link(token, None)
+
+
+async def test_a_stranger_who_signed_up_with_someone_elses_address_cannot_sign_in_before_it_is_confirmed(
+    env: LoginsEnv, mail_server: MailServer
+) -> None:
+    """Pre-account hijacking: the stranger would make keys on the account, the owner would take it
+    over with a reset and top it up, and the stranger's keys would spend it."""
+    service = await mailing(env, mail_server)
+    await service.signup("victim@example.com", PASSWORD)
+    await mail_server.next_message()  # the verification mail, in the victim's inbox
+    with pytest.raises(Unverified):
+        await service.authenticate("victim@example.com", PASSWORD, client="10.0.0.1")
+    with pytest.raises(BadCredentials):  # a wrong password still says nothing more
+        await service.authenticate("victim@example.com", "not the password", client="10.0.0.1")
+    await service.request_reset("victim@example.com")  # the owner takes the address back
+    token = link_in(await mail_server.next_message()).rsplit("/", 1)[1]
+    assert (await service.redeem_link(token, "the owner's new password")).verified
+    await service.authenticate("victim@example.com", "the owner's new password", client="10.0.0.1")
 
 
 async def test_a_reset_link_by_mail_sets_a_new_password_and_ends_every_session(

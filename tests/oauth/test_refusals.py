@@ -184,7 +184,11 @@ async def test_pkce_is_required(portal: Portal, alice: Person) -> None:
     client = await register(portal)
     url = client.authorize_url(weather(portal), code_challenge_method="plain")
     async with alice.visitor.http.get(url, allow_redirects=False) as resp:
+        assert resp.status == 303  # to the consent page: the error goes back once she is signed in
+        consent = resp.headers["Location"]
+    async with alice.visitor.http.get(consent, allow_redirects=False) as resp:
         assert resp.status == 302
+        assert resp.headers["Location"].startswith(client.redirect_uri)
         assert "error=invalid_request" in resp.headers["Location"]
 
 

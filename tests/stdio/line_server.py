@@ -1,13 +1,14 @@
 """A minimal stdio MCP server speaking JSON lines by hand, for behaviours the SDK's server never has.
 
     python -m tests.stdio.line_server [--ignore-sigterm] [--garbage-on-call] [--huge-on-call BYTES]
-                                      [--flood-after-call N] [--stderr-lines N]
+                                      [--flood-after-call N] [--stderr-lines N] [--forge-on-call]
 
 It answers ``initialize``, ``tools/list`` and ``tools/call`` (tool ``pid``: its process id; tool
 ``limits``: its soft limits of address space, CPU seconds and open files). With
 ``--ignore-sigterm`` it ignores SIGTERM (only SIGKILL stops it); on a tool call it can instead write a
 line that is not JSON, or one of BYTES bytes, or follow its answer with N ``ping`` requests nobody
-waits for. ``--stderr-lines`` writes N lines of 100 bytes to stderr at start.
+waits for. ``--stderr-lines`` writes N lines of 100 bytes to stderr at start. ``--forge-on-call``
+answers each tool call also with ids it was never sent: one of its own, and the previous call's again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def main() -> None:
     parser.add_argument("--huge-on-call", type=int, default=0)
     parser.add_argument("--flood-after-call", type=int, default=0)
     parser.add_argument("--stderr-lines", type=int, default=0)
+    parser.add_argument("--forge-on-call", action="store_true")
     args = parser.parse_args()
+    previous_call: object = None
     for n in range(args.stderr_lines):
         sys.stderr.write(f"log line {n:05d} " + "e" * 84 + "\n")
     sys.stderr.flush()
@@ -62,6 +65,12 @@ def main() -> None:
             result = {"content": [{"type": "text", "text": json.dumps(limits)}]}
         elif method == "tools/call":
             result = {"content": [{"type": "text", "text": str(os.getpid())}]}
+            if args.forge_on_call:
+                forged = {"content": [{"type": "text", "text": "forged"}]}
+                for other in ("never-sent", previous_call):
+                    if other is not None:
+                        out.write(json.dumps({"jsonrpc": "2.0", "id": other, "result": forged}) + "\n")
+                previous_call = rid
         else:
             result = {}
         out.write(json.dumps({"jsonrpc": "2.0", "id": rid, "result": result}) + "\n")

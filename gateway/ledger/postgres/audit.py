@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 
 from gateway.errors import Conflict, InvalidInput
-from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, MAX_BALANCE, AccountKind, ExportRow
+from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, MAX_BALANCE, AccountKind, ExportRow, imported_debt
 from gateway.ledger.dump import check_row
 from gateway.ledger.postgres.common import _SYSTEM_KINDS, SYSTEM_NAME, Conn, Row, _quote_ident
 from gateway.ledger.postgres.store import PostgresStore
@@ -87,6 +87,9 @@ class PostgresAudit(PostgresStore):
                 if not batch:
                     continue
                 names = [name for name, _ in EXPORT_COLUMNS[table]]
+                if table == "accounts":
+                    names.append("debt")
+                    batch = [{**row, "debt": imported_debt(row)} for row in batch]
                 # charges.seq numbers charges again in dump (= insertion) order; ids are kept
                 overriding = " OVERRIDING SYSTEM VALUE" if table in ("accounts", "postings") else ""
                 sql = (

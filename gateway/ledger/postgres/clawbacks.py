@@ -36,7 +36,12 @@ class PostgresClawbacks(PostgresStore):
             transfer_id = "tr_" + uuid.uuid4().hex
             now = self._clock()
             await self._insert_transfer(conn, transfer_id, "clawback", amount, reference, user_id, None, now)
-            # Unguarded but for the balance limit: the money already left at the provider.
+            # Its debt (migration 0011) becomes the shortfall the clawback will leave, if larger, before
+            # the debit, which the database refuses below -debt. Unguarded but for the balance limit:
+            # the money already left at the provider.
+            await conn.execute(
+                "UPDATE accounts SET debt = GREATEST(debt, held - balance + $1) WHERE id = $2", amount, user_id
+            )
             await self._post(conn, transfer_id, [(user_id, -amount), (world, amount)], unguarded=(user_id,))
             return Transfer(transfer_id, "clawback", amount, reference, now)
 

@@ -226,6 +226,16 @@ ALTER TABLE keys ADD COLUMN name TEXT COLLATE "C" CHECK (name IS NULL OR char_le
     ADD COLUMN last_used_at DOUBLE PRECISION;
 """
 
+# The no-overdraft guard back in the database, below zero only by a clawback's debt: the rule and
+# the reason are those of the SQLite migration of the same name (``sqlite.migrations._USER_DEBT``),
+# here as CHECKs. The UPDATE sets existing rows to their current shortfall before the CHECK scans them.
+_USER_DEBT = """
+ALTER TABLE accounts ADD COLUMN debt BIGINT NOT NULL DEFAULT 0;
+UPDATE accounts SET debt = GREATEST(0, held - balance) WHERE kind = 'user' AND held > balance;
+ALTER TABLE accounts ADD CONSTRAINT accounts_debt_only_users CHECK (debt >= 0 AND (kind = 'user' OR debt = 0)),
+    ADD CONSTRAINT accounts_user_available_within_debt CHECK (kind <> 'user' OR balance - held >= -debt);
+"""
+
 # (name, SQL script), applied in order; each script runs as one multi-statement execute.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", _INITIAL),
@@ -259,4 +269,6 @@ DROP INDEX postings_transfer;
     ("0008_clawbacks", _CLAWBACKS),
     # A key's optional name, and when it last authenticated a call (flushed from memory, not per call).
     ("0010_key_names_and_last_use", _KEY_NAMES_AND_LAST_USE),
+    # The no-overdraft guard in the database again, below zero only by a clawback's debt.
+    ("0011_user_debt_guard", _USER_DEBT),
 )

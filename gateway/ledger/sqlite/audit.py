@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from gateway.errors import Conflict, InvalidInput
-from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, MAX_BALANCE, AccountKind, ExportRow
+from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, MAX_BALANCE, AccountKind, ExportRow, imported_debt
 from gateway.ledger.dump import check_row
 from gateway.ledger.sqlite.common import Conn
 from gateway.ledger.sqlite.store import SqliteStore
@@ -79,6 +79,8 @@ class SqliteAudit(SqliteStore):
                     values["servers"] = json.dumps(values["servers"])
                 if table == "payouts":
                     del values["transfer_id"]  # SQLite finds a payout's transfer by its reference
+                if table == "accounts":
+                    values["debt"] = imported_debt(values)
                 names = list(values)
                 try:
                     conn.execute(

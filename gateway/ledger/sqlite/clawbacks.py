@@ -45,9 +45,11 @@ class SqliteClawbacks(SqliteStore):
                 "INSERT INTO postings (transfer_id, account_id, amount) VALUES (?, ?, ?)",
                 (transfer_id, user_id, -amount),
             )
+            # Its debt (migration 0011) becomes the shortfall the clawback leaves, if larger.
             updated = conn.execute(
-                "UPDATE accounts SET balance = balance - ? WHERE id = ? AND balance - ? >= ?",
-                (amount, user_id, amount, -MAX_BALANCE),
+                "UPDATE accounts SET balance = balance - ?, debt = MAX(debt, held - balance + ?) "
+                "WHERE id = ? AND balance - ? >= ?",
+                (amount, amount, user_id, amount, -MAX_BALANCE),
             ).rowcount
             if updated != 1:
                 balance = int(conn.execute("SELECT balance FROM accounts WHERE id = ?", (user_id,)).fetchone()[0])

@@ -77,10 +77,12 @@ class SqliteCommon:
             )
             # Checked arithmetic: a leg is at most MAX_AMOUNT and a balance within +-MAX_BALANCE, so the
             # sum cannot overflow SQLite's 64-bit integers (which would make it a REAL).
+            # A credit also lowers a user's debt (migration 0011) to the shortfall it leaves, if any.
             updated = conn.execute(
-                "UPDATE accounts SET balance = balance + ? "
+                "UPDATE accounts SET balance = balance + ?, "
+                "debt = CASE WHEN ? > 0 AND debt > 0 THEN MAX(0, MIN(debt, held - balance - ?)) ELSE debt END "
                 "WHERE id = ? AND (kind = 'world' OR ? > 0 OR balance - held + ? >= 0) AND balance + ? BETWEEN ? AND ?",
-                (amount, account, amount, amount, amount, -MAX_BALANCE, MAX_BALANCE),
+                (amount, amount, amount, account, amount, amount, amount, -MAX_BALANCE, MAX_BALANCE),
             ).rowcount
             if updated != 1:
                 row = conn.execute("SELECT kind, name, balance FROM accounts WHERE id = ?", (account,)).fetchone()

@@ -258,6 +258,36 @@ ALTER TABLE keys ADD COLUMN name TEXT CHECK (name IS NULL OR length(name) BETWEE
 ALTER TABLE keys ADD COLUMN last_used_at REAL;
 """
 
+# The database guard against overdraft that 0008 loosened, back with room for clawbacks only. A
+# user's ``debt`` is how far below zero its available balance (balance - held) may be: raised only by
+# a clawback, to the shortfall it leaves (``MAX(debt, held - balance)`` after it), lowered by each
+# credit (a top-up or refund: ``MAX(0, MIN(debt, held - balance))`` after it; ``common._post``), never
+# by a void (a void only raises the available balance, so a debt left higher just stays a looser
+# bound until the next credit). A hold needs ``balance - held >= amount`` as before; a capture keeps
+# balance - held (or raises it), so with outstanding holds a clawback, then captures and top-ups,
+# all pass, while a buggy write that raises ``held`` or debits a balance past ``-debt`` (0 for a user
+# who never was clawed back, or whose credits since covered it) is refused by the database for every
+# writer of the file. Triggers, as for 0005 (SQLite cannot add a table CHECK): ``UPDATE OF`` the
+# three columns, one comparison per hold or capture. Existing rows start at their current shortfall.
+# The message starts with ``USER_DEBT_TRIGGER``, by which ``sqlite._storage_error`` recognises it.
+USER_DEBT_TRIGGER = "accounts_user_available_within_debt"
+_USER_DEBT = """
+ALTER TABLE accounts ADD COLUMN debt INTEGER NOT NULL DEFAULT 0;
+UPDATE accounts SET debt = MAX(0, held - balance) WHERE kind = 'user';
+CREATE TRIGGER accounts_user_available_within_debt_insert BEFORE INSERT ON accounts
+WHEN typeof(NEW.debt) <> 'integer' OR NEW.debt < 0 OR (NEW.kind <> 'user' AND NEW.debt <> 0)
+     OR (NEW.kind = 'user' AND NEW.balance - NEW.held < -NEW.debt)
+BEGIN
+    SELECT RAISE(ABORT, 'accounts_user_available_within_debt: below zero only by a clawback''s debt');
+END;
+CREATE TRIGGER accounts_user_available_within_debt_update BEFORE UPDATE OF balance, held, debt ON accounts
+WHEN typeof(NEW.debt) <> 'integer' OR NEW.debt < 0 OR (NEW.kind <> 'user' AND NEW.debt <> 0)
+     OR (NEW.kind = 'user' AND NEW.balance - NEW.held < -NEW.debt)
+BEGIN
+    SELECT RAISE(ABORT, 'accounts_user_available_within_debt: below zero only by a clawback''s debt');
+END;
+"""
+
 # (name, SQL script). Statements are separated by ';' at the end of a line.
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     ("0001_initial", _INITIAL),
@@ -290,4 +320,6 @@ DROP INDEX holds_key_pending;
     ("0008_clawbacks", _CLAWBACKS),
     # A key's optional name, and when it last authenticated a call (flushed from memory, not per call).
     ("0010_key_names_and_last_use", _KEY_NAMES_AND_LAST_USE),
+    # The no-overdraft guard in the database again, below zero only by a clawback's debt.
+    ("0011_user_debt_guard", _USER_DEBT),
 )

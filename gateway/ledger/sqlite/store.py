@@ -24,11 +24,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from gateway.errors import BalanceLimitExceeded, Unavailable
+from gateway.errors import BalanceLimitExceeded, Conflict, Unavailable
 from gateway.ledger.base import AccountKind
 from gateway.ledger.sqlite import batch as sqlite_batch
 from gateway.ledger.sqlite.common import Conn, SqliteCommon
-from gateway.ledger.sqlite.migrations import BALANCE_LIMIT_TRIGGER, MIGRATIONS, SCHEMA_MIGRATIONS_TABLE
+from gateway.ledger.sqlite.migrations import (
+    BALANCE_LIMIT_TRIGGER,
+    MIGRATIONS,
+    SCHEMA_MIGRATIONS_TABLE,
+    USER_DEBT_TRIGGER,
+)
 from gateway.ledger.sqlite.write_turns import WriteTurns
 
 T = TypeVar("T")
@@ -50,11 +55,16 @@ _MAX_GROUP = 512  # most writes committed together
 def _storage_error(exc: BaseException) -> BaseException:
     """A raw sqlite3 error (disk full, I/O error, locked past the timeout) as the gateway's
     Unavailable, so callers answer 503 and background loops keep running. The balance-limit triggers'
-    refusal (a write that escaped the stores' own checks) is BalanceLimitExceeded instead."""
+    refusal (a write that escaped the stores' own checks) is BalanceLimitExceeded instead, and the
+    user-debt triggers' (migration 0011: an overdraft that escaped them) a Conflict, as on PostgreSQL."""
     if isinstance(exc, sqlite3.IntegrityError) and str(exc).startswith(BALANCE_LIMIT_TRIGGER):
         refused = BalanceLimitExceeded(f"Refused by the ledger database: {exc}")
         refused.__cause__ = exc
         return refused
+    if isinstance(exc, sqlite3.IntegrityError) and str(exc).startswith(USER_DEBT_TRIGGER):
+        conflict = Conflict(f"the ledger refused a write that would break one of its rules ({USER_DEBT_TRIGGER})")
+        conflict.__cause__ = exc
+        return conflict
     if isinstance(exc, sqlite3.Error):
         error = Unavailable(
             f"the ledger database failed: {exc}", hint="Nothing was written; retry shortly or check the disk"
