@@ -99,6 +99,9 @@ async def _run(config: GatewayConfig, server: str, creds: dict[str, str], upstre
                 command = " ".join(config.servers[name].stdio.command)  # type: ignore[union-attr]
                 print(f"\nStdio MCP server '{name}' (the gateway runs `{command}`, one process per session):")
                 print(f"  {base}/{name}/mcp   API key (shown once): {stdio_key}")
+            if config.oauth.enabled:
+                print("\nBy URL alone (OAuth: the client opens the portal to sign in and approve), e.g.:")
+                print(f"  claude mcp add --transport http {server} {base}/{server}/mcp")
             print(f"\nPortal: {base}/portal/  (sign in as {DEMO_EMAIL}: set its password once at this link)")
             print(f"  {creds['link']}")
             print(

@@ -24,6 +24,7 @@ def demo_config(tmp: Path, port: int, upstream_port: int) -> Path:
         "admin_listen": None,
         "log_format": "json",
         "portal": {"signup": "open"},
+        "oauth": {"enabled": True},
         "servers": {"demo": {"upstream": f"http://127.0.0.1:{upstream_port}/mcp", "owner": "demo-dev"}},
     }
     (tmp / "prices.yaml").write_text(yaml.safe_dump({"demo": {"tools": {"get_forecast": "5"}}}))
@@ -62,10 +63,15 @@ async def test_the_demo_prints_the_portal_url_and_a_one_time_sign_in_link_that_w
         output = "\n".join(lines)
         assert f"Portal: http://127.0.0.1:{port}/portal/" in output
         assert "demo@example.com" in output
+        assert f"claude mcp add --transport http demo http://127.0.0.1:{port}/demo/mcp" in output  # by URL alone
         link = next(line for line in lines if "/portal/link/" in line)
-        async with aiohttp.ClientSession() as http, http.get(link) as resp:
-            assert resp.status == 200
-            assert "demo@example.com" in await resp.text()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(link) as resp:
+                assert resp.status == 200
+                assert "demo@example.com" in await resp.text()
+            async with http.get(f"http://127.0.0.1:{port}/.well-known/oauth-protected-resource/demo/mcp") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["resource"] == f"http://127.0.0.1:{port}/demo/mcp"
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
