@@ -425,7 +425,7 @@ EXPORT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 
 
 def imported_debt(account: dict[str, Any]) -> int:
-    """An imported account's debt (migration 0011; not in the dump): a user's shortfall, the
+    """An imported account's debt (migration 0010; not in the dump): a user's shortfall, the
     tightest bound the database guard accepts for its balance and held."""
     if account["kind"] != AccountKind.USER.value:
         return 0

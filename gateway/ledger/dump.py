@@ -15,7 +15,7 @@ Version 2 stores refund references namespaced by actor ("admin:<key>", "dev:<dev
 migration 0006). A version 1 dump (written before) is still read: its refund references are moved
 into their namespaces by the migration's rule (``base.namespaced_legacy_refund_reference``).
 
-Version 3 adds the keys' ``name`` and ``last_used_at`` (migration 0010); the keys of an older dump have
+Version 3 adds the keys' ``name`` and ``last_used_at`` (migration 0009); the keys of an older dump have
 them NULL.
 """
 

@@ -113,7 +113,7 @@ async def test_the_database_still_refuses_a_negative_developer_balance_after_the
             "INSERT INTO transfers (id, kind, amount, created_at) VALUES ('tr_x', 'gift', 1, 0)",
         )
     # a second connection (another process) sees the loosened user constraint, bounded by the debt
-    # column of 0011 (tests/ledger/test_debt_guard.py)
+    # column of 0010 (tests/ledger/test_debt_guard.py)
     user_id = (await ledger.get_account(AccountKind.USER, "alice")).id
     await store.execute("UPDATE accounts SET held = 5, debt = 5 WHERE id = ?", user_id)
     assert await store.fetchval("SELECT balance - held FROM accounts WHERE id = ?", user_id) == -5
@@ -121,7 +121,7 @@ async def test_the_database_still_refuses_a_negative_developer_balance_after_the
 
 async def test_verify_reports_a_negative_available_that_no_clawback_explains(ledger: Ledger, store: StoreSpec) -> None:
     user_id = (await ledger.get_account(AccountKind.USER, "alice")).id
-    await store.execute("UPDATE accounts SET held = 5, debt = 5 WHERE id = ?", user_id)  # past the 0011 guard
+    await store.execute("UPDATE accounts SET held = 5, debt = 5 WHERE id = ?", user_id)  # past the 0010 guard
 
     problems = await ledger.verify()
 

@@ -1,4 +1,4 @@
-"""The database itself refuses an overdraft again (migration 0011), while clawbacks still take a user
+"""The database itself refuses an overdraft again (migration 0010), while clawbacks still take a user
 below zero: a user's ``debt`` is raised only by a clawback, to the shortfall it leaves, and lowered by
 each credit, so a write that escaped the stores' conditional UPDATEs (a bug, another tool on the
 database) and would take a user's available balance below ``-debt`` is refused, on both stores."""
@@ -35,7 +35,7 @@ async def state(ledger: Ledger, store: StoreSpec) -> tuple[int, int]:
 async def test_a_direct_write_that_would_overdraw_a_user_is_refused_by_the_database(
     ledger: Ledger, store: StoreSpec
 ) -> None:
-    assert "0011_user_debt_guard" in await ledger.applied_migrations()
+    assert "0010_user_debt_guard" in await ledger.applied_migrations()
     await ledger.topup("alice", 1_000)
     user_id = (await ledger.get_account(AccountKind.USER, "alice")).id
 
@@ -96,15 +96,15 @@ async def test_a_refund_of_a_charge_lowers_the_debt_of_a_user_in_debt(
     assert await ledger.verify() == []
 
 
-GUARD = "0011_user_debt_guard"
+GUARD = "0010_user_debt_guard"
 
 
 def _before_guard(migrations: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     return migrations[: [name for name, _ in migrations].index(GUARD)]
 
 
-async def _ledger_before_0011(store: StoreSpec) -> None:
-    """The store's schema as the migrations before 0011 left it, with a user already in debt (avail
+async def _ledger_before_0010(store: StoreSpec) -> None:
+    """The store's schema as the migrations before 0010 left it, with a user already in debt (avail
     -800: balance 200, 1,000 held, allowed since 0008) and one never clawed back."""
     if store.kind == "sqlite":
         with sqlite3.connect(store.location) as conn:
@@ -139,9 +139,9 @@ async def _ledger_before_0011(store: StoreSpec) -> None:
 async def test_the_upgrade_gives_a_user_already_in_debt_its_shortfall_and_guards_everyone(
     store: StoreSpec,
 ) -> None:
-    await _ledger_before_0011(store)
+    await _ledger_before_0010(store)
     ledger = store.open()
-    await ledger.open()  # applies 0011 to rows written before it
+    await ledger.open()  # applies 0010 to rows written before it
     try:
         assert GUARD in await ledger.applied_migrations()
         debts = {

@@ -20,7 +20,7 @@ from gateway.ledger.interfaces import Ledger
 
 from .conftest import STORES, FakeClock, StoreSpec
 
-MIGRATION = "0010_key_names_and_last_use"
+MIGRATION = "0009_key_names_and_last_use"
 
 
 async def _key(ledger: Ledger, key_hash: str, name: str | None = None) -> str:

@@ -36,7 +36,7 @@ class PostgresClawbacks(PostgresStore):
             transfer_id = "tr_" + uuid.uuid4().hex
             now = self._clock()
             await self._insert_transfer(conn, transfer_id, "clawback", amount, reference, user_id, None, now)
-            # Its debt (migration 0011) becomes the shortfall the clawback will leave, if larger, before
+            # Its debt (migration 0010) becomes the shortfall the clawback will leave, if larger, before
             # the debit, which the database refuses below -debt. Unguarded but for the balance limit:
             # the money already left at the provider.
             await conn.execute(

@@ -268,7 +268,7 @@ DROP INDEX postings_transfer;
     # A user's balance may go negative through a clawback (payment provider refunds and disputes).
     ("0008_clawbacks", _CLAWBACKS),
     # A key's optional name, and when it last authenticated a call (flushed from memory, not per call).
-    ("0010_key_names_and_last_use", _KEY_NAMES_AND_LAST_USE),
+    ("0009_key_names_and_last_use", _KEY_NAMES_AND_LAST_USE),
     # The no-overdraft guard in the database again, below zero only by a clawback's debt.
-    ("0011_user_debt_guard", _USER_DEBT),
+    ("0010_user_debt_guard", _USER_DEBT),
 )

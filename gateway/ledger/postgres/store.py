@@ -387,7 +387,7 @@ class PostgresStore:
             amount = by_account[account]
             # Checked arithmetic: a leg is at most MAX_AMOUNT and a balance within +-MAX_BALANCE, so the sum
             # cannot leave BIGINT; a sum out of range updates nothing and is refused below.
-            # A credit also lowers a user's debt (migration 0011) to the shortfall it leaves, if any.
+            # A credit also lowers a user's debt (migration 0010) to the shortfall it leaves, if any.
             updated = await conn.fetchval(
                 "UPDATE accounts SET balance = balance + $1, "
                 "debt = CASE WHEN $1 > 0 AND debt > 0 THEN GREATEST(0, LEAST(debt, held - balance - $1)) ELSE debt END "

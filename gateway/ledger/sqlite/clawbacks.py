@@ -45,7 +45,7 @@ class SqliteClawbacks(SqliteStore):
                 "INSERT INTO postings (transfer_id, account_id, amount) VALUES (?, ?, ?)",
                 (transfer_id, user_id, -amount),
             )
-            # Its debt (migration 0011) becomes the shortfall the clawback leaves, if larger.
+            # Its debt (migration 0010) becomes the shortfall the clawback leaves, if larger.
             updated = conn.execute(
                 "UPDATE accounts SET balance = balance - ?, debt = MAX(debt, held - balance + ?) "
                 "WHERE id = ? AND balance - ? >= ?",

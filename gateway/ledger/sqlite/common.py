@@ -77,7 +77,7 @@ class SqliteCommon:
             )
             # Checked arithmetic: a leg is at most MAX_AMOUNT and a balance within +-MAX_BALANCE, so the
             # sum cannot overflow SQLite's 64-bit integers (which would make it a REAL).
-            # A credit also lowers a user's debt (migration 0011) to the shortfall it leaves, if any.
+            # A credit also lowers a user's debt (migration 0010) to the shortfall it leaves, if any.
             updated = conn.execute(
                 "UPDATE accounts SET balance = balance + ?, "
                 "debt = CASE WHEN ? > 0 AND debt > 0 THEN MAX(0, MIN(debt, held - balance - ?)) ELSE debt END "

@@ -56,7 +56,7 @@ def _storage_error(exc: BaseException) -> BaseException:
     """A raw sqlite3 error (disk full, I/O error, locked past the timeout) as the gateway's
     Unavailable, so callers answer 503 and background loops keep running. The balance-limit triggers'
     refusal (a write that escaped the stores' own checks) is BalanceLimitExceeded instead, and the
-    user-debt triggers' (migration 0011: an overdraft that escaped them) a Conflict, as on PostgreSQL."""
+    user-debt triggers' (migration 0010: an overdraft that escaped them) a Conflict, as on PostgreSQL."""
     if isinstance(exc, sqlite3.IntegrityError) and str(exc).startswith(BALANCE_LIMIT_TRIGGER):
         refused = BalanceLimitExceeded(f"Refused by the ledger database: {exc}")
         refused.__cause__ = exc
