@@ -23,7 +23,11 @@ from structlog.typing import EventDict
 from gateway.keys import redact_secrets
 
 
-def configure(fmt: Literal["auto", "json", "console"] = "auto", level: int = logging.INFO) -> None:
+def configure(
+    fmt: Literal["auto", "json", "console"] = "auto", level: int = logging.INFO, *, cache: bool = True
+) -> None:
+    """Send log events to stderr. ``cache=False`` (one-shot CLI commands) leaves loggers unbound to this
+    configuration, so a later ``configure`` or ``structlog.testing.capture_logs`` still reaches them."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -45,7 +49,7 @@ def configure(fmt: Literal["auto", "json", "console"] = "auto", level: int = log
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=logger_factory,
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     # aiohttp's own access log prints raw paths, which may embed keys: the canonical request
     # line replaces it. Its error logger stays, at warning level, with anything key-shaped redacted

@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(config, upstream_port=args.upstream_port)
         # Every one-shot command below answers on stdout: its log events (a missed webhook found
         # by reconcile, say) go to stderr, never into the answer (`--json` stays parseable).
-        logs.configure(config.log_format, level=logging.WARNING)
+        logs.configure(config.log_format, level=logging.WARNING, cache=False)
         if args.command == "check-config":
             from gateway.ops.serve import check
 

@@ -133,6 +133,57 @@ async def test_a_flush_charges_each_call_out_of_the_grant_like_a_capture(ledger:
     assert await ledger.verify() == []
 
 
+async def test_a_flush_writes_each_calls_text_and_amounts_exactly_whatever_they_contain(ledger: Ledger) -> None:
+    """A flush writes its rows in one statement per table (SQLite: over a JSON array); names with
+    quotes, backslashes, newlines and characters outside the BMP, two developers and mixed fees in
+    one batch come back exactly as a capture would have written them."""
+    await ledger.create_developer("zeta ü 😀")
+    key = await _key(ledger)
+    await ledger.topup("alice", 1_000 * PRICE)
+    await ledger.grant(_req(key, want=100 * PRICE))
+    odd = ['say "hi"\\n', "line\nbreak\ttab", "😀 émoji", "[1, 2]", "null"]
+    calls = [
+        GrantedCall(
+            f"call-{i:05d}",
+            "acme" if i % 2 else "zeta ü 😀",
+            "weather",
+            "tools/call",
+            odd[i % len(odd)],
+            PRICE,
+            PRICE if i % 3 else 700,
+            (i % 4) * 100,
+        )
+        for i in range(20)
+    ]
+    result = await ledger.flush_grant("gr_1", calls)
+    assert result.captured == 20
+    for call in calls:
+        charge = await ledger.get_charge("ch_" + call.call_id)
+        expected_fee = call.fee * call.amount // call.held
+        assert (charge.amount, charge.fee, charge.name, charge.server, charge.method) == (
+            call.amount,
+            expected_fee,
+            call.name,
+            "weather",
+            "tools/call",
+        )
+        hold = await ledger.get_hold(call.call_id)
+        assert (hold.state, hold.charge_id, hold.developer, hold.name, hold.amount, hold.fee) == (
+            HoldState.CAPTURED,
+            "ch_" + call.call_id,
+            call.developer,
+            call.name,
+            call.held,
+            call.fee,
+        )
+    total = sum(c.amount for c in calls)
+    fees = sum(c.fee * c.amount // c.held for c in calls)
+    zeta = await ledger.get_account(AccountKind.DEVELOPER, "zeta ü 😀")
+    acme = await ledger.get_account(AccountKind.DEVELOPER, "acme")
+    assert zeta.balance + acme.balance == total - fees
+    assert await ledger.verify() == []
+
+
 async def test_a_retried_flush_charges_no_call_twice(ledger: Ledger) -> None:
     key = await _key(ledger)
     await ledger.topup("alice", 1_000 * PRICE)
