@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, cast
 
-from gateway.oauth.models import AccessToken, AuthMethod, Client, CodeRecord, Grant, RefreshRecord
+from gateway.oauth.models import AccessToken, Client, CodeRecord, Grant, RefreshRecord
+from gateway.oauth.rows import GRANT_COLUMNS, client_of, grant_of
 from gateway.oauth.store import CONCERN
 from gateway.storage import Migration, PostgresSide
 from gateway.storage.postgres import Conn
@@ -72,44 +71,6 @@ CREATE INDEX oauth_refresh_tokens_expiry ON oauth_refresh_tokens (expires_at);
     ),
 )
 
-_GRANT_COLUMNS = (
-    "id, client_id, client_name, user_name, login_id, server, resource, scope, key_id, key_hash, key_prefix, "
-    "spend_limit, created_at, revoked_at"
-)
-
-
-def _grant(row: Sequence[Any]) -> Grant:
-    return Grant(
-        id=row[0],
-        client_id=row[1],
-        client_name=row[2],
-        user=row[3],
-        login_id=row[4],
-        server=row[5],
-        resource=row[6],
-        scope=row[7],
-        key_id=row[8],
-        key_hash=row[9],
-        key_prefix=row[10],
-        spend_limit=row[11],
-        created_at=row[12],
-        revoked_at=row[13],
-    )
-
-
-def _client(row: Sequence[Any]) -> Client:
-    return Client(
-        client_id=row[0],
-        client_name=row[1],
-        client_uri=row[2],
-        redirect_uris=tuple(json.loads(row[3])),
-        auth_method=cast(AuthMethod, row[4]),
-        secret_hash=row[5],
-        created_at=row[6],
-        kind="dcr",
-    )
-
-
 class PostgresOAuthStore:
     def __init__(self, dsn: str, *, schema: str | None) -> None:
         self._side = PostgresSide(dsn, schema=schema, concern=CONCERN, migrations=MIGRATIONS)
@@ -143,14 +104,14 @@ class PostgresOAuthStore:
                 "FROM oauth_clients WHERE client_id = $1",
                 client_id,
             )
-            return None if row is None else _client(row)
+            return None if row is None else client_of(row)
 
         return await self._side.transaction(tx)
 
     async def save_grant(self, grant: Grant) -> None:
         async def tx(c: Conn) -> None:
             await c.execute(
-                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) "
+                f"INSERT INTO oauth_grants ({GRANT_COLUMNS}) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 grant.id,
                 grant.client_id,
@@ -172,32 +133,32 @@ class PostgresOAuthStore:
 
     async def get_grant(self, grant_id: str) -> Grant | None:
         async def tx(c: Conn) -> Grant | None:
-            row = await c.fetchrow(f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE id = $1", grant_id)
-            return None if row is None else _grant(row)
+            row = await c.fetchrow(f"SELECT {GRANT_COLUMNS} FROM oauth_grants WHERE id = $1", grant_id)
+            return None if row is None else grant_of(row)
 
         return await self._side.transaction(tx)
 
     async def active_grant(self, user: str, server: str, client_id: str) -> Grant | None:
         async def tx(c: Conn) -> Grant | None:
             row = await c.fetchrow(
-                f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE user_name = $1 AND server = $2 AND client_id = $3 "
+                f"SELECT {GRANT_COLUMNS} FROM oauth_grants WHERE user_name = $1 AND server = $2 AND client_id = $3 "
                 "AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 1",
                 user,
                 server,
                 client_id,
             )
-            return None if row is None else _grant(row)
+            return None if row is None else grant_of(row)
 
         return await self._side.transaction(tx)
 
     async def grants_for_user(self, user: str) -> list[Grant]:
         async def tx(c: Conn) -> list[Grant]:
             rows = await c.fetch(
-                f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE user_name = $1 AND revoked_at IS NULL "
+                f"SELECT {GRANT_COLUMNS} FROM oauth_grants WHERE user_name = $1 AND revoked_at IS NULL "
                 "ORDER BY created_at DESC",
                 user,
             )
-            return [_grant(row) for row in rows]
+            return [grant_of(row) for row in rows]
 
         return await self._side.transaction(tx)
 

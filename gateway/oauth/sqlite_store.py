@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, cast
 
-from gateway.oauth.models import AccessToken, AuthMethod, Client, CodeRecord, Grant, RefreshRecord
+from gateway.oauth.models import AccessToken, Client, CodeRecord, Grant, RefreshRecord
+from gateway.oauth.rows import GRANT_COLUMNS, client_of, grant_of
 from gateway.oauth.store import CONCERN
 from gateway.storage import Migration, SqliteSide
 from gateway.storage.sqlite import Conn
@@ -72,44 +71,6 @@ CREATE INDEX oauth_refresh_tokens_expiry ON oauth_refresh_tokens (expires_at);
     ),
 )
 
-_GRANT_COLUMNS = (
-    "id, client_id, client_name, user_name, login_id, server, resource, scope, key_id, key_hash, key_prefix, "
-    "spend_limit, created_at, revoked_at"
-)
-
-
-def _grant(row: Sequence[Any]) -> Grant:
-    return Grant(
-        id=row[0],
-        client_id=row[1],
-        client_name=row[2],
-        user=row[3],
-        login_id=row[4],
-        server=row[5],
-        resource=row[6],
-        scope=row[7],
-        key_id=row[8],
-        key_hash=row[9],
-        key_prefix=row[10],
-        spend_limit=row[11],
-        created_at=row[12],
-        revoked_at=row[13],
-    )
-
-
-def _client(row: Sequence[Any]) -> Client:
-    return Client(
-        client_id=row[0],
-        client_name=row[1],
-        client_uri=row[2],
-        redirect_uris=tuple(json.loads(row[3])),
-        auth_method=cast(AuthMethod, row[4]),
-        secret_hash=row[5],
-        created_at=row[6],
-        kind="dcr",
-    )
-
-
 class SqliteOAuthStore:
     def __init__(self, path: str) -> None:
         self._side = SqliteSide(path, concern=CONCERN, migrations=MIGRATIONS)
@@ -145,14 +106,14 @@ class SqliteOAuthStore:
                 "FROM oauth_clients WHERE client_id = ?",
                 (client_id,),
             ).fetchone()
-            return None if row is None else _client(row)
+            return None if row is None else client_of(row)
 
         return await self._side.read(tx)
 
     async def save_grant(self, grant: Grant) -> None:
         def tx(c: Conn) -> None:
             c.execute(
-                f"INSERT INTO oauth_grants ({_GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO oauth_grants ({GRANT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     grant.id,
                     grant.client_id,
@@ -175,30 +136,30 @@ class SqliteOAuthStore:
 
     async def get_grant(self, grant_id: str) -> Grant | None:
         def tx(c: Conn) -> Grant | None:
-            row = c.execute(f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE id = ?", (grant_id,)).fetchone()
-            return None if row is None else _grant(row)
+            row = c.execute(f"SELECT {GRANT_COLUMNS} FROM oauth_grants WHERE id = ?", (grant_id,)).fetchone()
+            return None if row is None else grant_of(row)
 
         return await self._side.read(tx)
 
     async def active_grant(self, user: str, server: str, client_id: str) -> Grant | None:
         def tx(c: Conn) -> Grant | None:
             row = c.execute(
-                f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE user_name = ? AND server = ? AND client_id = ? "
+                f"SELECT {GRANT_COLUMNS} FROM oauth_grants WHERE user_name = ? AND server = ? AND client_id = ? "
                 "AND revoked_at IS NULL ORDER BY created_at DESC LIMIT 1",
                 (user, server, client_id),
             ).fetchone()
-            return None if row is None else _grant(row)
+            return None if row is None else grant_of(row)
 
         return await self._side.read(tx)
 
     async def grants_for_user(self, user: str) -> list[Grant]:
         def tx(c: Conn) -> list[Grant]:
             rows = c.execute(
-                f"SELECT {_GRANT_COLUMNS} FROM oauth_grants WHERE user_name = ? AND revoked_at IS NULL "
+                f"SELECT {GRANT_COLUMNS} FROM oauth_grants WHERE user_name = ? AND revoked_at IS NULL "
                 "ORDER BY created_at DESC",
                 (user,),
             ).fetchall()
-            return [_grant(row) for row in rows]
+            return [grant_of(row) for row in rows]
 
         return await self._side.read(tx)
 
