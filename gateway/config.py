@@ -22,7 +22,6 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from email.utils import parseaddr
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal, TypeVar
@@ -31,8 +30,18 @@ from urllib.parse import urlsplit, urlunsplit
 from yaml.nodes import Node, ScalarNode
 
 from gateway.config_payments import PaymentsConfig, parse_payments
+from gateway.config_portal import (
+    OAuthConfig,
+    PortalConfig,
+    SignupPolicy,
+    SmtpConfig,
+    parse_oauth,
+    parse_portal,
+    parse_smtp,
+)
 from gateway.config_yaml import (
     FLOAT_TAG,
+    HOST_RE,
     INT_TAG,
     STR_TAG,
     Reader,
@@ -40,6 +49,7 @@ from gateway.config_yaml import (
     describe,
     expand_env,
     is_null,
+    join_host_port,
     line_of,
 )
 from gateway.errors import ConfigError
@@ -63,7 +73,6 @@ __all__ = [
 ]
 
 LogFormat = Literal["auto", "json", "console"]
-SignupPolicy = Literal["open", "invite", "closed"]
 
 #: Path segments the gateway itself uses; a server called like one would shadow a route.
 RESERVED_SERVER_NAMES: frozenset[str] = frozenset(
@@ -78,7 +87,6 @@ SESSION_SECRET_ENV = "AGENTPAY_SESSION_SECRET"
 ADMIN_TOKEN_ENV = "AGENTPAY_ADMIN_TOKEN"
 
 _MIB = 1024 * 1024
-_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$", re.IGNORECASE)
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _PERCENT_RE = re.compile(r"^(?P<int>[0-9]+)(?:\.(?P<frac>[0-9]+))?\s*%?$")  # ASCII digits only
 # Headers the proxy owns: injecting them would break framing or routing.
@@ -153,38 +161,6 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class OAuthConfig:
-    """``oauth:``: the gateway as the OAuth 2.1 authorization server of its MCP servers (issue 17)."""
-
-    enabled: bool = False
-    issuer: str | None = None  # an origin ("https://pay.example.com"); None: portal.base_url's origin
-    access_token_ttl_s: int = 3600
-    refresh_token_ttl_s: int = 2592000
-    client_metadata_hosts_allowed: tuple[str, ...] = ()  # CIMD fetches allowed to these hosts even if private
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PortalConfig:
-    """``portal:``: the web portal's sign-up policy, its public URL and its sessions (issue 15)."""
-
-    signup: SignupPolicy = "invite"  # the code's default; config/gateway.yaml says open
-    base_url: str | None = None  # links in mail and redirects; None: http(s)://<listen> (filled in by load_config)
-    session_ttl_s: float = 604800.0  # sliding: a session lives this long after its last use (at most 30 days)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SmtpConfig:
-    """``smtp:``: where the portal's mail (verification, password reset) is sent from."""
-
-    host: str
-    port: int = 587
-    starttls: bool = True
-    from_addr: str  # the ``from`` key: "AgentPay <billing@example.com>"
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     """The whole gateway configuration, as loaded from one file."""
 
@@ -234,7 +210,7 @@ class GatewayConfig:
     @property
     def listen(self) -> str:
         """``host:port`` as written in the file (IPv6 hosts in brackets)."""
-        return _join_host_port(self.listen_host, self.listen_port)
+        return join_host_port(self.listen_host, self.listen_port)
 
     def server_for_host(self, host: str) -> ServerConfig | None:
         """The server a ``Host`` header routes to (case-insensitive; the port is optional)."""
@@ -271,15 +247,11 @@ def parse_listen(text: str) -> tuple[str, int]:
             raise ValueError(f"{text!r} is not host:port")
         if ":" in host:
             raise ValueError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:8080")
-        if not _HOST_RE.match(host):
+        if not HOST_RE.match(host):
             raise ValueError(f"{host!r} is not a valid host name or address")
     if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
     return host, int(port_text)
-
-
-def _join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _TOP_KEYS = (
@@ -359,7 +331,7 @@ def parse_config(
             admin_listen = None
         else:
             host, port = _listen(r, node, "admin_listen")
-            admin_listen = _join_host_port(host, port)
+            admin_listen = join_host_port(host, port)
             if port != 0 and (host, port) == (listen_host, listen_port):
                 raise r.error("admin_listen must differ from listen", node)
 
@@ -426,149 +398,11 @@ def parse_config(
         client_idle_timeout_s=opt("client_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 75.0),
         session_secret=environ.get(SESSION_SECRET_ENV) or opt("session_secret", r.env_string, None),
         stream_idle_timeout_s=opt("stream_idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 3600.0),
-        oauth=opt("oauth", lambda n, w: _oauth(r, n), OAuthConfig()),
-        portal=_portal(r, top["portal"][1] if "portal" in top else None, listen_host, listen_port, tls_cert),
-        smtp=opt("smtp", lambda n, w: _smtp(r, n), None),
+        oauth=opt("oauth", lambda n, w: parse_oauth(r, n), OAuthConfig()),
+        portal=parse_portal(r, top["portal"][1] if "portal" in top else None, listen_host, listen_port, tls_cert),
+        smtp=opt("smtp", lambda n, w: parse_smtp(r, n), None),
         payments=opt("payments", lambda n, w: parse_payments(r, n), PaymentsConfig()),
     )
-
-
-_OAUTH_KEYS = ("enabled", "issuer", "access_token_ttl_s", "refresh_token_ttl_s", "client_metadata_hosts_allowed")
-
-
-_PORTAL_KEYS = ("signup", "base_url", "session_ttl_s")
-_SIGNUP_POLICIES: tuple[SignupPolicy, ...] = ("open", "invite", "closed")
-_SMTP_KEYS = ("host", "port", "starttls", "from", "username", "password")
-MAX_SESSION_S = 30 * 24 * 3600.0  # a portal session ends this long after sign-in, however often it is used
-
-
-def _portal(r: Reader, node: Node | None, listen_host: str, listen_port: int, tls_cert: Path | None) -> PortalConfig:
-    scheme = "https" if tls_cert is not None else "http"
-    default_url = f"{scheme}://{_join_host_port(listen_host, listen_port)}"
-    if node is None or is_null(node):
-        return PortalConfig(base_url=default_url)
-    entries = r.mapping(node, "portal")
-    r.check_keys(entries, _PORTAL_KEYS, "portal")
-
-    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
-        if key not in entries or is_null(entries[key][1]):
-            return default
-        return parse(entries[key][1], f"portal.{key}")
-
-    signup: SignupPolicy = "invite"
-    if "signup" in entries and not is_null(entries["signup"][1]):
-        value = r.string(entries["signup"][1], "portal.signup")
-        if value not in _SIGNUP_POLICIES:
-            raise r.error(
-                f"portal.signup must be one of {', '.join(_SIGNUP_POLICIES)}, got {value!r}", entries["signup"][1]
-            )
-        signup = value
-    base_url = opt("base_url", r.http_url, default_url)
-    parts = urlsplit(base_url)
-    if parts.query:
-        raise r.error(f"portal.base_url: {base_url!r} must not have a ?query", entries["base_url"][1])
-    ttl = opt("session_ttl_s", lambda n, w: r.number(n, w, positive=True), 604800.0)
-    if ttl > MAX_SESSION_S:
-        raise r.error(
-            f"portal.session_ttl_s must be at most {int(MAX_SESSION_S)} (30 days, the longest a session lives), "
-            f"got {entries['session_ttl_s'][1].value}",
-            entries["session_ttl_s"][1],
-        )
-    return PortalConfig(signup=signup, base_url=base_url.rstrip("/"), session_ttl_s=ttl)
-
-
-def _smtp(r: Reader, node: Node) -> SmtpConfig:
-    entries = r.mapping(node, "smtp")
-    r.check_keys(entries, _SMTP_KEYS, "smtp")
-    line = line_of(node)
-
-    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
-        if key not in entries or is_null(entries[key][1]):
-            return default
-        return parse(entries[key][1], f"smtp.{key}")
-
-    host_node = r.require(entries, "host", "smtp", line)
-    host = r.string(host_node, "smtp.host").strip()
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        if not (_HOST_RE.match(host) and len(host) <= 253):
-            raise r.error(
-                f"smtp.host: {host!r} is not a host name such as smtp.example.com (the port goes in smtp.port)",
-                host_node,
-            ) from None
-    port = opt("port", lambda n, w: r.integer(n, w, minimum=1), 587)
-    if port > 65535:
-        raise r.error(f"smtp.port must be a number from 1 to 65535, got {port}", entries["port"][1])
-    from_node = r.require(entries, "from", "smtp", line)
-    from_addr = r.env_string(from_node, "smtp.from").strip()
-    _, address = parseaddr(from_addr)
-    if address.count("@") != 1 or any(c.isspace() for c in address) or any(ord(c) < 32 for c in from_addr):
-        raise r.error(f'smtp.from: {from_addr!r} is not an address such as "AgentPay <billing@example.com>"', from_node)
-    username = opt("username", r.env_string, None)
-    password = opt("password", r.env_string, None)
-    if (username is None) != (password is None):
-        missing = "password" if password is None else "username"
-        raise r.error(f"smtp.username and smtp.password must be given together (smtp.{missing} is missing)", line)
-    starttls = opt("starttls", r.boolean, True)
-    if username is not None and not starttls and host.lower() not in ("localhost", "127.0.0.1", "::1", "[::1]"):
-        raise r.error(
-            "smtp.username and smtp.password would cross the network unencrypted with smtp.starttls: false; "
-            "set starttls: true (or relay through a mail server on this machine)",
-            entries["starttls"][1],
-        )
-    return SmtpConfig(
-        host=host,
-        port=port,
-        starttls=starttls,
-        from_addr=from_addr,
-        username=username,
-        password=password,
-    )
-
-
-def _oauth(r: Reader, node: Node) -> OAuthConfig:
-    entries = r.mapping(node, "oauth")
-    r.check_keys(entries, _OAUTH_KEYS, "oauth")
-
-    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
-        if key not in entries or is_null(entries[key][1]):
-            return default
-        return parse(entries[key][1], f"oauth.{key}")
-
-    issuer = opt("issuer", r.http_url, None)
-    if issuer is not None:
-        parts = urlsplit(issuer)
-        if parts.path not in ("", "/") or parts.query:
-            raise r.error(
-                f"oauth.issuer: {issuer!r} must be an origin such as https://pay.example.com (no path, no query)",
-                entries["issuer"][1],
-            )
-        issuer = f"{parts.scheme}://{parts.netloc}".lower()
-    hosts: list[str] = []
-    no_items: list[tuple[str, Node]] = []
-    for host_text, host_node in opt("client_metadata_hosts_allowed", r.string_list, no_items):
-        host = host_text.strip().lower().strip("[]")
-        if not (_is_ip(host) or (_HOST_RE.match(host) and len(host) <= 253)):
-            raise r.error(
-                f"oauth.client_metadata_hosts_allowed: {host_text!r} is not a host name or IP address", host_node
-            )
-        hosts.append(host)
-    return OAuthConfig(
-        enabled=opt("enabled", r.boolean, False),
-        issuer=issuer,
-        access_token_ttl_s=opt("access_token_ttl_s", lambda n, w: r.integer(n, w, minimum=60), 3600),
-        refresh_token_ttl_s=opt("refresh_token_ttl_s", lambda n, w: r.integer(n, w, minimum=60), 2592000),
-        client_metadata_hosts_allowed=tuple(hosts),
-    )
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _listen(r: Reader, node: Node, where: str) -> tuple[str, int]:
@@ -808,7 +642,7 @@ def _valid_host(host: str) -> bool:
     name, sep, port = host.partition(":")
     if sep and not (port.isascii() and port.isdigit() and int(port) <= 65535):
         return False
-    return bool(_HOST_RE.match(name)) and len(name) <= 253
+    return bool(HOST_RE.match(name)) and len(name) <= 253
 
 
 def _fee_basis_points(r: Reader, node: Node, where: str) -> int:
