@@ -221,7 +221,11 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
         owner=owner,
         lease_s=config.hold_lease_s,
         sweep_interval_s=config.sweep_interval_s,
-        grants=GrantPolicy(refresh_s=config.key_cache_s) if config.credit_grants else None,
+        grants=(
+            GrantPolicy(refresh_s=config.key_cache_s, flush_s=config.credit_grants_flush_ms / 1000)
+            if config.credit_grants
+            else None
+        ),
     )
     rt = Runtime(
         config=config,

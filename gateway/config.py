@@ -184,6 +184,7 @@ class GatewayConfig:
     admin_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
     key_cache_s: float = 1.0
     credit_grants: bool = False  # paid calls held and captured in memory against a grant (issue 19)
+    credit_grants_flush_ms: int = 10  # with grants: captured calls are written at least this often
     resume_window_s: float = 300.0  # how long a call whose client dropped a resumable stream stays held
     max_concurrent_per_key: int = 256  # calls in flight per API key (0 = unlimited)
     rate_per_key: float = 200.0  # sustained requests per second per API key (0 = unlimited)
@@ -261,7 +262,7 @@ _TOP_KEYS = (
     "resume_window_s", "tls_cert", "tls_key", "max_concurrent_per_key", "rate_per_key", "rate_burst",
     "max_header_bytes", "client_body_timeout_s", "stream_idle_timeout_s", "session_secret",
     "client_header_timeout_s",
-    "client_idle_timeout_s", "credit_grants",
+    "client_idle_timeout_s", "credit_grants", "credit_grants_flush_ms",
     "oauth",
     "portal", "smtp",
     "payments",
@@ -386,6 +387,7 @@ def parse_config(
         admin_token=admin_token,
         key_cache_s=opt("key_cache_s", lambda n, w: r.number(n, w, positive=False), 1.0),
         credit_grants=opt("credit_grants", r.boolean, False),
+        credit_grants_flush_ms=opt("credit_grants_flush_ms", lambda n, w: _flush_ms(r, n, w), 10),
         resume_window_s=opt("resume_window_s", lambda n, w: r.number(n, w, positive=True), 300.0),
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -624,6 +626,15 @@ def _stdio(
         rlimit_cpu_s=limits.get("cpu_s"),
         rlimit_open_files=limits.get("open_files"),
     )
+
+
+def _flush_ms(r: Reader, node: Node, where: str) -> int:
+    """How often captured calls are written with credit grants: 1 to 1,000 ms (what a crash may leave
+    unbilled grows with it; so does what one write carries)."""
+    value = r.integer(node, where, minimum=1)
+    if value > 1000:
+        raise r.error(f"{where} must be at most 1000 (one second), got {value}", node)
+    return value
 
 
 def _valid_host(host: str) -> bool:

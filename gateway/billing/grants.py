@@ -158,7 +158,7 @@ class GrantBook:
         grant.price = req.amount
         self._calls[req.call_id] = grant
         if grant.remaining < grant.low_water and grant.extending is None:
-            grant.extending = asyncio.get_running_loop().create_task(self._extend(grant, req.amount, ahead=True))
+            self._start_extend(grant, req.amount, ahead=True)
         cap = grant.spend_remaining
         return HoldOutcome(
             HoldStatus.OK,
@@ -192,9 +192,8 @@ class GrantBook:
                 return taken
         if self._clock() < grant.low_until or grant.releasing:
             return None
-        if grant.extending is None:
-            grant.extending = asyncio.get_running_loop().create_task(self._extend(grant, req.amount))
-        await asyncio.shield(grant.extending)  # a cancelled caller leaves the extension running
+        extending = grant.extending or self._start_extend(grant, req.amount)
+        await asyncio.shield(extending)  # a cancelled caller leaves the extension running
         return self.take(req)
 
     def settle(self, call_id: str, *, capture: bool, amount: int | None = None) -> asyncio.Task[None] | None:
@@ -215,6 +214,14 @@ class GrantBook:
         return None
 
     # --- taking and topping up --------------------------------------------------------------------
+    def _start_extend(self, grant: _Grant, price: int, *, ahead: bool = False) -> asyncio.Task[None]:
+        """Top the grant up in a task of its own, tracked like a flush: a drain waits for it (so the
+        row it may open is given back) and a process that dies takes it down with it."""
+        task = asyncio.get_running_loop().create_task(self._extend(grant, price, ahead=ahead))
+        grant.extending = task
+        self._track(task)
+        return task
+
     async def _extend(self, grant: _Grant, price: int, *, ahead: bool = False) -> None:
         """Top the grant up (one at a time per grant: ``grant.extending``). Runs beside flushes:
         the ledger adds and takes away in whatever order they commit, and the grant's row can only
@@ -423,7 +430,10 @@ class GrantBook:
             await self.give_back(grant)
 
     async def close(self) -> None:
-        """Drain: write every queued capture and give back every grant."""
+        """Drain: let running top-ups finish (a row one opens must be given back too), write every
+        queued capture and give back every grant."""
+        extending = [g.extending for g in self._grants.values() if g.extending is not None]
+        await asyncio.gather(*extending, return_exceptions=True)
         await self.flush(release_all=True)
         for grant in list(self._grants.values()):
             await self.give_back(grant)

@@ -202,3 +202,13 @@ def test_credit_grants_is_a_boolean_and_off_by_default(tmp_path: Path) -> None:
     bad = write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"}, credit_grants="sometimes")
     with pytest.raises(ConfigError, match="credit_grants"):
         load_config(bad)
+
+
+def test_credit_grants_flush_ms_is_whole_milliseconds_from_1_to_1000_defaulting_to_10(tmp_path: Path) -> None:
+    upstreams: dict[str, str | None] = {"weather": "http://127.0.0.1:9/mcp"}
+    assert load_config(write_config(tmp_path, upstreams)).credit_grants_flush_ms == 10
+    assert load_config(write_config(tmp_path, upstreams, credit_grants_flush_ms=2)).credit_grants_flush_ms == 2
+    assert load_config(write_config(tmp_path, upstreams, credit_grants_flush_ms=1000)).credit_grants_flush_ms == 1000
+    for bad, said in ((0, "at least 1"), (1001, "at most 1000"), (2.5, "whole number"), ("10ms", "whole number")):
+        with pytest.raises(ConfigError, match=f"credit_grants_flush_ms.*{said}"):
+            load_config(write_config(tmp_path, upstreams, credit_grants_flush_ms=bad))
