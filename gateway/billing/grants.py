@@ -57,7 +57,7 @@ _MAX_FLUSH_ATTEMPTS = 8  # a batch the ledger keeps refusing is dropped (logged:
 class GrantPolicy:
     """How grants are sized, flushed and given back (``credit_grants: true``)."""
 
-    flush_s: float = 0.002  # captured calls wait at most this long before their batch is written
+    flush_s: float = 0.010  # captured calls wait at most this long before their batch is written
     idle_s: float = 0.5  # a grant no call used for this long is given back
     target_s: float = 1.0  # a grant is sized for this long of the key's recent call rate
     min_calls: int = 8  # a grant smaller than this many calls' worth is not taken: per-call holds
