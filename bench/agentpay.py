@@ -34,6 +34,7 @@ def write_config(
     paid: bool,
     port: int,
     max_connections: int = 256,
+    max_key_share: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,8 @@ def write_config(
         **(extra or {}),
         "servers": {SERVER: {"upstream": upstream, "owner": DEVELOPER, "max_connections": max_connections}},
     }
+    if max_key_share is not None:
+        config["servers"][SERVER]["max_key_share"] = max_key_share
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -201,6 +204,7 @@ class Gateway:
     paid: bool
     workers: int = 1  # serve --workers N
     max_connections: int = 256
+    max_key_share: float | None = None  # None: the gateway's default (0.5: one key, half the connections)
     extra: dict[str, Any] = field(default_factory=dict)
     port: int = 0
     key: str = ""
@@ -219,6 +223,7 @@ class Gateway:
             paid=self.paid,
             port=self.port,
             max_connections=self.max_connections,
+            max_key_share=self.max_key_share,
             extra=self.extra,
         )
         self.key = prepare_ledger(self.config)

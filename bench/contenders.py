@@ -218,7 +218,7 @@ def agentpay_gateway(
         "agentpay_sqlite_w2": "as the SQLite paid call, `serve --workers 2` (SO_REUSEPORT), one ledger file",
         "agentpay_pg_w2": "as the PostgreSQL paid call, `serve --workers 2` (SO_REUSEPORT)",
         "agentpay_sqlite_grants": "as the SQLite paid call with `credit_grants: true`: held and captured in memory, "
-        "written in batches every 2 ms",
+        "written in batches every 10 ms (credit_grants_flush_ms)",
         "agentpay_pg_grants": "as the PostgreSQL paid call with `credit_grants: true`",
     }
     extra = {"credit_grants": True} if key.endswith("_grants") else {}

@@ -494,6 +494,9 @@ async def run_memory(p: Params, work: Path) -> dict[str, Any]:
         gw = contenders.agentpay_gateway("agentpay_sqlite", up, d, database="sqlite", paid=True)
         assert gw.gateway is not None
         gw.gateway.max_connections = n + 100
+        # One key holds every stream: without this its fair share of the upstream connections (issue 8,
+        # `max_key_share` 0.5) refuses the second half with 429, as it should for a real key.
+        gw.gateway.max_key_share = 1.0
         ref = contenders.reference(up, d)
         cs = [gw, ref]
         for c in cs:

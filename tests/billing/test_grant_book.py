@@ -112,3 +112,58 @@ async def test_a_dying_process_takes_its_running_top_up_down_with_it(ledger: tup
     await asyncio.sleep(0)
     assert billing.settling == 0
     assert await store.grants_outstanding("ann") == 0
+
+
+class GatedFlushes:
+    """The real ledger, except that the first ``flush_grant`` waits for ``opened``."""
+
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self._ledger = ledger
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def flush_grant(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.entered.is_set():
+            self.entered.set()
+            await self.opened.wait()
+        return await self._ledger.flush_grant(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+
+async def test_a_timer_flush_leaves_calls_captured_during_its_write_to_the_next_tick(
+    ledger: tuple[SqliteLedger, str],
+) -> None:
+    """Under a steady stream of captures, a batch carries ``flush_s`` of calls: the writer does not
+    loop on the few calls each write lets in. An explicit flush (a drain) still writes everything."""
+    store, key_id = ledger
+    policy = GrantPolicy(min_calls=8, share=2, flush_s=30.0)  # the timer itself never fires in this test
+    billing = Billing(store, owner="p1", lease_s=30.0, sweep_interval_s=1.0, grants=policy)
+    book = billing.grants
+    assert book is not None
+    gated = GatedFlushes(store)
+    book.ledger = gated  # type: ignore[assignment]
+    try:
+        for i in range(3):
+            assert (await billing.hold(_req(f"call-{i}", key_id))).ok
+        billing.settle("call-0", capture=True)
+        tick = asyncio.get_running_loop().create_task(book.flush(timer=True))  # what flush_s triggers
+        await gated.entered.wait()  # call-0 is being written ...
+        billing.settle("call-1", capture=True)  # ... while two more are captured
+        billing.settle("call-2", capture=True)
+        gated.opened.set()
+        await tick
+        assert book.flushes == 1
+        charged = {c.call_id for c in await store.list_charges(user="ann", limit=10)}
+        assert charged == {"call-0"}  # call-1 and call-2 wait for the next tick
+        await book.flush()  # a drain's flush writes everything queued
+        charged = {c.call_id for c in await store.list_charges(user="ann", limit=10)}
+        assert charged == {"call-0", "call-1", "call-2"}
+        assert book.flushes == 2
+    finally:
+        for task in list(billing._settling):
+            task.cancel()
+        await asyncio.gather(*billing._settling, return_exceptions=True)
+        await billing.close()
+    assert await store.verify() == []
