@@ -5,8 +5,8 @@ quota, the element spends it locally call by call and reports what was used in b
 of the balance the grants become exact. Here, per (user, API key), a process takes a *grant*: one
 ledger hold of several calls' worth (``Grants.grant``: a lease, renewed and swept like a call's
 hold). A call is then held by taking its price out of the grant's unreserved remainder (no await, a
-few microseconds); a capture queues the call, and every ``flush_s`` the calls queued by then are
-written in one transaction per grant (``Grants.flush_grant``: per-call hold rows, charge transfers, postings and
+few microseconds); a capture queues the call, and every ``flush_s`` the queued calls are written in
+one transaction per grant (``Grants.flush_grant``: per-call hold rows, charge transfers, postings and
 charges, as a capture writes them; idempotent per call id). A void puts the price back.
 
 Sizing and the end of a balance. A grant asks for ``target_s`` of the key's recent call rate (at
@@ -306,32 +306,28 @@ class GrantBook:
     async def _flush_soon(self) -> None:
         await asyncio.sleep(self.policy.flush_s)
         self._flush_task = None  # captures from now on go to the next batch
-        await self.flush(timer=True)
+        await self.flush()
 
-    async def flush(self, *, release_all: bool = False, timer: bool = False) -> None:
+    async def flush(self, *, release_all: bool = False) -> None:
         """Write every queued capture now, and give back what low grants (all grants, with
-        ``release_all``) have left unreserved. The ``timer``'s flush (every ``flush_s``) writes what
-        was queued when it started and leaves what is captured meanwhile to the next one."""
-        grants = list(self._grants.values())
-        await asyncio.gather(*(self._flush_one(g, release_all, timer) for g in grants))
+        ``release_all``) have left unreserved."""
+        await asyncio.gather(*(self._flush_one(g, release_all) for g in list(self._grants.values())))
 
-    async def _flush_one(self, grant: _Grant, release_all: bool, timer: bool) -> None:
-        """Write the grant's queued captures. One flush of a grant at a time: what is captured
-        meanwhile waits for it. A timer's flush then leaves it for the next tick, ``flush_s`` later
-        (so a batch carries ``flush_s`` of calls whatever the ledger's latency, instead of a busy
-        writer looping on the few calls each write lets in), unless ``max_batch`` calls are queued
-        (back-pressure: it keeps writing); an explicit flush (drain, release) writes everything."""
+    async def _flush_one(self, grant: _Grant, release_all: bool) -> None:
+        """Write the grant's queued captures, batch by batch. One flush of a grant at a time: what is
+        captured meanwhile waits for it and goes in the next batch (a group commit: the batch grows
+        with the ledger's latency instead of queueing one transaction per capture behind it)."""
         while grant.flushing:  # the flush in flight, then the one after it, writes what is queued now
             await grant.flushed.wait()
         grant.flushing += 1
         grant.flushed.clear()
         try:
-            await self._flush_batches(grant, release_all, timer)
+            await self._flush_batches(grant, release_all)
         finally:
             grant.flushing -= 1
             grant.flushed.set()
 
-    async def _flush_batches(self, grant: _Grant, release_all: bool, timer: bool) -> None:
+    async def _flush_batches(self, grant: _Grant, release_all: bool) -> None:
         while True:
             low = release_all or self._clock() < grant.low_until
             release = grant.remaining if low else 0
@@ -366,9 +362,6 @@ class GrantBook:
             else:
                 self._read_back(grant, result.state)
             if not grant.unflushed:
-                return
-            if timer and len(grant.unflushed) < self.policy.max_batch:
-                self._schedule_flush()  # the next tick writes them (each capture scheduled it already)
                 return
 
     def _drop(self, batch: list[GrantedCall], why: str) -> None:
