@@ -184,7 +184,7 @@ class GatewayConfig:
     admin_token: str | None = field(default=None, repr=False)  # a secret: kept out of repr()
     key_cache_s: float = 1.0
     credit_grants: bool = False  # paid calls held and captured in memory against a grant (issue 19)
-    credit_grants_flush_ms: int = 10  # with grants: captured calls are written at least this often
+    credit_grants_flush_ms: int = 10  # with grants: the wait before an idle writer starts a batch of captures
     resume_window_s: float = 300.0  # how long a call whose client dropped a resumable stream stays held
     max_concurrent_per_key: int = 256  # calls in flight per API key (0 = unlimited)
     rate_per_key: float = 200.0  # sustained requests per second per API key (0 = unlimited)
@@ -629,8 +629,8 @@ def _stdio(
 
 
 def _flush_ms(r: Reader, node: Node, where: str) -> int:
-    """How often captured calls are written with credit grants: 1 to 1,000 ms (what a crash may leave
-    unbilled grows with it; so does what one write carries)."""
+    """With credit grants, how long a captured call waits before an idle writer starts a batch: 1 to
+    1,000 ms (what a crash may leave unbilled at low load grows with it)."""
     value = r.integer(node, where, minimum=1)
     if value > 1000:
         raise r.error(f"{where} must be at most 1000 (one second), got {value}", node)
