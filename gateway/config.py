@@ -39,6 +39,7 @@ from gateway.config_portal import (
     parse_portal,
     parse_smtp,
 )
+from gateway.config_stdio import STDIO_KEYS, StdioConfig, parse_stdio
 from gateway.config_yaml import (
     FLOAT_TAG,
     HOST_RE,
@@ -51,6 +52,7 @@ from gateway.config_yaml import (
     is_null,
     join_host_port,
     line_of,
+    resolve_path,
 )
 from gateway.errors import ConfigError
 
@@ -95,8 +97,6 @@ _FORBIDDEN_UPSTREAM_HEADERS = frozenset(
 )
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # The dataclasses
 # --------------------------------------------------------------------------------------------
@@ -110,27 +110,6 @@ def default_sse_upstream(upstream: str) -> str:
     path = parts.path.rstrip("/")
     head = path.rsplit("/", 1)[0] if "/" in path else ""
     return urlunsplit((parts.scheme, parts.netloc, f"{head}/sse", parts.query, ""))
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StdioConfig:
-    """How the gateway runs a stdio-only MCP server itself: one child process per MCP session."""
-
-    command: tuple[str, ...]  # argv; the first item is looked up on PATH
-    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)  # may hold secrets
-    cwd: Path | None = None
-    max_processes: int = 50  # child processes of this server at once (sessions, spares, stateless)
-    idle_timeout_s: float = 300.0  # a child idle this long is stopped (its session ends)
-    warm_processes: int = 1  # started ahead for new sessions; also the shared children of stateless requests
-    stop_grace_s: float = 5.0  # between SIGTERM and SIGKILL when a child is stopped
-    rlimit_address_space_mb: int | None = None  # RLIMIT_AS
-    rlimit_cpu_s: int | None = None  # RLIMIT_CPU
-    rlimit_open_files: int | None = None  # RLIMIT_NOFILE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "command", tuple(self.command))
-        if not isinstance(self.env, MappingProxyType):
-            object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,14 +246,10 @@ _TOP_KEYS = (
     "portal", "smtp",
     "payments",
 )  # fmt: skip
-_STDIO_KEYS = (
-    "command", "env", "cwd", "max_processes", "idle_timeout_s", "warm_processes", "stop_grace_s", "rlimits",
-)  # fmt: skip
-_RLIMIT_KEYS = ("address_space_mb", "cpu_s", "open_files")
 _SERVER_KEYS = (
     "upstream", "owner", "hosts", "sse_upstream", "connect_timeout_s", "read_timeout_s",
     "max_connections", "max_key_share", "upstream_queue_timeout_s", "platform_fee_percent", "upstream_headers",
-    *_STDIO_KEYS,
+    *STDIO_KEYS,
 )  # fmt: skip
 _LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 
@@ -322,7 +297,7 @@ def parse_config(
     listen_host, listen_port = opt("listen", lambda n, w: _listen(r, n, w), ("127.0.0.1", 8080))
     database = _database(r, r.require(top, "database", "", 1), base)
     prices_node = r.require(top, "prices", "", 1)
-    prices_path = _resolve(base, r.string(prices_node, "prices").strip())
+    prices_path = resolve_path(base, r.string(prices_node, "prices").strip())
     servers = _servers(r, r.require(top, "servers", "", 1) if "servers" not in top else top["servers"][1], base)
 
     admin_listen: str | None = "127.0.0.1:8081"
@@ -349,8 +324,8 @@ def parse_config(
             raise r.error(f"log_format must be one of {', '.join(_LOG_FORMATS)}, got {value!r}", node)
         log_format = value
 
-    tls_cert = opt("tls_cert", lambda n, w: _resolve(base, r.string(n, w)), None)
-    tls_key = opt("tls_key", lambda n, w: _resolve(base, r.string(n, w)), None)
+    tls_cert = opt("tls_cert", lambda n, w: resolve_path(base, r.string(n, w)), None)
+    tls_key = opt("tls_key", lambda n, w: resolve_path(base, r.string(n, w)), None)
     if (tls_cert is None) != (tls_key is None):
         raise r.error("tls_cert and tls_key must be given together", top[("tls_cert" if tls_cert else "tls_key")][1])
 
@@ -416,13 +391,6 @@ def _listen(r: Reader, node: Node, where: str) -> tuple[str, int]:
         raise r.error(f'{where}: {exc} (write "host:port", e.g. "127.0.0.1:8080" or "[::1]:8080")', node) from None
 
 
-def _resolve(base: Path, text: str) -> Path:
-    """An absolute path; relative ones are taken relative to ``base``. Symlinks are kept as they are
-    (a Kubernetes ConfigMap swaps a ``..data`` symlink, so resolving it would pin an old version)."""
-    path = Path(os.path.expanduser(text))
-    return Path(os.path.abspath(path if path.is_absolute() else base / path))
-
-
 def _database(r: Reader, node: Node, base: Path) -> str:
     url = r.env_string(node, "database").strip()
     if url.startswith(("postgresql://", "postgres://")):
@@ -434,7 +402,7 @@ def _database(r: Reader, node: Node, base: Path) -> str:
         location, sep, query = rest[1:].partition("?")
         if location == ":memory:":
             return url
-        db_path = _resolve(base, location)
+        db_path = resolve_path(base, location)
         return f"sqlite:///{db_path.as_posix()}" + (f"?{query}" if sep else "")
     raise r.error(f"database: {url!r} is not supported; use sqlite:///path.db or postgresql://user:pass@host/db", node)
 
@@ -502,7 +470,7 @@ def _server(r: Reader, name: str, key_node: Node, node: Node, base: Path) -> tup
     owner = r.string(r.require(entries, "owner", where, line_of(key_node)), f"{where}.owner").strip()
     upstream = opt("upstream", r.http_url, None)
     sse_upstream = opt("sse_upstream", r.http_url, None)
-    stdio = _stdio(r, where, entries, base, has_upstream=upstream is not None)
+    stdio = parse_stdio(r, where, entries, base, has_upstream=upstream is not None)
     if sse_upstream is not None and upstream is None:
         raise r.error(f"{where}.sse_upstream needs an upstream as well", entries["sse_upstream"][1])
 
@@ -568,64 +536,6 @@ def _server(r: Reader, name: str, key_node: Node, node: Node, base: Path) -> tup
         upstream_headers=MappingProxyType(headers),
     )
     return server, host_lines
-
-
-def _stdio(
-    r: Reader, where: str, entries: Mapping[str, tuple[ScalarNode, Node]], base: Path, *, has_upstream: bool
-) -> StdioConfig | None:
-    """The keys of a server the gateway runs itself (``command`` instead of ``upstream``)."""
-    given = [key for key in _STDIO_KEYS if key in entries and not is_null(entries[key][1])]
-    if not given:
-        return None
-    if "command" not in given:
-        raise r.error(f"{where}.{given[0]} is only for stdio servers: give {where}.command too", entries[given[0]][1])
-    command_node = entries["command"][1]
-    if has_upstream:
-        raise r.error(
-            f"{where} has both upstream and command: give upstream for a server that speaks HTTP, or command "
-            "for a stdio server the gateway runs itself, not both",
-            command_node,
-        )
-    command = [text for text, _ in r.string_list(command_node, f"{where}.command")]
-    if not command:
-        raise r.error(
-            f'{where}.command must list the program and its arguments, e.g. ["npx", "-y", "pkg"]', command_node
-        )
-
-    def opt(key: str, parse: Callable[[Node, str], _T], default: _T) -> _T:
-        if key not in entries or is_null(entries[key][1]):
-            return default
-        return parse(entries[key][1], f"{where}.{key}")
-
-    env: dict[str, str] = {}
-    if "env" in given:
-        for name, (name_node, value_node) in r.mapping(entries["env"][1], f"{where}.env").items():
-            if not name or "=" in name or "\0" in name:
-                raise r.error(f"{where}.env: {name!r} is not an environment variable name", name_node)
-            if isinstance(value_node, ScalarNode) and value_node.tag in (INT_TAG, FLOAT_TAG):
-                env[name] = str(value_node.value)
-            else:
-                env[name] = r.env_string(value_node, f"{where}.env.{name}")
-    cwd = opt("cwd", lambda n, w: _resolve(base, r.string(n, w)), None)
-    limits: dict[str, int] = {}
-    if "rlimits" in given:
-        limit_entries = r.mapping(entries["rlimits"][1], f"{where}.rlimits")
-        r.check_keys(limit_entries, _RLIMIT_KEYS, f"{where}.rlimits")
-        for name, (_, value_node) in limit_entries.items():
-            if not is_null(value_node):
-                limits[name] = r.integer(value_node, f"{where}.rlimits.{name}", minimum=1)
-    return StdioConfig(
-        command=tuple(command),
-        env=MappingProxyType(env),
-        cwd=cwd,
-        max_processes=opt("max_processes", lambda n, w: r.integer(n, w, minimum=1), 50),
-        idle_timeout_s=opt("idle_timeout_s", lambda n, w: r.number(n, w, positive=True), 300.0),
-        warm_processes=opt("warm_processes", lambda n, w: r.integer(n, w, minimum=0), 1),
-        stop_grace_s=opt("stop_grace_s", lambda n, w: r.number(n, w, positive=False), 5.0),
-        rlimit_address_space_mb=limits.get("address_space_mb"),
-        rlimit_cpu_s=limits.get("cpu_s"),
-        rlimit_open_files=limits.get("open_files"),
-    )
 
 
 def _flush_ms(r: Reader, node: Node, where: str) -> int:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -257,3 +258,10 @@ def is_ip(text: str) -> bool:
 def join_host_port(host: str, port: int) -> str:
     """``host:port``, IPv6 hosts in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def resolve_path(base: Path, text: str) -> Path:
+    """An absolute path; relative ones are taken relative to ``base``. Symlinks are kept as they are
+    (a Kubernetes ConfigMap swaps a ``..data`` symlink, so resolving it would pin an old version)."""
+    path = Path(os.path.expanduser(text))
+    return Path(os.path.abspath(path if path.is_absolute() else base / path))
