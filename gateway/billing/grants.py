@@ -5,9 +5,11 @@ quota, the element spends it locally call by call and reports what was used in b
 of the balance the grants become exact. Here, per (user, API key), a process takes a *grant*: one
 ledger hold of several calls' worth (``Grants.grant``: a lease, renewed and swept like a call's
 hold). A call is then held by taking its price out of the grant's unreserved remainder (no await, a
-few microseconds); a capture queues the call, and every ``flush_s`` the queued calls are written in
-one transaction per grant (``Grants.flush_grant``: per-call hold rows, charge transfers, postings and
-charges, as a capture writes them; idempotent per call id). A void puts the price back.
+few microseconds); a capture queues the call, and ``flush_s`` after a capture finds the writer idle
+the queued calls are written in one transaction per grant, batch after batch while calls keep
+coming (a group commit: each batch carries what arrived during the previous write;
+``Grants.flush_grant``: per-call hold rows, charge transfers, postings and charges, as a capture
+writes them; idempotent per call id). A void puts the price back.
 
 Sizing and the end of a balance. A grant asks for ``target_s`` of the key's recent call rate (at
 least ``min_calls``, at most ``max_calls`` calls' worth) and the ledger gives at most a ``share``-th
@@ -20,8 +22,8 @@ per-call hold while grants of its user are still outstanding anywhere waits up t
 for them to come back before it is refused (``Billing.hold``), so N concurrent calls against a
 balance B at price p still succeed exactly ⌊B/p⌋ times, in one process or across replicas.
 
-What a crash loses: the captures queued or being written since the last committed flush (a flush
-every ``flush_s``, one per grant in flight; with more than ``max_batch`` queued, callers wait for
+What a crash loses: the captures queued or being written since the last committed flush (one flush
+per grant in flight; with more than ``max_batch`` queued, callers wait for
 the writer): delivered, unbilled, never charged twice. The grant's hold stays pending until its
 lease lapses and the sweep voids it, so its money returns within lease + sweep interval.
 
@@ -57,7 +59,7 @@ _MAX_FLUSH_ATTEMPTS = 8  # a batch the ledger keeps refusing is dropped (logged:
 class GrantPolicy:
     """How grants are sized, flushed and given back (``credit_grants: true``)."""
 
-    flush_s: float = 0.010  # captured calls wait at most this long before their batch is written
+    flush_s: float = 0.010  # a capture waits this long before an idle writer starts its batch (group commit)
     idle_s: float = 0.5  # a grant no call used for this long is given back
     target_s: float = 1.0  # a grant is sized for this long of the key's recent call rate
     min_calls: int = 8  # a grant smaller than this many calls' worth is not taken: per-call holds
