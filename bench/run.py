@@ -260,9 +260,7 @@ def summarise(c: Contender, up: Upstream) -> dict[str, Any]:
             "rss_is_upstream": c.proc is None,
             "cpu_pct_c32": median(float(r["cpu_pct_c32"] or 0) for r in runs),
             "not_ok": sum(
-                int(r[k]["requests"]) - int(r[k]["ok"]) + int(r[k]["errors"])
-                for r in runs
-                for k in ("c32", "c1")
+                int(r[k]["requests"]) - int(r[k]["ok"]) + int(r[k]["errors"]) for r in runs for k in ("c32", "c1")
             ),
             "rounds": runs,
         }

@@ -280,9 +280,7 @@ class Grants(Protocol):
         user, developer or key, InvalidInput for a key of another user or a bad amount,
         IdempotencyConflict when the id names a hold that is not a grant of this key."""
 
-    async def flush_grant(
-        self, grant_id: str, calls: Sequence[GrantedCall], *, release: int | None = 0
-    ) -> GrantFlush:
+    async def flush_grant(self, grant_id: str, calls: Sequence[GrantedCall], *, release: int | None = 0) -> GrantFlush:
         """In one durable transaction: charge each call (its own captured hold row, charge transfer,
         postings and charge row, as a capture writes them) out of the grant, skipping call ids charged
         already; then give back ``release`` more of the grant (None: all that is left). A grant left

@@ -71,6 +71,7 @@ CREATE INDEX oauth_refresh_tokens_expiry ON oauth_refresh_tokens (expires_at);
     ),
 )
 
+
 class PostgresOAuthStore:
     def __init__(self, dsn: str, *, schema: str | None) -> None:
         self._side = PostgresSide(dsn, schema=schema, concern=CONCERN, migrations=MIGRATIONS)

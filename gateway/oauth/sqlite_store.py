@@ -71,6 +71,7 @@ CREATE INDEX oauth_refresh_tokens_expiry ON oauth_refresh_tokens (expires_at);
     ),
 )
 
+
 class SqliteOAuthStore:
     def __init__(self, path: str) -> None:
         self._side = SqliteSide(path, concern=CONCERN, migrations=MIGRATIONS)
