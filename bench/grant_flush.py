@@ -21,7 +21,7 @@ from typing import Any
 from bench import agentpay, contenders
 from bench.contenders import Contender
 from bench.procs import stop_all
-from bench.run import FULL, Params, measure, start_contender
+from bench.run import FULL, Params, interleaved_rounds, start_contender
 
 
 def _gateway(key: str, label: str, up: contenders.Upstream, d: Path, database: str, extra: dict[str, Any]) -> Contender:
@@ -53,13 +53,7 @@ async def main_async(args: argparse.Namespace) -> int:
         for c in cs:
             await start_contender(c)
         live = [c for c in cs if not c.unavailable]
-        for rnd in range(p.rounds):
-            shift = rnd % len(live)
-            order = live[shift:] + live[:shift]
-            if rnd % 2:
-                order.reverse()
-            for c in order:
-                await measure(c, up, p, use_wrk, rnd)
+        await interleaved_rounds(live, up, p, use_wrk)
         free = cs[0]
         free_rps = median(r["c32"]["rps"] for r in free.runs)
         free_p50 = median(r["c1"]["p50_ms"] for r in free.runs)

@@ -238,6 +238,18 @@ async def measure(c: Contender, up: Upstream, p: Params, use_wrk: bool, rnd: int
     )
 
 
+async def interleaved_rounds(live: list[Contender], up: Upstream, p: Params, use_wrk: bool) -> None:
+    """``p.rounds`` rounds over every contender, the order rotated and reversed every round so that
+    drift on the shared machine spreads over everyone."""
+    for rnd in range(p.rounds):
+        shift = rnd % len(live)
+        order = live[shift:] + live[:shift]
+        if rnd % 2:
+            order.reverse()
+        for c in order:
+            await measure(c, up, p, use_wrk, rnd)
+
+
 def summarise(c: Contender, up: Upstream) -> dict[str, Any]:
     out: dict[str, Any] = {"key": c.key, "label": c.label, "note": c.note}
     if c.unavailable:
@@ -361,13 +373,7 @@ async def run_phase(kind: str, p: Params, tools: install.Tools, work: Path, pg_r
                 log(f"  starting {c.key}")
                 await start_contender(c)
         live = [c for c in cs if not c.unavailable]
-        for rnd in range(p.rounds):
-            shift = rnd % len(live)
-            order = live[shift:] + live[:shift]
-            if rnd % 2:
-                order.reverse()
-            for c in order:
-                await measure(c, up, p, use_wrk, rnd)
+        await interleaved_rounds(live, up, p, use_wrk)
         sqlite_paid = next((c for c in live if c.key == "agentpay_sqlite"), None)
         if sqlite_paid is not None and kind == "aiohttp":
             result["profile"] = await profile_paid(sqlite_paid, p, tools, work, use_wrk)
