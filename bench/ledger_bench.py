@@ -9,6 +9,11 @@ Run: ``python -m bench.ledger_bench --database sqlite:////tmp/l.db --callers 32 
 and capture through ``Billing`` with grants on (in memory, out of one grant of the one user's key)
 and the captures are written in batches by the flusher. captures/s counts captures *written* to the
 ledger (the run ends when the last batch has committed); the hold figures are the in-memory hold.
+
+``--grants --no-write``: the same callers, but each flush is answered as if it had committed without
+writing a row (``_UnwrittenFlushes``): the ceiling of the in-memory path itself (``Billing``, the
+grant book, call ids, the callers' own loop), what the grant path would do with a ledger that cost
+nothing. captures/s then counts captures the flusher handed to the (absent) writer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from gateway.billing.settlement import Billing
 from gateway.ids import TimeOrderedIds
 from gateway.keys import display_prefix, generate_secret, hash_secret
 from gateway.ledger import HoldRequest, open_ledger
+from gateway.ledger.grants import GrantedCall, GrantFlush, GrantState, GrantStatus
+from gateway.ledger.interfaces import Ledger
 
 PRICE = 1000  # millicents: 1 cent
 
@@ -114,10 +121,30 @@ async def run(database: str, callers: int, seconds: float) -> dict[str, Any]:
         await ledger.close()
 
 
-async def run_grants(database: str, callers: int, seconds: float) -> dict[str, Any]:
-    """Captures/s through the credit-grant path: 1 user, 1 key, ``callers`` concurrent callers."""
-    ledger = open_ledger(database)
-    await ledger.open()
+class _UnwrittenFlushes:
+    """A ledger whose ``flush_grant`` answers as if the batch had committed, writing nothing (the
+    grant stays open, the balance plenty); every other call (grants, top-ups of them) goes to ``ledger``."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self.handed = 0  # calls flushed (not written)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    async def flush_grant(self, grant_id: str, calls: list[GrantedCall], *, release: int | None = 0) -> GrantFlush:
+        self.handed += len(calls)
+        state = GrantState(GrantStatus.OK, amount=10**12, available=10**13, spend_remaining=None)
+        return GrantFlush(state, captured=len(calls), replayed=0)
+
+
+async def run_grants(database: str, callers: int, seconds: float, *, write: bool = True) -> dict[str, Any]:
+    """Captures/s through the credit-grant path: 1 user, 1 key, ``callers`` concurrent callers.
+    ``write=False``: flushes are answered without writing (the in-memory path's ceiling)."""
+    real = open_ledger(database)
+    await real.open()
+    unwritten = None if write else _UnwrittenFlushes(real)
+    ledger: Any = real if unwritten is None else unwritten
     billing = Billing(ledger, owner="ledger-bench", lease_s=30.0, sweep_interval_s=5.0, grants=GrantPolicy())
     assert billing.grants is not None
     maintain = asyncio.get_running_loop().create_task(billing.renew_forever())
@@ -172,19 +199,20 @@ async def run_grants(database: str, callers: int, seconds: float) -> dict[str, A
         holds.clear()
         calls = 0
         flushes = billing.grants.flushes
-        before = len(await ledger.list_charges(limit=10**7))
+        before = len(await ledger.list_charges(limit=10**7)) if unwritten is None else unwritten.handed
         started = time.perf_counter()
         await asyncio.gather(*(caller(started + seconds) for _ in range(callers)))
         issued = time.perf_counter() - started
         await billing.wait_settled()  # the last batch committed (and fsynced on SQLite)
         elapsed = time.perf_counter() - started
-        written = len(await ledger.list_charges(limit=10**7)) - before
+        after = len(await ledger.list_charges(limit=10**7)) if unwritten is None else unwritten.handed
+        written = after - before
         batches = billing.grants.flushes - flushes
         await billing.close()
-        violations = await ledger.verify()
+        violations = await real.verify() if unwritten is None else []
         return {
             "database": database.split(":", 1)[0],
-            "mode": "grants",
+            "mode": "grants" if unwritten is None else "grants, flushes not written",
             "callers": callers,
             "seconds": round(elapsed, 3),
             "captures": written,
@@ -201,7 +229,7 @@ async def run_grants(database: str, callers: int, seconds: float) -> dict[str, A
         }
     finally:
         maintain.cancel()
-        await ledger.close()
+        await real.close()
 
 
 def main() -> None:
@@ -210,9 +238,17 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--grants", action="store_true", help="the credit-grant path (hold/capture in memory)")
+    parser.add_argument(
+        "--no-write", action="store_true", help="with --grants: answer flushes without writing (the ceiling)"
+    )
     args = parser.parse_args()
-    bench = run_grants if args.grants else run
-    print(json.dumps(asyncio.run(bench(args.database, args.callers, args.seconds))))
+    if args.no_write and not args.grants:
+        parser.error("--no-write measures the grant path: add --grants")
+    if args.grants:
+        result = asyncio.run(run_grants(args.database, args.callers, args.seconds, write=not args.no_write))
+    else:
+        result = asyncio.run(run(args.database, args.callers, args.seconds))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
