@@ -17,29 +17,40 @@ into their namespaces by the migration's rule (``base.namespaced_legacy_refund_r
 
 Version 3 adds the keys' ``name`` and ``last_used_at`` (migration 0009); the keys of an older dump have
 them NULL.
+
+Version 4 adds, after the ledger's tables, the tables the concerns beside the ledger carry (logins,
+OAuth clients and grants, payment-provider records: ``gateway.storage.carry``). This module knows them
+only by the columns its caller passes (``carried``): the ledger knows nothing of those concerns. A dump
+of an older version has none of them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from gateway.errors import InvalidInput
 from gateway.ledger.base import EXPORT_COLUMNS, EXPORT_TABLES, ExportRow, namespaced_legacy_refund_reference
 
 FORMAT = "agentpay-ledger"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+_CARRIED_SINCE = 4  # the first version with the side concerns' tables
+Columns = Sequence[tuple[str, str]]  # (name, type) as in ``EXPORT_COLUMNS``
 # Columns a table gained in a version: the rows of an older dump have them NULL.
 _ADDED_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {3: {"keys": ("name", "last_used_at")}}
 
 
-def write_dump(rows: Iterable[ExportRow], out: IO[str], *, source: str) -> dict[str, int]:
-    """Write ``rows`` (from ``Ledger.export_rows``) to ``out``; returns rows per table."""
-    counts = dict.fromkeys(EXPORT_TABLES, 0)
-    header = {"format": FORMAT, "version": VERSION, "source": source, "tables": list(EXPORT_TABLES)}
+def write_dump(
+    rows: Iterable[ExportRow], out: IO[str], *, source: str, carried: Mapping[str, Columns] | None = None
+) -> dict[str, int]:
+    """Write ``rows`` (from ``Ledger.export_rows``, then the ``carried`` tables' rows in that order)
+    to ``out``; returns rows per table."""
+    tables = [*EXPORT_TABLES, *(carried or {})]
+    counts = dict.fromkeys(tables, 0)
+    header = {"format": FORMAT, "version": VERSION, "source": source, "tables": tables}
     out.write(json.dumps(header) + "\n")
     for table, row in rows:
         counts[table] += 1
@@ -48,12 +59,15 @@ def write_dump(rows: Iterable[ExportRow], out: IO[str], *, source: str) -> dict[
     return counts
 
 
-def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
-    """The rows of a dump, each checked by ``check_row``; raises InvalidInput (naming the line) for
-    anything that is not a complete dump of this format. A version 1 dump is read whole first (its
-    refund references need the charges and accounts that follow them) and then namespaced."""
-    counts = dict.fromkeys(EXPORT_TABLES, 0)
-    position = 0  # index in EXPORT_TABLES of the table being read: tables come in order
+def read_dump(lines: Iterable[str], *, carried: Mapping[str, Columns] | None = None) -> Iterator[ExportRow]:
+    """The rows of a dump, each checked by ``check_row`` (the ``carried`` tables by their columns);
+    raises InvalidInput (naming the line) for anything that is not a complete dump of this format. A
+    version 1 dump is read whole first (its refund references need the charges and accounts that
+    follow them) and then namespaced."""
+    carried = dict(carried or {})
+    tables: list[str] = list(EXPORT_TABLES)
+    counts = dict.fromkeys(tables, 0)
+    position = 0  # index in ``tables`` of the table being read: tables come in order
     header_seen = ended = False
     number = 0
     legacy: list[ExportRow] | None = None  # the rows of a version 1 dump, held back until its end
@@ -76,6 +90,9 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
             if item.get("version") not in READABLE_VERSIONS:
                 raise InvalidInput(f"line {number}: dump version {item.get('version')!r} is not supported")
             version = item["version"]
+            if version >= _CARRIED_SINCE:
+                tables = [*EXPORT_TABLES, *carried]
+                counts = dict.fromkeys(tables, 0)
             if version == 1:
                 legacy = []
             header_seen = True
@@ -88,15 +105,17 @@ def read_dump(lines: Iterable[str]) -> Iterator[ExportRow]:
             ended = True
             continue
         table, row = item.get("table"), item.get("row")
-        if table not in EXPORT_COLUMNS or not isinstance(row, dict):
-            known = ", ".join(EXPORT_TABLES)
+        if table not in tables or not isinstance(row, dict):
+            known = ", ".join(tables)
             raise InvalidInput(f"line {number}: expected {{'table': <one of {known}>, 'row': {{…}}}}")
-        index = EXPORT_TABLES.index(table)
+        index = tables.index(table)
         if index < position:
-            raise InvalidInput(f"line {number}: table {table} after {EXPORT_TABLES[position]}: tables are out of order")
+            raise InvalidInput(f"line {number}: table {table} after {tables[position]}: tables are out of order")
         position = index
         counts[table] += 1
-        checked = check_row(table, _with_added_columns(table, row, version), where=f"line {number}")
+        checked = check_row(
+            table, _with_added_columns(table, row, version), where=f"line {number}", columns=carried.get(table)
+        )
         if legacy is None:
             yield table, checked
         else:
@@ -127,10 +146,10 @@ def _namespaced_refund_references(rows: list[ExportRow]) -> Iterator[ExportRow]:
         yield table, row
 
 
-def check_row(table: str, row: dict[str, Any], *, where: str = "") -> dict[str, Any]:
-    """``row`` with exactly the columns of ``table`` and values of their neutral types (ints for
-    floats' columns are widened). Raises InvalidInput."""
-    columns = EXPORT_COLUMNS.get(table)
+def check_row(table: str, row: dict[str, Any], *, where: str = "", columns: Columns | None = None) -> dict[str, Any]:
+    """``row`` with exactly the columns of ``table`` (a ledger table, or ``columns`` given) and values
+    of their neutral types (ints for floats' columns are widened). Raises InvalidInput."""
+    columns = columns if columns is not None else EXPORT_COLUMNS.get(table)
     prefix = f"{where}: " if where else ""
     if columns is None:
         raise InvalidInput(f"{prefix}unknown table {table!r}")
@@ -161,6 +180,8 @@ def _typed(value: Any, kind: str) -> Any:
         return result if math.isfinite(result) and result == value else None
     if kind == "text":
         return value if isinstance(value, str) else None
+    if kind == "bool":
+        return value if isinstance(value, bool) else None
     if kind == "texts":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         return list(value) if ok else None

@@ -25,6 +25,7 @@ from gateway.ledger.base import ExportRow
 from gateway.ledger.dump import read_dump, write_dump
 from gateway.logins import Login
 from gateway.ops import payments_cli
+from gateway.ops.moves import carried_columns, check_carried_empty, export_carried, import_carried
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -284,26 +285,32 @@ async def _migrate(database: str) -> dict[str, Any]:
 
 
 async def _export_rows(database: str) -> list[ExportRow]:
+    """The ledger's rows, then the rows the concerns beside it carry (``ops.moves``)."""
     ledger = open_ledger(database)
     await ledger.open()
     try:
-        return await ledger.export_rows()
+        rows = await ledger.export_rows()
+        applied = await ledger.applied_migrations()
     finally:
         await ledger.close()
+    return [*rows, *await export_carried(database, applied)]
 
 
 def _export(database: str, file: str) -> dict[str, Any]:
     rows = asyncio.run(_export_rows(database))
     source = database.split(":", 1)[0]
+    carried = carried_columns()
     if file == "-":
-        counts = write_dump(rows, sys.stdout, source=source)
+        counts = write_dump(rows, sys.stdout, source=source, carried=carried)
         sys.stdout.flush()
     else:
         path = Path(file)
         partial = path.with_name(path.name + ".partial")
         try:
-            with partial.open("w", encoding="utf-8") as out:
-                counts = write_dump(rows, out, source=source)
+            # Owner-only: the dump holds password hashes and the hashes of keys and tokens.
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(descriptor, "w", encoding="utf-8") as out:
+                counts = write_dump(rows, out, source=source, carried=carried)
                 out.flush()
                 os.fsync(out.fileno())
             partial.replace(path)  # never a half-written dump under the real name
@@ -313,22 +320,31 @@ def _export(database: str, file: str) -> dict[str, Any]:
 
 
 async def _import_rows(database: str, rows: list[ExportRow]) -> tuple[dict[str, int], list[str]]:
+    """The ledger's rows in one transaction, verified, then each carried concern's in one of its own.
+    Every carried table of the target is checked empty first, so a full target is refused before
+    anything is written."""
+    carried_names = set(carried_columns())
+    ledger_rows = [row for row in rows if row[0] not in carried_names]
+    await check_carried_empty(database)
     ledger = open_ledger(database)
     await ledger.open()
     try:
-        counts = await ledger.import_rows(rows)
-        return counts, await ledger.verify()
+        counts = await ledger.import_rows(ledger_rows)
+        problems = await ledger.verify()
     finally:
         await ledger.close()
+    counts.update(await import_carried(database, [row for row in rows if row[0] in carried_names]))
+    return counts, problems
 
 
 def _import(database: str, file: str) -> dict[str, Any]:
+    carried = carried_columns()
     try:
         if file == "-":
-            rows = list(read_dump(sys.stdin))
+            rows = list(read_dump(sys.stdin, carried=carried))
         else:
             with Path(file).open(encoding="utf-8") as lines:
-                rows = list(read_dump(lines))  # the whole dump is checked before the target is touched
+                rows = list(read_dump(lines, carried=carried))  # the whole dump is checked before the target is touched
     except (OSError, UnicodeDecodeError) as exc:
         raise GatewayError(f"cannot read the dump {file}: {exc}") from None
     counts, problems = asyncio.run(_import_rows(database, rows))

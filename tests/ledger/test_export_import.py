@@ -306,7 +306,7 @@ async def test_a_dump_written_before_refund_namespaces_imports_with_each_refund_
         by_operator = await source.refund(charge.id, 200, reference="k2")
         lines = dump_text(await source.export_rows())
     header = json.loads(lines[0])
-    assert header["version"] == 3
+    assert header["version"] == 4
     lines[0] = json.dumps({**header, "version": 1}) + "\n"
 
     target_spec = StoreSpec.fresh(target_kind, tmp_path, "target")

@@ -156,7 +156,7 @@ async def test_a_dump_carries_key_names_and_last_uses_and_an_older_dump_imports_
         out = io.StringIO()
         write_dump(await source.export_rows(), out, source="sqlite")
     lines = out.getvalue().splitlines(keepends=True)
-    assert json.loads(lines[0])["version"] == 3
+    assert json.loads(lines[0])["version"] == 4
 
     # a version 2 dump: written before 0010, its keys have neither column
     older = [json.dumps({**json.loads(lines[0]), "version": 2}) + "\n"]
