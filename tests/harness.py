@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -211,3 +214,15 @@ def tool_call(name: str, arguments: dict[str, Any] | None = None, rid: int | str
 
 def dumps(value: Any) -> str:
     return json.dumps(value)
+
+
+def agentpay_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m gateway --config CONFIG ARGS…`` as its own process, from the repository's root."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )

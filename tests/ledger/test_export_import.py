@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,11 +16,10 @@ from gateway.ledger.base import AccountKind, ExportRow, HoldRequest, developer_r
 from gateway.ledger.dump import read_dump, write_dump
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
-from tests.harness import write_config
+from tests.harness import agentpay_cli, write_config
 from tests.ledger.conftest import FakeClock, StoreSpec, run_sync
 
 AnyLedger = SqliteLedger | PostgresLedger
-REPO = Path(__file__).resolve().parents[2]
 USERS = ("alice", "bob")
 DEVELOPERS = ("acme", "rival")
 KEY_HASHES = ("hash-alice-weather", "hash-alice-maps", "hash-bob-weather", "hash-bob-old")
@@ -330,17 +326,6 @@ async def _alice(spec: StoreSpec, clock: FakeClock) -> Any:
         return await ledger.get_account(AccountKind.USER, "alice")
 
 
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 def test_the_cli_exports_sqlite_and_imports_into_postgres_and_back(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"})
     clock = FakeClock(1_700_000_000.5)
@@ -357,13 +342,13 @@ def test_the_cli_exports_sqlite_and_imports_into_postgres_and_back(tmp_path: Pat
     try:
         expected = run_sync(fill())
         dump = tmp_path / "ledger.jsonl"
-        done = cli(config, "ledger", "export", str(dump), "--json")
+        done = agentpay_cli(config, "ledger", "export", str(dump), "--json")
         assert done.returncode == 0, done.stderr
         exported = json.loads(done.stdout)
         assert exported["rows"]["charges"] == 9 and exported["rows"]["payouts"] == 4
         assert not (tmp_path / "ledger.jsonl.partial").exists()
 
-        done = cli(config, "ledger", "import", str(dump), "--into", pg_url, "--json")
+        done = agentpay_cli(config, "ledger", "import", str(dump), "--into", pg_url, "--json")
         assert done.returncode == 0, done.stderr
         imported = json.loads(done.stdout)
         assert imported["ok"] is True and imported["problems"] == []
@@ -377,7 +362,7 @@ def test_the_cli_exports_sqlite_and_imports_into_postgres_and_back(tmp_path: Pat
         assert run_sync(check(pg_spec)) == expected
 
         # a second import into the same (now full) target is refused with a clear message
-        done = cli(config, "ledger", "import", str(dump), "--into", pg_url)
+        done = agentpay_cli(config, "ledger", "import", str(dump), "--into", pg_url)
         assert done.returncode == 1
         assert "not empty" in done.stderr and "Traceback" not in done.stderr
 
@@ -385,17 +370,17 @@ def test_the_cli_exports_sqlite_and_imports_into_postgres_and_back(tmp_path: Pat
         (tmp_path / "pg").mkdir()
         pg_config = write_config(tmp_path / "pg", {"weather": "http://127.0.0.1:9/mcp"}, database=pg_url)
         dump2 = tmp_path / "from-pg.jsonl"
-        done = cli(pg_config, "ledger", "export", str(dump2))
+        done = agentpay_cli(pg_config, "ledger", "export", str(dump2))
         assert done.returncode == 0, done.stderr
         assert "exported" in done.stdout
-        done = cli(config, "ledger", "import", str(dump2), "--into", f"sqlite:///{back_spec.location}")
+        done = agentpay_cli(config, "ledger", "import", str(dump2), "--into", f"sqlite:///{back_spec.location}")
         assert done.returncode == 0, done.stderr
         assert "ledger verify: ok" in done.stdout
         assert run_sync(check(back_spec)) == expected
         assert dump.read_text().splitlines()[1:] == dump2.read_text().splitlines()[1:]  # same rows, byte for byte
 
         # a missing file is one line of error, not a traceback
-        done = cli(config, "ledger", "import", str(tmp_path / "nope.jsonl"), "--into", pg_url)
+        done = agentpay_cli(config, "ledger", "import", str(tmp_path / "nope.jsonl"), "--into", pg_url)
         assert done.returncode == 1 and "cannot read the dump" in done.stderr
     finally:
         run_sync(pg_spec.drop())

@@ -6,11 +6,8 @@ and a card refund still finds the top-up it claws back."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 from gateway.keys import display_prefix, generate_secret, hash_secret
@@ -19,24 +16,12 @@ from gateway.logins.store import open_login_store
 from gateway.oauth.models import Client, Grant
 from gateway.oauth.store import open_store
 from gateway.payments.store import PaymentsStore
-from tests.harness import write_config
+from tests.harness import agentpay_cli, write_config
 from tests.ledger.conftest import FakeClock, StoreSpec, run_sync
 from tests.logins.conftest import cheap_passwords, database_url
 
-REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.25
 PASSWORD = "correct horse battery staple"
-
-
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 async def fill(spec: StoreSpec) -> str:
@@ -147,13 +132,13 @@ def test_a_move_from_sqlite_to_postgresql_and_back_carries_logins_oauth_and_paym
     try:
         key_id = run_sync(fill(sqlite_spec))
         dump = tmp_path / "move.jsonl"
-        done = cli(config, "ledger", "export", str(dump), "--json")
+        done = agentpay_cli(config, "ledger", "export", str(dump), "--json")
         assert done.returncode == 0, done.stderr
         rows = json.loads(done.stdout)["rows"]
         assert rows["logins"] == 1 and rows["oauth_grants"] == 1 and rows["oauth_refresh_tokens"] == 1
         assert rows["stripe_topups"] == 1 and rows["stripe_events"] == 1 and rows["stripe_notices"] == 1
 
-        done = cli(config, "ledger", "import", str(dump), "--into", database_url(pg_spec), "--json")
+        done = agentpay_cli(config, "ledger", "import", str(dump), "--into", database_url(pg_spec), "--json")
         assert done.returncode == 0, done.stderr
         imported = json.loads(done.stdout)
         assert imported["ok"] is True and imported["rows"] == rows
@@ -162,9 +147,9 @@ def test_a_move_from_sqlite_to_postgresql_and_back_carries_logins_oauth_and_paym
         (tmp_path / "pg").mkdir()
         pg_config = write_config(tmp_path / "pg", {"weather": "http://127.0.0.1:9/mcp"}, database=database_url(pg_spec))
         back = tmp_path / "back.jsonl"
-        done = cli(pg_config, "ledger", "export", str(back))
+        done = agentpay_cli(pg_config, "ledger", "export", str(back))
         assert done.returncode == 0, done.stderr
-        done = cli(config, "ledger", "import", str(back), "--into", database_url(back_spec))
+        done = agentpay_cli(config, "ledger", "import", str(back), "--into", database_url(back_spec))
         assert done.returncode == 0, done.stderr
         # the PostgreSQL side wrote one more notice (check_moved); everything else is the same bytes
         first = [ln for ln in dump.read_text().splitlines()[1:] if '"stripe_notices"' not in ln]
@@ -178,7 +163,7 @@ def test_a_dump_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"})
     run_sync(fill(StoreSpec("sqlite", str(tmp_path / "ledger.db"))))
     dump = tmp_path / "secret.jsonl"
-    done = cli(config, "ledger", "export", str(dump))
+    done = agentpay_cli(config, "ledger", "export", str(dump))
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(dump.stat().st_mode) == 0o600  # it holds password and token hashes
 
@@ -187,7 +172,7 @@ def test_an_import_into_a_target_whose_logins_exist_is_refused_before_the_ledger
     config = write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"})
     run_sync(fill(StoreSpec("sqlite", str(tmp_path / "ledger.db"))))
     dump = tmp_path / "move.jsonl"
-    assert cli(config, "ledger", "export", str(dump)).returncode == 0
+    assert agentpay_cli(config, "ledger", "export", str(dump)).returncode == 0
     target = StoreSpec.fresh("sqlite", tmp_path, "target")
 
     async def a_login_only() -> None:
@@ -205,7 +190,7 @@ def test_an_import_into_a_target_whose_logins_exist_is_refused_before_the_ledger
 
     run_sync(a_login_only())
     empty = run_sync(ledger_rows())
-    done = cli(config, "ledger", "import", str(dump), "--into", database_url(target))
+    done = agentpay_cli(config, "ledger", "import", str(dump), "--into", database_url(target))
     assert done.returncode == 1
     assert "not empty" in done.stderr and "logins" in done.stderr and "Traceback" not in done.stderr
     assert run_sync(ledger_rows()) == empty  # nothing of the ledger was written
@@ -215,7 +200,7 @@ def test_a_dump_whose_carried_row_was_edited_to_a_wrong_type_is_refused_naming_i
     config = write_config(tmp_path, {"weather": "http://127.0.0.1:9/mcp"})
     run_sync(fill(StoreSpec("sqlite", str(tmp_path / "ledger.db"))))
     dump = tmp_path / "move.jsonl"
-    assert cli(config, "ledger", "export", str(dump)).returncode == 0
+    assert agentpay_cli(config, "ledger", "export", str(dump)).returncode == 0
     lines = dump.read_text().splitlines()
     number = next(i for i, ln in enumerate(lines) if '"table": "logins"' in ln)
     item = json.loads(lines[number])
@@ -223,7 +208,7 @@ def test_a_dump_whose_carried_row_was_edited_to_a_wrong_type_is_refused_naming_i
     lines[number] = json.dumps(item)
     dump.write_text("\n".join(lines) + "\n")
     target = StoreSpec.fresh("sqlite", tmp_path, "target")
-    done = cli(config, "ledger", "import", str(dump), "--into", database_url(target))
+    done = agentpay_cli(config, "ledger", "import", str(dump), "--into", database_url(target))
     assert done.returncode == 1
     assert f"line {number + 1}" in done.stderr and "logins.verified must be of type bool" in done.stderr
     assert not Path(target.location).exists()  # refused before the target was touched
@@ -243,7 +228,7 @@ def test_exporting_a_ledger_that_no_portal_ever_opened_adds_no_tables_to_it(tmp_
 
     run_sync(only_a_ledger())
     before = tables()
-    done = cli(config, "ledger", "export", str(tmp_path / "d.jsonl"), "--json")
+    done = agentpay_cli(config, "ledger", "export", str(tmp_path / "d.jsonl"), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["rows"]["logins"] == 0
     assert tables() == before and "logins" not in before
