@@ -836,18 +836,34 @@ class FaultRun:
         try:
             for _ in range(times):
                 await self.wait_calls(rng.randint(2, 8))
-                ports = tcp_client_ports(self.gateway.proc.pid, 5432)
-                rows = await conn.fetch(
-                    "SELECT pid, state, pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE client_port = ANY($1::int[]) AND pid <> pg_backend_pid()",
-                    sorted(ports),
-                )
+                rows = await self._terminate_when_busy(conn, self.gateway.proc.pid)
                 self.report.pg_terminations += sum(1 for r in rows if r[2])
                 self.report.notes.append(
                     "pg backends terminated in states: " + ", ".join(sorted(str(r[1]) for r in rows))
                 )
         finally:
             await conn.close()
+
+    @staticmethod
+    async def _terminate_when_busy(conn: asyncpg.Connection, pid: int, looks: int = 2000) -> list[asyncpg.Record]:
+        """Terminate the gateway's backends at the first look (one statement: one snapshot of
+        ``pg_stat_activity``) that finds one of them running a statement or inside a transaction, so
+        the fault lands mid-transaction rather than whenever the pool happened to be idle; after
+        ``looks`` looks (each a round trip), whatever state they are in."""
+        rows: list[asyncpg.Record] = []
+        for look in range(looks):
+            ports = sorted(tcp_client_ports(pid, 5432))
+            rows = await conn.fetch(
+                "SELECT pid, state, pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE client_port = ANY($1::int[]) AND pid <> pg_backend_pid() AND ($2 OR EXISTS ("
+                "  SELECT 1 FROM pg_stat_activity b WHERE b.client_port = ANY($1::int[]) "
+                "  AND b.state IN ('active', 'idle in transaction')))",
+                ports,
+                look == looks - 1,
+            )
+            if rows:
+                return rows
+        return rows
 
     # audit -------------------------------------------------------------------------------------
     async def settle(self) -> None:
