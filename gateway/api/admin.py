@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.openapi import openapi_document
-from gateway.api.operations import Operations
+from gateway.api.operations import Operations, amount
 from gateway.api.service import api_errors, api_log, read_json
 from gateway.errors import Forbidden, GatewayError, InvalidInput, Unavailable
 from gateway.keys import constant_time_equals, key_from_headers
@@ -135,8 +135,12 @@ def create_admin_app(ops_factory: Callable[[], Operations], admin_token: str | N
 
     async def create_payout(request: web.Request) -> web.Response:
         body = await read_json(request)
-        result = await ops().create_payout(_text(body, "developer") or "", _cents(body, "amount_cents", required=False))
-        return await ok(result, 201)
+        developer, cents = _text(body, "developer") or "", _cents(body, "amount_cents", required=False)
+        payments = request.app[RUNTIME].payments
+        if payments is not None:  # as `agentpay payouts create` does: the Stripe transfer too
+            value = amount(cents, "payout amount") if cents is not None else None
+            return await ok(await payments.pay_out(developer, value), 201)
+        return await ok(await ops().create_payout(developer, cents), 201)
 
     async def settle_payout(request: web.Request) -> web.Response:
         body = await read_json(request)

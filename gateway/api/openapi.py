@@ -217,7 +217,7 @@ def openapi_document(surface: str = "service") -> dict[str, Any]:
         },
         "/v1/payouts": {
             "post": _op(
-                "Start a payout",
+                "Start a payout (with payments.stripe: also its Connect transfer, as `agentpay payouts create`)",
                 _ANY,
                 body=_obj(["developer"], developer={"type": "string"}, amount_cents=_CENTS),
                 ok_status="201",

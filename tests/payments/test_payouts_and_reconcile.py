@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from gateway.ledger.base import HoldRequest, PayoutState
 from gateway.ops.cli import main
+from tests.harness import run_admin
 from tests.payments.conftest import PayGateway, pay_gateway, stripe_section
 from tests.payments.fake_stripe import FakeStripe
 
@@ -49,6 +51,35 @@ async def test_a_payout_is_a_transfer_keyed_by_the_payout_id_and_settles_with_it
         assert key == result["id"]  # Idempotency-Key = payout id
         assert (result["state"], result["reference"]) == ("settled", result["transfer_id"])
         assert await pg.gw.earnings() == 0
+        await pg.verify_clean()
+
+
+async def test_a_payout_started_through_the_admin_api_is_the_same_stripe_transfer_as_the_clis(
+    tmp_path: Path, fake_stripe: FakeStripe
+) -> None:
+    """With payments.stripe configured, POST /v1/payouts pays by Connect transfer (as `agentpay
+    payouts create` does) instead of leaving a pending payout for someone to settle by hand."""
+    async with pay_gateway(tmp_path, fake_stripe) as pg, run_admin(pg.gw, "admin-token") as admin:
+        await earn(pg, 900)
+
+        async def post(body: dict[str, Any]) -> tuple[int, Any]:
+            headers = {"Authorization": "Bearer admin-token"}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(admin.make_url("/v1/payouts"), json=body, headers=headers) as resp:
+                    return resp.status, await resp.json()
+
+        status, refused = await post({"developer": "acme"})
+        assert status == 409 and "no Stripe account" in refused["error"]["message"]
+        assert await pg.gw.earnings() == 900_000 and not fake_stripe.transfers  # nothing moved
+
+        account = await connected(pg)
+        status, paid = await post({"developer": "acme", "amount_cents": "600"})
+
+        assert status == 201 and (paid["state"], paid["transfer_state"]) == ("settled", "paid")
+        transfer = fake_stripe.transfers[paid["transfer_id"]]
+        assert (transfer["amount"], transfer["destination"]) == (600, account)
+        assert paid["reference"] == paid["transfer_id"]
+        assert await pg.gw.earnings() == 300_000
         await pg.verify_clean()
 
 
