@@ -59,8 +59,10 @@ class Authenticator:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         tokens: AccessTokens | None = None,
+        max_cache: int = _MAX_CACHE,
     ) -> None:
         self._ledger = ledger
+        self._max_cache = max_cache  # entries per cache (keys, tokens): when full, it starts again
         self._cache_s = cache_s
         self._clock = clock
         self._wall = wall_clock
@@ -68,6 +70,11 @@ class Authenticator:
         self._tokens = tokens
         self._token_cache: dict[str, tuple[TokenView, float]] = {}
         self._last_used: dict[str, float] = {}  # key id -> wall time of its last call, not yet written
+
+    @property
+    def cached(self) -> int:
+        """Keys and tokens cached now (bounded: ``max_cache`` each)."""
+        return len(self._cache) + len(self._token_cache)
 
     async def lookup(self, secret: str) -> KeyRecord | None:
         digest = hash_secret(secret)
@@ -86,7 +93,7 @@ class Authenticator:
         now = self._clock()
         record = await self._ledger.find_key(digest)
         if record is not None:
-            if len(self._cache) >= _MAX_CACHE:
+            if len(self._cache) >= self._max_cache:
                 self._cache.clear()
             self._cache[digest] = (record, now)
         return record
@@ -125,7 +132,7 @@ class Authenticator:
         else:
             view = await self._tokens.find_access_token(digest)
             if view is not None:
-                if len(self._token_cache) >= _MAX_CACHE:
+                if len(self._token_cache) >= self._max_cache:
                     self._token_cache.clear()
                 self._token_cache[digest] = (view, now)
         if view is None or view.revoked:

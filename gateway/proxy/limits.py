@@ -86,3 +86,9 @@ class KeyLimits:
 
     def inflight(self, key_id: str) -> int:
         return self._inflight.get(key_id, 0)
+
+    @property
+    def tracked(self) -> int:
+        """Keys whose rate or concurrency is kept now (bounded: ``_MAX_TRACKED`` rate buckets, and a
+        key's concurrency entry goes with its last release)."""
+        return len(self._buckets) + len(self._inflight)

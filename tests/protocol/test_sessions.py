@@ -48,3 +48,31 @@ def test_a_task_its_owner_polls_keeps_its_hold_past_the_window() -> None:
     assert sessions.expired() == []
     clock[0] = 551.0
     assert sessions.expired() == [call]
+
+
+def test_calls_are_parked_for_at_most_a_hundred_thousand_sessions_and_the_next_is_refused() -> None:
+    sessions = Sessions(window_s=300)
+    for n in range(100_000):
+        assert sessions.park(f"S{n}", Forwarded(n, "tools/call", held_call(n)))
+    assert not sessions.park("one-too-many", Forwarded(0, "tools/call", held_call(100_000)))  # the caller voids it
+    assert sessions.park("S7", Forwarded(7_777, "tools/call", held_call(7_777)))  # a known session still parks
+
+
+def test_the_task_table_forgets_its_oldest_binding_past_a_hundred_thousand_tasks() -> None:
+    sessions = Sessions(window_s=300)
+    for n in range(100_001):
+        assert sessions.bind_task(f"key-{n % 50}", f"t-{n}", None)
+    assert sessions.task_of("key-0", "t-0") is None  # the oldest went: unknown fails closed
+    assert sessions.task_of("key-1", "t-1") is not None
+    assert sessions.task_of("key-0", "t-100000") is not None
+
+
+def test_request_ids_in_flight_are_tracked_up_to_their_bound_and_no_further() -> None:
+    sessions = Sessions(window_s=300)
+    for n in range(400_001):
+        sessions.track("scope", n, f"up-{n}")
+    assert sessions.upstream_id_of("scope", 399_999) == "up-399999"
+    assert sessions.upstream_id_of("scope", 400_000) is None  # past the bound: a cancel finds nothing
+    sessions.untrack("scope", 0, "up-0")
+    sessions.track("scope", 400_000, "up-400000")
+    assert sessions.upstream_id_of("scope", 400_000) == "up-400000"

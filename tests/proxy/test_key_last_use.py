@@ -143,3 +143,27 @@ async def test_the_background_flusher_writes_every_interval(tmp_path: Path) -> N
         finally:
             flusher.cancel()
         assert auth.unflushed == 0
+
+
+async def test_the_key_cache_holds_at_most_its_bound_and_never_a_key_that_does_not_exist(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    await ledger.open()
+    try:
+        await ledger.create_user("alice")
+        secrets = []
+        for n in range(3):
+            secret = f"ap_cache_test_{n:040d}"
+            await ledger.create_key(
+                user="alice", server="weather", key_hash=hash_secret(secret), prefix=secret[:12],
+                expires_at=None, spend_limit=None,
+            )  # fmt: skip
+            secrets.append(secret)
+        auth = Authenticator(ledger, cache_s=60.0, max_cache=2)
+        for secret in secrets:
+            assert (await auth.authenticate(secret, "weather")).user == "alice"
+        assert auth.cached <= 2
+        for n in range(50):  # keys nobody holds are looked up, refused and never cached
+            assert await auth.lookup(f"ap_unknown_{n:040d}") is None
+        assert auth.cached <= 2
+    finally:
+        await ledger.close()

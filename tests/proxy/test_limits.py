@@ -119,3 +119,16 @@ async def test_an_oversized_header_is_refused_before_reaching_the_upstream(tmp_p
             async with http.post(gw.url(), data=json.dumps(tool_call("echo")), headers=headers) as resp:
                 assert resp.status in (400, 431)
         assert upstream.requests == []
+
+
+def test_the_limits_keep_state_for_a_bounded_number_of_keys_however_many_come_and_go() -> None:
+    """The rate buckets are also keyed by client address (OAuth registrations): unbounded input."""
+    limits = KeyLimits(max_concurrent=5, rate_per_s=1.0, burst=2, clock=Clock())
+    for n in range(200_001):
+        limits.acquire(f"k{n}")
+        limits.release(f"k{n}")
+    assert limits.tracked <= 200_000  # buckets only: every released key's concurrency entry is gone
+    limits.acquire("busy")
+    assert limits.inflight("busy") == 1
+    limits.release("busy")
+    assert limits.inflight("busy") == 0
