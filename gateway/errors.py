@@ -233,6 +233,11 @@ class UpstreamTimeout(UpstreamError):
     http_status = 504
 
 
+class UpstreamAnswerTooLarge(UpstreamError):
+    code = "upstream_answer_too_large"
+    default_hint = "Nothing was charged; the server's developer must send a smaller answer (or stream it over SSE)"
+
+
 class Unavailable(GatewayError):
     code = "unavailable"
     http_status = 503

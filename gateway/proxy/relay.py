@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.config import GatewayConfig
 from gateway.errors import (
+    UpstreamAnswerTooLarge,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -24,6 +25,8 @@ from gateway.proxy.deadlines import Deadlines
 from gateway.proxy.exchange import CLIENT_GONE, UPSTREAMS, Context, Exchange, release_calls, settle_call
 from gateway.proxy.headers import ForwardedFor, downstream_headers, upstream_headers
 from gateway.proxy.upstream_client import UpstreamAnswer
+
+_READ_CHUNK = 1 << 16  # bytes per read of an answer being gathered whole
 
 
 def _forwarded_for(request: web.Request, config: GatewayConfig) -> ForwardedFor:
@@ -140,6 +143,22 @@ def _arrived(upstream: UpstreamAnswer) -> bytes | None:
     return None
 
 
+async def _read_within(upstream: UpstreamAnswer, limit: int, server: str) -> bytes:
+    """The whole body, refused (UpstreamAnswerTooLarge) as soon as it says or proves itself larger
+    than ``limit`` bytes: an upstream's endless or huge answer never fills the gateway's memory."""
+    declared = upstream.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise UpstreamAnswerTooLarge(f"Server {server!r} answered with {declared} bytes, over the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await upstream.content.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamAnswerTooLarge(f"Server {server!r} answered with more than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _whole_answer(ctx: Context, upstream: UpstreamAnswer) -> web.Response | None:
     """The upstream's answer relayed untouched in one response, if its body has already arrived."""
     body = _arrived(upstream)
@@ -178,11 +197,14 @@ async def stream_raw(ctx: Context, upstream: UpstreamAnswer) -> web.StreamRespon
 
 async def _relay_json(ctx: Context, upstream: UpstreamAnswer, exchange: Exchange) -> web.StreamResponse:
     server = ctx.server
+    limit = ctx.rt.config.max_body_bytes * 4  # as one SSE event may be: a JSON answer is read whole
     raw = _arrived(upstream)
+    if raw is not None and len(raw) > limit:
+        raise UpstreamAnswerTooLarge(f"Server {server.name!r} answered with more than the limit of {limit} bytes")
     if raw is None:
         try:
             async with ctx.deadlines.timeout(server.read_timeout_s):
-                raw = await upstream.read()
+                raw = await _read_within(upstream, limit, server.name)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"Server {server.name!r} did not finish its answer within {server.read_timeout_s:g}s"

@@ -345,3 +345,60 @@ async def test_the_body_size_limit_applies_to_the_decompressed_body(tmp_path: Pa
             ):
                 assert resp.status == 413
     assert upstream.requests == []
+
+
+@asynccontextmanager
+async def oversized_upstream(size: int) -> AsyncIterator[str]:
+    """Answers ``tools/call`` of ``big`` with a JSON result of about ``size`` bytes: with a
+    Content-Length for ``big``, chunked (no length) for ``big_chunked``; any other tool briefly."""
+
+    async def post(request: web.Request) -> web.StreamResponse:
+        message = await request.json()
+        name = message.get("params", {}).get("name")
+        text = "x" * size if name in ("big", "big_chunked") else "small"
+        result = {"content": [{"type": "text", "text": text}]}
+        body = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result})
+        if name != "big_chunked":
+            return web.Response(body=body.encode(), content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        data = body.encode()
+        for start in range(0, len(data), 4096):
+            await response.write(data[start : start + 4096])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/mcp", post)
+    server = TestServer(app, host="127.0.0.1", port=None)
+    await server.start_server()
+    try:
+        yield str(server.make_url("/mcp"))
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("tool", ["big", "big_chunked"])
+async def test_an_answer_over_four_times_max_body_bytes_is_a_502_and_nothing_is_charged(
+    tmp_path: Path, tool: str
+) -> None:
+    """Before, a JSON answer was read whole with only a time bound: an upstream's endless or huge
+    answer could fill the gateway's memory. Now it is refused past four times max_body_bytes (as one SSE event)."""
+    async with oversized_upstream(200_000) as url:
+        config = write_config(tmp_path, {"weather": url}, FAULT_PRICES, max_body_bytes=16_384)
+        async with run_gateway(config) as gw, aiohttp.ClientSession() as http:
+            key = await gw.new_user("alice", "100")
+            headers = {**HEADERS, "Authorization": f"Bearer {key}"}
+
+            async with http.post(gw.url(), json=tool_call(tool), headers=headers) as resp:
+                status, answer = resp.status, await resp.json(content_type=None)
+            assert status == 502, answer
+            assert answer["error"]["data"]["code"] == "upstream_answer_too_large"
+            assert "65536" in answer["error"]["message"] and "Nothing was charged" in json.dumps(answer)
+
+            async with http.post(gw.url(), json=tool_call("small"), headers=headers) as resp:
+                assert resp.status == 200 and "small" in await resp.text()  # the server still answers
+            await gw.settled()
+            assert await gw.balance("alice") == parse_cents("100") - parse_cents("5")  # only the small call
+            assert await gw.held("alice") == 0
