@@ -37,9 +37,9 @@ from gateway.payments.webhook import webhook_handler
 from gateway.portal import add_portal
 from gateway.protocol import jsonrpc
 from gateway.protocol.sessions import Sessions, SessionSigner
-from gateway.proxy.auth import Authenticator
+from gateway.proxy.auth import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_S, Authenticator
 from gateway.proxy.deadlines import Deadlines
-from gateway.proxy.limits import KeyLimits, TooManyRequests
+from gateway.proxy.limits import FailureThrottle, KeyLimits, TooManyRequests
 from gateway.proxy.routing import Router, redact_path
 from gateway.proxy.upstream_client import UpstreamClient
 from gateway.runtime import RUNTIME, Runtime
@@ -232,7 +232,12 @@ def create_app(config: GatewayConfig, *, ledger: Ledger | None = None) -> web.Ap
         ledger=the_ledger,
         prices=PriceBook(config.prices_path, config.servers.keys()),
         billing=billing,
-        auth=Authenticator(the_ledger, cache_s=config.key_cache_s, tokens=oauth.store if oauth else None),
+        auth=Authenticator(
+            the_ledger,
+            cache_s=config.key_cache_s,
+            tokens=oauth.store if oauth else None,
+            failures=FailureThrottle(burst=AUTH_FAILURE_BURST, per_s=AUTH_FAILURES_PER_S),
+        ),
         metrics=metrics,
         sessions=Sessions(window_s=config.resume_window_s),
         signer=SessionSigner(config.session_secret.encode() if config.session_secret else os.urandom(32)),

@@ -3,11 +3,11 @@ metadata), the resource URL a request was made to, and the 401 challenge pointin
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from aiohttp import web
 
+from gateway.addresses import trusted
 from gateway.config import GatewayConfig
 from gateway.oauth.models import AUTH_METHODS, DEFAULT_SCOPE, SUPPORTED_SCOPES
 from gateway.proxy.routing import Route, host_name
@@ -60,16 +60,6 @@ def public_origin(request: web.Request, config: GatewayConfig) -> str:
     if proto not in ("http", "https") or host_name(host) is None or any(c in host for c in "/?#@ \\"):
         host = config.listen
     return f"{proto}://{host}"
-
-
-def trusted(peer: str | None, proxies: tuple[str, ...]) -> bool:
-    if peer is None or not proxies:
-        return False
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in ipaddress.ip_network(net, strict=False) for net in proxies)
 
 
 def resource_path(route: Route, raw_path: str, host_routed: bool) -> str:

@@ -21,6 +21,7 @@ from urllib.parse import unquote_plus
 
 from aiohttp import web
 
+from gateway import addresses
 from gateway.errors import GatewayError, OAuthError, Unavailable
 from gateway.money import AmountError, parse_cents
 from gateway.oauth import metadata
@@ -134,12 +135,9 @@ async def resource_metadata(request: web.Request) -> web.Response:
 
 # --- registration -------------------------------------------------------------------------------
 def client_address(request: web.Request) -> str:
-    """The caller's address: the peer, or the last X-Forwarded-For hop from a trusted proxy."""
-    peer = request.remote or "unknown"
-    forwarded = request.headers.get("X-Forwarded-For")
-    if forwarded and metadata.trusted(peer, request.config_dict[RUNTIME].config.trusted_proxies):
-        return forwarded.split(",")[-1].strip() or peer
-    return peer
+    """The caller's address (``gateway.addresses``)."""
+    proxies = request.config_dict[RUNTIME].config.trusted_proxies
+    return addresses.client_address(request.remote, request.headers.get("X-Forwarded-For"), proxies)
 
 
 async def register(request: web.Request) -> web.Response:

@@ -3,12 +3,12 @@ token) and the status. Jinja2 autoescapes every value (``app.portal_app`` turns 
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
+from gateway import addresses
 from gateway.logins.models import WebSession
 from gateway.portal import security
 from gateway.runtime import RUNTIME
@@ -47,18 +47,6 @@ async def page(
 
 
 def client_address(request: web.Request) -> str:
-    """The caller's address for throttling: the peer, or the last X-Forwarded-For hop when the peer is
-    one of ``trusted_proxies``."""
-    peer = request.remote or "unknown"
-    forwarded = request.headers.get("X-Forwarded-For")
-    trusted = request.config_dict[RUNTIME].config.trusted_proxies
-    if not forwarded or not trusted:
-        return peer
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return peer
-    if any(address in ipaddress.ip_network(net, strict=False) for net in trusted):
-        last = forwarded.split(",")[-1].strip()
-        return last or peer
-    return peer
+    """The caller's address for throttling (``gateway.addresses``)."""
+    proxies = request.config_dict[RUNTIME].config.trusted_proxies
+    return addresses.client_address(request.remote, request.headers.get("X-Forwarded-For"), proxies)

@@ -26,8 +26,14 @@ from gateway.errors import ExpiredKey, InvalidKey, InvalidToken, MissingKey, Rev
 from gateway.keys import display_prefix, hash_secret
 from gateway.ledger.base import KeyRecord
 from gateway.ledger.interfaces import Keys
+from gateway.proxy.limits import FailureThrottle, TooManyRequests
 
 _MAX_CACHE = 100_000
+# Look-ups of keys and tokens nobody holds, per client address: 30 at once, then one a second. A key
+# found in the cache is never refused for its address; past the allowance an unknown one is refused
+# (429, Retry-After) without asking the database, so random keys cannot turn into database load.
+AUTH_FAILURE_BURST = 30
+AUTH_FAILURES_PER_S = 1.0
 LAST_USED_FLUSH_S = 30.0  # how often the last uses gathered in memory are written (and so how stale they are)
 log = structlog.get_logger("gateway.proxy.auth")
 ACCESS_TOKEN_PREFIX = "apat_"  # gateway.oauth.models.ACCESS_TOKEN_PREFIX
@@ -60,8 +66,10 @@ class Authenticator:
         wall_clock: Callable[[], float] = time.time,
         tokens: AccessTokens | None = None,
         max_cache: int = _MAX_CACHE,
+        failures: FailureThrottle | None = None,
     ) -> None:
         self._ledger = ledger
+        self.failures = failures  # unknown keys and tokens per client address: past it, no look-up
         self._max_cache = max_cache  # entries per cache (keys, tokens): when full, it starts again
         self._cache_s = cache_s
         self._clock = clock
@@ -98,17 +106,35 @@ class Authenticator:
             self._cache[digest] = (record, now)
         return record
 
-    async def authenticate(self, secret: str | None, server: str) -> KeyRecord:
-        """The key record for a secret valid on ``server``, or an AuthError saying what is wrong."""
+    def _may_look_up(self, client: str | None) -> None:
+        """TooManyRequests, before any look-up, for a client address out of failed look-ups."""
+        if self.failures is None or client is None:
+            return
+        wait = self.failures.retry_after(client)
+        if wait is not None:
+            raise TooManyRequests(
+                "Too many unknown keys or tokens from this address: it may try again later", retry_after_s=wait
+            )
+
+    def _failed(self, client: str | None) -> None:
+        if self.failures is not None and client is not None:
+            self.failures.failed(client)
+
+    async def authenticate(self, secret: str | None, server: str, *, client: str | None = None) -> KeyRecord:
+        """The key record for a secret valid on ``server``, or an AuthError saying what is wrong.
+        ``client``: the caller's address, throttled on keys and tokens nobody holds (a key found in
+        the cache is never refused for its address)."""
         if not secret:
             raise MissingKey(f"No API key was sent for server {server!r}")
         if self._tokens is not None and secret.startswith(ACCESS_TOKEN_PREFIX):
-            return await self._authenticate_token(secret, server)
+            return await self._authenticate_token(secret, server, client)
         digest = hash_secret(secret)
         record = self._cached(digest)  # a cache hit needs no await
         if record is None:
+            self._may_look_up(client)
             record = await self._fetch(digest)
         if record is None:
+            self._failed(client)
             raise InvalidKey(f"The API key {display_prefix(secret)} is not a valid AgentPay key")
         if record.revoked_at is not None:
             raise RevokedKey(f"The API key {record.prefix} has been revoked")
@@ -119,7 +145,7 @@ class Authenticator:
         self._last_used[record.id] = self._wall()
         return record
 
-    async def _authenticate_token(self, token: str, server: str) -> KeyRecord:
+    async def _authenticate_token(self, token: str, server: str, client: str | None) -> KeyRecord:
         """The key record of an OAuth access token's grant. Unknown, expired or revoked tokens (and
         a revoked grant key) are InvalidToken (401, the client signs in again); a token of another
         server is WrongServer (403), as for keys."""
@@ -130,8 +156,11 @@ class Authenticator:
         if cached is not None and now - cached[1] < self._cache_s:
             view: TokenView | None = cached[0]
         else:
+            self._may_look_up(client)
             view = await self._tokens.find_access_token(digest)
-            if view is not None:
+            if view is None:
+                self._failed(client)
+            else:
                 if len(self._token_cache) >= self._max_cache:
                     self._token_cache.clear()
                 self._token_cache[digest] = (view, now)

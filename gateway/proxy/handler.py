@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from gateway.addresses import client_address
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.errors import (
     AuthError,
@@ -44,7 +45,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise InvalidToken(
                 "An OAuth access token is never accepted in the URL", hint="Send it as 'Authorization: Bearer …'"
             )
-        key = await rt.auth.authenticate(route.path_key or key_from_headers(headers), server.name)
+        client = client_address(request.remote, headers.get("X-Forwarded-For"), rt.config.trusted_proxies)
+        key = await rt.auth.authenticate(route.path_key or key_from_headers(headers), server.name, client=client)
     except AuthError as exc:
         if rt.oauth is not None and exc.http_status == 401:
             exc.challenge = _challenge(request, route, exc)

@@ -92,3 +92,55 @@ class KeyLimits:
         """Keys whose rate or concurrency is kept now (bounded: ``_MAX_TRACKED`` rate buckets, and a
         key's concurrency entry goes with its last release)."""
         return len(self._buckets) + len(self._inflight)
+
+
+class FailureThrottle:
+    """Failed look-ups per client address (a key or token nobody holds): ``burst`` of them at once,
+    then ``per_s`` a second. ``retry_after(address)`` says, without counting, whether the address
+    has none left (the caller then refuses without asking the database); ``failed`` counts one.
+    Addresses with a full allowance are not kept; at most ``max_tracked`` are (then it starts again)."""
+
+    def __init__(
+        self,
+        *,
+        burst: int,
+        per_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_tracked: int = _MAX_TRACKED,
+    ) -> None:
+        self.burst = burst
+        self.per_s = per_s
+        self._clock = clock
+        self._max_tracked = max_tracked
+        self._buckets: dict[str, _Bucket] = {}
+
+    def _refilled(self, address: str) -> _Bucket | None:
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            return None
+        now = self._clock()
+        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.per_s)
+        bucket.updated = now
+        if bucket.tokens >= self.burst:  # fully refilled: nothing worth keeping
+            del self._buckets[address]
+            return None
+        return bucket
+
+    def retry_after(self, address: str) -> int | None:
+        """Seconds until ``address`` may fail again, or None when it may now."""
+        bucket = self._refilled(address)
+        if bucket is None or bucket.tokens >= 1.0:
+            return None
+        return max(1, math.ceil((1.0 - bucket.tokens) / self.per_s))
+
+    def failed(self, address: str) -> None:
+        bucket = self._refilled(address)
+        if bucket is None:
+            if len(self._buckets) >= self._max_tracked:
+                self._buckets.clear()
+            bucket = self._buckets[address] = _Bucket(float(self.burst), self._clock())
+        bucket.tokens = max(0.0, bucket.tokens - 1.0)
+
+    @property
+    def tracked(self) -> int:
+        return len(self._buckets)

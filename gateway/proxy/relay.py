@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway import addresses
 from gateway.config import GatewayConfig
 from gateway.errors import (
     UpstreamAnswerTooLarge,
@@ -31,29 +31,13 @@ _READ_CHUNK = 1 << 16  # bytes per read of an answer being gathered whole
 
 def _forwarded_for(request: web.Request, config: GatewayConfig) -> ForwardedFor:
     peer = request.remote
-    trusted = peer is not None and _is_trusted(peer, config.trusted_proxies)
+    trusted = addresses.trusted(peer, config.trusted_proxies)
     return ForwardedFor(
         client_ip=peer,
         proto=(request.headers.get("X-Forwarded-Proto") if trusted else None) or request.scheme,
         host=(request.headers.get("X-Forwarded-Host") if trusted else None) or request.headers.get("Host"),
         prior_chain=request.headers.get("X-Forwarded-For") if trusted else None,
     )
-
-
-def _is_trusted(peer: str, proxies: tuple[str, ...]) -> bool:
-    if not proxies:
-        return False
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    for entry in proxies:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
 
 
 async def open_upstream(

@@ -12,11 +12,13 @@ import aiohttp
 import pytest
 
 from gateway.config import load_config
-from gateway.errors import Unavailable
+from gateway.errors import InvalidToken, Unavailable
 from gateway.keys import hash_secret
 from gateway.ledger import open_ledger
 from gateway.ledger.sqlite import SqliteLedger
+from gateway.oauth.store import open_store
 from gateway.proxy.auth import LAST_USED_FLUSH_S, Authenticator
+from gateway.proxy.limits import FailureThrottle, TooManyRequests
 from tests.harness import Gateway, mcp_client, run_gateway, write_config
 from tests.upstream_sdk import run_upstream
 
@@ -166,4 +168,23 @@ async def test_the_key_cache_holds_at_most_its_bound_and_never_a_key_that_does_n
             assert await auth.lookup(f"ap_unknown_{n:040d}") is None
         assert auth.cached <= 2
     finally:
+        await ledger.close()
+
+
+async def test_unknown_access_tokens_count_against_their_address_like_unknown_keys(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    tokens = open_store(f"sqlite:///{tmp_path / 'ledger.db'}")
+    await ledger.open()
+    await tokens.open()
+    try:
+        auth = Authenticator(ledger, tokens=tokens, failures=FailureThrottle(burst=2, per_s=1.0, clock=lambda: 0.0))
+        for n in range(2):
+            with pytest.raises(InvalidToken):
+                await auth.authenticate(f"apat_unknown_{n}", "weather", client="203.0.113.9")
+        with pytest.raises(TooManyRequests):
+            await auth.authenticate("apat_unknown_2", "weather", client="203.0.113.9")
+        with pytest.raises(InvalidToken):  # another address still gets the real answer
+            await auth.authenticate("apat_unknown_3", "weather", client="198.51.100.1")
+    finally:
+        await tokens.close()
         await ledger.close()

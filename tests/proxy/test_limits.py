@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.money import parse_cents
-from gateway.proxy.limits import KeyLimits, TooManyRequests
+from gateway.proxy.limits import FailureThrottle, KeyLimits, TooManyRequests
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import FAULT_PRICES, run_gateway, tool_call, write_config
 from tests.upstream_sdk import run_upstream
@@ -132,3 +132,26 @@ def test_the_limits_keep_state_for_a_bounded_number_of_keys_however_many_come_an
     assert limits.inflight("busy") == 1
     limits.release("busy")
     assert limits.inflight("busy") == 0
+
+
+def test_failed_look_ups_are_allowed_in_a_burst_then_one_a_second_and_a_refilled_address_is_forgotten() -> None:
+    clock = Clock()
+    throttle = FailureThrottle(burst=3, per_s=1.0, clock=clock)
+    for _ in range(3):
+        assert throttle.retry_after("10.0.0.1") is None
+        throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 1  # asking does not count
+    assert throttle.retry_after("10.0.0.2") is None  # addresses are independent
+    clock.now += 1.0
+    assert throttle.retry_after("10.0.0.1") is None
+    throttle.failed("10.0.0.1")
+    assert throttle.retry_after("10.0.0.1") == 1
+    clock.now += 10.0
+    assert throttle.retry_after("10.0.0.1") is None and throttle.tracked == 0  # full again: not kept
+
+
+def test_the_failure_throttle_keeps_a_bounded_number_of_addresses() -> None:
+    throttle = FailureThrottle(burst=3, per_s=1.0, clock=Clock(), max_tracked=1_000)
+    for n in range(5_000):
+        throttle.failed(f"addr-{n}")
+    assert throttle.tracked <= 1_000

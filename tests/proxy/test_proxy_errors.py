@@ -13,6 +13,8 @@ import aiohttp
 import yaml
 
 from gateway.money import parse_cents
+from gateway.proxy.auth import AUTH_FAILURE_BURST, AUTH_FAILURES_PER_S
+from gateway.proxy.limits import FailureThrottle
 from tests.fault_upstream import run_fault_upstream
 from tests.harness import FAULT_PRICES, Gateway, rpc, run_gateway, tool_call, write_config
 
@@ -216,3 +218,41 @@ async def test_a_foreign_origin_is_refused_with_403(tmp_path: Path) -> None:
         assert status == 403
         assert body["error"]["data"]["code"] == "origin_forbidden"
         assert upstream.requests == []
+
+
+async def test_an_address_sending_unknown_keys_is_refused_without_a_database_look_up_after_thirty(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Every unknown key used to cost a database look-up, with no limit before authentication."""
+    async with run_fault_upstream() as (url, _):
+        # key_cache_s: alice's key stays cached for the whole test, however slow the machine
+        config = write_config(tmp_path, {"weather": url}, trusted_proxies=["127.0.0.1"], key_cache_s=300)
+        async with run_gateway(config) as gw:
+            good = await gw.new_user("alice", "100")
+            body = json.dumps(rpc("tools/list"))
+            mallory = {"X-Forwarded-For": "203.0.113.7"}
+            assert (await send(gw, body, key=good, headers=mallory))[0] == 200  # alice's key is now cached
+            looked_up: list[str] = []
+            real = gw.ledger.find_key
+
+            async def counting(key_hash: str) -> Any:
+                looked_up.append(key_hash)
+                return await real(key_hash)
+
+            monkeypatch.setattr(gw.ledger, "find_key", counting)
+            # the allowance as configured, on a clock that stands still: no refill, however slow the machine
+            frozen = FailureThrottle(burst=AUTH_FAILURE_BURST, per_s=AUTH_FAILURES_PER_S, clock=lambda: 0.0)
+            monkeypatch.setattr(gw.rt.auth, "failures", frozen)
+            for n in range(AUTH_FAILURE_BURST):
+                status, _, answer = await send(gw, body, key=f"ap_{n:043d}", headers=mallory)
+                assert status == 401 and answer["error"]["data"]["code"] == "invalid_key"
+            assert len(looked_up) == AUTH_FAILURE_BURST == 30
+
+            status, headers, answer = await send(gw, body, key="ap_" + "9" * 43, headers=mallory)
+            assert status == 429 and answer["error"]["data"]["code"] == "rate_limited"
+            assert int(headers["Retry-After"]) >= 1 and "unknown keys" in answer["error"]["message"]
+            assert len(looked_up) == 30  # refused before the database
+
+            assert (await send(gw, body, key=good, headers=mallory))[0] == 200  # a cached key is never refused
+            other = {"X-Forwarded-For": "198.51.100.2"}
+            assert (await send(gw, body, key="ap_" + "8" * 43, headers=other))[0] == 401  # another address is not
