@@ -8,10 +8,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from gateway.keys import display_prefix, generate_secret, hash_secret
 from gateway.logins.models import Login
+from gateway.logins.passwords import Passwords
 from gateway.logins.store import open_login_store
 from gateway.oauth.models import Client, Grant
 from gateway.oauth.store import open_store
@@ -22,6 +26,26 @@ from tests.logins.conftest import cheap_passwords, database_url
 
 T0 = 1_700_000_000.25
 PASSWORD = "correct horse battery staple"
+_Store = TypeVar("_Store", bound=Any)
+
+
+@asynccontextmanager
+async def opened(store: _Store) -> AsyncIterator[_Store]:
+    """``store`` opened for the block, closed after (any of the concerns' stores)."""
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@contextmanager
+def passwords() -> Iterator[Passwords]:
+    hasher = cheap_passwords()
+    try:
+        yield hasher
+    finally:
+        hasher.close()
 
 
 async def fill(spec: StoreSpec) -> str:
@@ -40,20 +64,11 @@ async def fill(spec: StoreSpec) -> str:
             expires_at=None,
             spend_limit=None,
         )
-    logins = open_login_store(url)
-    await logins.open()
-    try:
+    async with opened(open_login_store(url)) as logins:
         login = Login("lgn_1", "alice@example.com", "alice@example.com", None, True, False, True, T0, T0 + 1.5)
-        passwords = cheap_passwords()
-        try:
-            await logins.insert_login(login, await passwords.hash(PASSWORD))
-        finally:
-            passwords.close()
-    finally:
-        await logins.close()
-    oauth = open_store(url)
-    await oauth.open()
-    try:
+        with passwords() as hasher:
+            await logins.insert_login(login, await hasher.hash(PASSWORD))
+    async with opened(open_store(url)) as oauth:
         await oauth.save_client(Client("cl_1", "Claude", ("https://claude.ai/cb",), "none", "dcr", T0 + 2.125))
         grant = Grant(
             "gnt_1", "cl_1", "Claude", "alice@example.com", "lgn_1", "weather", "http://127.0.0.1/weather/mcp",
@@ -68,51 +83,32 @@ async def fill(spec: StoreSpec) -> str:
             refresh_hash="rt-hash",
             refresh_expires_at=T0 + 86_400,
         )
-    finally:
-        await oauth.close()
-    payments = PaymentsStore.for_database(url, clock=FakeClock(T0))
-    await payments.open()
-    try:
+    async with opened(PaymentsStore.for_database(url, clock=FakeClock(T0))) as payments:
         await payments.remember_customer("alice@example.com", "cus_1")
         await payments.create_topup("tu_1", "alice@example.com", "checkout", 5_00, "usd")
         await payments.session_created("tu_1", "cs_1", "https://checkout.stripe.com/c/cs_1")
         await payments.link_payment_intent("tu_1", "pi_1")
         await payments.add_notice("alice@example.com", "topup", "5.00 USD added")
         await payments.log_event("checkout", "evt_1", "checkout.session.completed", "credited")
-    finally:
-        await payments.close()
     return key.id
 
 
 async def check_moved(spec: StoreSpec, key_id: str) -> None:
     """What the moved gateway must still find, through each concern's own store."""
     url = database_url(spec)
-    logins = open_login_store(url)
-    await logins.open()
-    try:
+    async with opened(open_login_store(url)) as logins:
         row = await logins.login_by_email("alice@example.com")
         assert row is not None and row.login.verified and row.login.user == "alice@example.com"
-        passwords = cheap_passwords()
-        try:
-            assert (await passwords.verify(row.password_hash, PASSWORD))[0]  # she signs in with her password
-        finally:
-            passwords.close()
-    finally:
-        await logins.close()
-    oauth = open_store(url)
-    await oauth.open()
-    try:
+        with passwords() as hasher:
+            assert (await hasher.verify(row.password_hash, PASSWORD))[0]  # she signs in with her password
+    async with opened(open_store(url)) as oauth:
         client = await oauth.get_client("cl_1")
         assert client is not None and client.redirect_uris == ("https://claude.ai/cb",)
         grant = await oauth.get_grant("gnt_1")
         assert grant is not None and grant.key_id == key_id and grant.created_at == T0 + 3.0
         assert await oauth.find_access_token("at-hash") is not None
         assert await oauth.find_refresh("rt-hash") is not None
-    finally:
-        await oauth.close()
-    payments = PaymentsStore.for_database(url, clock=FakeClock(T0 + 10))
-    await payments.open()
-    try:
+    async with opened(PaymentsStore.for_database(url, clock=FakeClock(T0 + 10))) as payments:
         assert await payments.customer("alice@example.com") == ("cus_1", None)
         topup = await payments.topup_by(payment_intent="pi_1")
         assert topup is not None and topup.id == "tu_1" and topup.user == "alice@example.com"
@@ -120,8 +116,6 @@ async def check_moved(spec: StoreSpec, key_id: str) -> None:
         notices = await payments.notices("alice@example.com")
         assert sorted(n.message for n in notices) == ["5.00 USD added", "a notice written after the move"]
         assert len({n.id for n in notices}) == 2  # the new notice did not reuse the carried one's id
-    finally:
-        await payments.close()
 
 
 def test_a_move_from_sqlite_to_postgresql_and_back_carries_logins_oauth_and_payment_records(tmp_path: Path) -> None:
@@ -176,13 +170,9 @@ def test_an_import_into_a_target_whose_logins_exist_is_refused_before_the_ledger
     target = StoreSpec.fresh("sqlite", tmp_path, "target")
 
     async def a_login_only() -> None:
-        logins = open_login_store(database_url(target))
-        await logins.open()
-        try:
+        async with opened(open_login_store(database_url(target))) as logins:
             bob = Login("lgn_9", "bob@example.com", None, None, False, False, False, T0, None)
             await logins.insert_login(bob, None)
-        finally:
-            await logins.close()
 
     async def ledger_rows() -> int:
         async with target.open() as ledger:
