@@ -11,6 +11,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.money import parse_cents
 from tests.harness import rpc, run_gateway, write_config
 
 HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
@@ -66,5 +67,34 @@ async def test_a_listen_stream_stays_open_relays_each_event_and_closing_it_cance
                 resp.close()  # the client goes away
             async with asyncio.timeout(10):
                 await upstream.cancelled.wait()
+    finally:
+        await server.close()
+
+
+async def test_a_priced_stream_silent_past_stream_idle_timeout_is_closed_its_upstream_dropped_and_nothing_charged(
+    tmp_path: Path,
+) -> None:
+    upstream = ListenUpstream()  # answers a tools/call with a stream that says only what the test sends
+    app = web.Application()
+    app.router.add_post("/mcp", upstream.handle)
+    server = TestServer(app, host="127.0.0.1", port=None)
+    await server.start_server()
+    try:
+        config = write_config(tmp_path, {"weather": str(server.make_url("/mcp"))}, stream_idle_timeout_s=0.5)
+        async with run_gateway(config) as gw, aiohttp.ClientSession() as http:
+            key = await gw.new_user("alice", "100")
+            call = rpc("tools/call", {"name": "get_forecast", "arguments": {}}, rid=7)
+            async with http.post(gw.url(), json=call, headers={**HEADERS, "Authorization": f"Bearer {key}"}) as resp:
+                assert resp.status == 200
+                progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}}
+                await upstream.send.put(json.dumps(progress))  # then nothing more: no answer ever comes
+                async with asyncio.timeout(10):
+                    body = await resp.read()  # ends when the gateway closes the silent stream
+            assert b"notifications/progress" in body and b'"result"' not in body
+            async with asyncio.timeout(10):
+                await upstream.cancelled.wait()  # the upstream request was dropped with it
+            await gw.settled()
+            assert await gw.held("alice") == 0
+            assert await gw.balance("alice") == parse_cents("100")  # the unanswered call was not charged
     finally:
         await server.close()
