@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.oauth.models import AccessToken, Client, CodeRecord, Grant, RefreshRecord
+from gateway.oauth.models import DCR_CLIENT_PREFIX, AccessToken, Client, CodeRecord, Grant, RefreshRecord
 from gateway.oauth.rows import GRANT_COLUMNS, client_of, grant_of
 from gateway.oauth.store import CONCERN
 from gateway.storage import Migration, PostgresSide
@@ -291,5 +291,18 @@ class PostgresOAuthStore:
                 status = await c.execute(f"DELETE FROM {table} WHERE expires_at < $1", before)
                 n += int(status.rsplit(" ", 1)[1])
             return n
+
+        return await self._side.transaction(tx)
+
+    async def purge_unused_clients(self, registered_before: float) -> int:
+        async def tx(c: Conn) -> int:
+            status = await c.execute(
+                "DELETE FROM oauth_clients c WHERE c.created_at < $1 AND left(c.client_id, $2) = $3 "
+                "AND NOT EXISTS (SELECT 1 FROM oauth_grants g WHERE g.client_id = c.client_id)",
+                registered_before,
+                len(DCR_CLIENT_PREFIX),
+                DCR_CLIENT_PREFIX,
+            )
+            return int(status.rsplit(" ", 1)[1])
 
         return await self._side.transaction(tx)

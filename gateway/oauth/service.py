@@ -53,6 +53,7 @@ _CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _VERIFIER = re.compile(r"^[A-Za-z0-9._~-]{43,128}$")
 _MAX_PARAM = 2000
 REGISTRATION_BURST = 30
+UNUSED_CLIENT_S = 7 * 86400.0  # a dynamic registration no grant uses is deleted this long after it was made
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,11 +436,13 @@ class OAuthService:
         await self.keys.revoke_key(grant.key_id)
 
     async def purge_forever(self, interval_s: float = 3600.0, keep_s: float = 86400.0) -> None:
-        """Delete codes and tokens a day after they expired (a replayed one is then merely unknown)."""
+        """Delete codes and tokens a day after they expired (a replayed one is then merely unknown),
+        and dynamic registrations no grant uses ``UNUSED_CLIENT_S`` after they were made."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.store.purge(self.clock() - keep_s)
+                await self.store.purge_unused_clients(self.clock() - UNUSED_CLIENT_S)
             except Unavailable as exc:  # the database is down: try again next time
                 log.warning("oauth_purge_failed", error=exc.message)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gateway.oauth.models import AccessToken, Client, CodeRecord, Grant, RefreshRecord
+from gateway.oauth.models import DCR_CLIENT_PREFIX, AccessToken, Client, CodeRecord, Grant, RefreshRecord
 from gateway.oauth.rows import GRANT_COLUMNS, client_of, grant_of
 from gateway.oauth.store import CONCERN
 from gateway.storage import Migration, SqliteSide
@@ -283,5 +283,17 @@ class SqliteOAuthStore:
             n += c.execute("DELETE FROM oauth_access_tokens WHERE expires_at < ?", (before,)).rowcount
             n += c.execute("DELETE FROM oauth_refresh_tokens WHERE expires_at < ?", (before,)).rowcount
             return int(n)
+
+        return await self._side.write(tx)
+
+    async def purge_unused_clients(self, registered_before: float) -> int:
+        def tx(c: Conn) -> int:
+            return int(
+                c.execute(
+                    "DELETE FROM oauth_clients WHERE created_at < ? AND substr(client_id, 1, ?) = ? "
+                    "AND NOT EXISTS (SELECT 1 FROM oauth_grants g WHERE g.client_id = oauth_clients.client_id)",
+                    (registered_before, len(DCR_CLIENT_PREFIX), DCR_CLIENT_PREFIX),
+                ).rowcount
+            )
 
         return await self._side.write(tx)

@@ -63,6 +63,10 @@ class OAuthStore(Protocol):
     async def purge(self, before: float) -> int:
         """Delete codes and tokens that expired before ``before``; returns how many rows went."""
 
+    async def purge_unused_clients(self, registered_before: float) -> int:
+        """Delete dynamic registrations (``apc_…``) made before ``registered_before`` that no grant
+        names (abandoned, or a flood of registrations); returns how many went."""
+
 
 def open_store(database_url: str) -> OAuthStore:
     """The OAuth store on the ledger's database (not yet opened)."""

@@ -18,7 +18,7 @@ from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.oauth.consent import Consenter
 from gateway.oauth.models import CODE_TTL_S
-from gateway.oauth.service import AuthorizationRequest, AuthorizeRedirectError, OAuthService
+from gateway.oauth.service import UNUSED_CLIENT_S, AuthorizationRequest, AuthorizeRedirectError, OAuthService
 from gateway.oauth.store import open_store
 from tests.ledger.conftest import STORES, FakeClock, StoreSpec
 from tests.test_config import write
@@ -219,3 +219,16 @@ async def test_a_resource_that_is_not_ours_is_refused_with_a_redirect_carrying_i
     with pytest.raises(AuthorizeRedirectError) as info:
         await request(env, resource="https://other.example/weather/mcp/extra")
     assert "error=invalid_target" in info.value.location and "state=xyz" in info.value.location
+
+
+async def test_a_registration_no_grant_uses_is_deleted_a_week_later_and_a_used_one_is_kept(env: Env) -> None:
+    used, req = await request(env)
+    await redeem(env, used, await code_of(env, req))
+    abandoned, _ = await env.oauth.register({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"})
+    env.clock.advance(UNUSED_CLIENT_S)
+    recent, _ = await env.oauth.register({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"})
+
+    assert await env.oauth.store.purge_unused_clients(env.clock.now - UNUSED_CLIENT_S + 1) == 1
+    assert await env.oauth.client(abandoned.client_id) is None  # it registers again if it comes back
+    assert await env.oauth.client(used) is not None and await env.oauth.client(recent.client_id) is not None
+    assert await env.oauth.store.purge_unused_clients(env.clock.now - UNUSED_CLIENT_S + 1) == 0
