@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.errors import OAuthError
+from gateway.keys import hash_secret
 from gateway.ledger.postgres import PostgresLedger
 from gateway.ledger.sqlite import SqliteLedger
 from gateway.oauth.consent import Consenter
@@ -47,6 +49,7 @@ class Env:
     oauth: OAuthService
     ledger: SqliteLedger | PostgresLedger
     clock: FakeClock
+    spec: StoreSpec
 
 
 @pytest.fixture(params=STORES)
@@ -63,7 +66,7 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     await oauth.open()
     await ledger.create_user("alice")
     try:
-        yield Env(oauth, ledger, clock)
+        yield Env(oauth, ledger, clock, spec)
     finally:
         await oauth.close()
         await ledger.close()
@@ -232,3 +235,35 @@ async def test_a_registration_no_grant_uses_is_deleted_a_week_later_and_a_used_o
     assert await env.oauth.client(abandoned.client_id) is None  # it registers again if it comes back
     assert await env.oauth.client(used) is not None and await env.oauth.client(recent.client_id) is not None
     assert await env.oauth.store.purge_unused_clients(env.clock.now - UNUSED_CLIENT_S + 1) == 0
+
+
+async def everything_stored(spec: StoreSpec) -> str:
+    """Every value of every table of the store, as text."""
+    if spec.kind == "sqlite":
+        with sqlite3.connect(spec.location) as conn:
+            return "\n".join(conn.iterdump())
+    conn = await spec.pg_connect()
+    try:
+        tables = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", spec.schema
+        )
+        values: list[str] = []
+        for table in tables:
+            values.extend(str(row[0]) for row in await conn.fetch(f'SELECT t::text FROM "{table[0]}" t'))
+        return "\n".join(values)
+    finally:
+        await conn.close()
+
+
+async def test_the_database_holds_codes_tokens_and_client_secrets_as_hashes_only(env: Env) -> None:
+    client_id, req = await request(env)
+    code = await code_of(env, req)
+    tokens = await redeem(env, client_id, code)
+    _, secret = await env.oauth.register(
+        {"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "client_secret_post"}
+    )
+    assert secret is not None
+    stored = await everything_stored(env.spec)
+    for plain in (code, tokens["access_token"], tokens["refresh_token"], secret):
+        assert plain not in stored
+        assert hash_secret(plain) in stored  # the scan did read the table that holds it
