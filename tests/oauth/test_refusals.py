@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.proxy.auth import Authenticator
 from tests.fault_upstream import run_fault_upstream
@@ -248,3 +250,35 @@ async def test_a_confidential_client_authenticates_with_http_basic_and_a_wrong_s
         async with http.post(portal.url("/oauth/token"), data=form, auth=right) as resp:
             assert resp.status == 200, await resp.text()
             assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_no_code_token_or_client_secret_ever_reaches_the_logs(portal: Portal, alice: Person) -> None:
+    with capture_logs() as logs:
+        doc = {"client_name": "confidential", "redirect_uris": [REDIRECT_URI]}
+        async with aiohttp.ClientSession() as http, http.post(portal.url("/oauth/register"), json=doc) as resp:
+            body = await resp.json()
+        secret = body["client_secret"]
+        client = RawClient(portal, body["client_id"], REDIRECT_URI)
+        code = await client.code(alice, weather(portal))
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI}
+        async with aiohttp.ClientSession() as http:
+            right = aiohttp.BasicAuth(client.client_id, secret)
+            async with http.post(
+                portal.url("/oauth/token"), data={**form, "code_verifier": client.verifier}, auth=right
+            ) as resp:
+                tokens = await resp.json()
+            async with http.post(portal.url("/oauth/token"), data=form, auth=right) as resp:  # no verifier
+                assert resp.status == 400
+        access, refresh = tokens["access_token"], tokens["refresh_token"]
+        await call(portal.url("/weather/mcp"), access)
+        assert (await call(portal.url(f"/k/{access}/weather/mcp"), None))[0] == 401  # a token in the URL
+        assert (await call(portal.url("/weather/mcp"), access + "x"))[0] == 401
+        async with aiohttp.ClientSession() as http:
+            refreshed = {"grant_type": "refresh_token", "refresh_token": refresh}
+            for _ in range(2):  # a refresh, then the same refresh token again (refused, the grant revoked)
+                async with http.post(portal.url("/oauth/token"), data=refreshed, auth=right) as resp:
+                    await resp.read()
+    text = json.dumps(logs, default=str)
+    assert any(entry.get("event") == "request" for entry in logs)  # the log was captured
+    for plain in (secret, code, access, refresh):
+        assert plain not in text
