@@ -25,7 +25,7 @@ from gateway.ledger.base import ExportRow
 from gateway.ledger.dump import read_dump, write_dump
 from gateway.logins import Login
 from gateway.ops import payments_cli
-from gateway.ops.moves import carried_columns, check_carried_empty, export_carried, import_carried
+from gateway.ops.moves import CONCERNS, carried_columns, check_carried_empty, export_carried, import_carried
 
 DEFAULT_CONFIG = "config/gateway.yaml"
 
@@ -275,12 +275,20 @@ async def _logins(config: GatewayConfig, args: argparse.Namespace) -> Any:
 
 
 async def _migrate(database: str) -> dict[str, Any]:
+    """The ledger's migrations, then those of every concern beside it (their tables too: a gateway
+    whose database role may not create tables finds the whole schema in place)."""
     ledger = open_ledger(database)
     try:
         applied = await ledger.migrate()
+        before = set(await ledger.applied_migrations())
+        for concern in CONCERNS:
+            side = concern.open_side(database)
+            await side.open()  # opening applies what is missing (PostgreSQL: under an advisory lock)
+            await side.close()
         current = await ledger.applied_migrations()
     finally:
         await ledger.close()
+    applied += [name for name in current if name not in before]
     return {"database": redact_url(database), "applied": applied, "migrations": current}
 
 

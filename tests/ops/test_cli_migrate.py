@@ -17,11 +17,15 @@ import pytest
 from gateway.ledger.postgres.migrations import MIGRATIONS as PG_MIGRATIONS
 from gateway.ledger.sqlite.migrations import MIGRATIONS as SQLITE_MIGRATIONS
 from gateway.ledger.sqlite.store import _statements
+from gateway.ops.moves import CONCERNS
 from tests.harness import write_config
 from tests.ledger.conftest import StoreSpec, run_sync
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = [name for name, _ in SQLITE_MIGRATIONS]
+# the concerns beside the ledger (logins, OAuth, payment records): migrate creates their tables too
+CONCERN_NAMES = [name for concern in CONCERNS for name, _ in concern.sqlite_migrations]
+EVERY = NAMES + CONCERN_NAMES  # in the order migrate applies them
 
 
 def migrate(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -47,17 +51,18 @@ def test_migrate_on_sqlite_applies_every_migration_once(tmp_path: Path) -> None:
     first = migrate(config, "--json")
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
-    assert report["applied"] == NAMES
-    assert report["migrations"] == NAMES
+    assert report["applied"] == EVERY
+    assert report["migrations"] == sorted(EVERY)
     with sqlite3.connect(db) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"accounts", "transfers", "postings", "holds", "charges", "payouts", "schema_migrations"} <= tables
+        assert {"logins", "oauth_grants", "stripe_topups"} <= tables  # the side concerns' too
         assert conn.execute("SELECT COUNT(*) FROM accounts").fetchone()[0] == 3  # the system accounts
 
     second = migrate(config, "--json")
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["applied"] == []
-    assert json.loads(second.stdout)["migrations"] == NAMES
+    assert json.loads(second.stdout)["migrations"] == sorted(EVERY)
 
     human = migrate(config)
     assert human.returncode == 0, human.stderr
@@ -101,17 +106,18 @@ def test_migrate_on_a_postgres_schema_is_idempotent(tmp_path: Path) -> None:
         first = migrate(config, "--json")
         assert first.returncode == 0, first.stderr
         report = json.loads(first.stdout)
-        assert report["applied"] == NAMES
+        assert report["applied"] == EVERY
         assert report["database"].endswith(f"?schema={spec.schema}")
         assert {"accounts", "transfers", "postings", "holds", "charges", "payouts", "schema_migrations"} <= run_sync(
             tables()
         )
+        assert {"logins", "oauth_grants", "stripe_topups"} <= run_sync(tables())  # the side concerns' too
         assert run_sync(spec.fetchval("SELECT COUNT(*) FROM accounts")) == 3
 
         second = migrate(config, "--json")
         assert second.returncode == 0, second.stderr
         assert json.loads(second.stdout) == {**report, "applied": []}
-        assert run_sync(spec.fetchval("SELECT COUNT(*) FROM schema_migrations")) == len(NAMES)
+        assert run_sync(spec.fetchval("SELECT COUNT(*) FROM schema_migrations")) == len(EVERY)
     finally:
         run_sync(spec.drop())
 
