@@ -5,7 +5,7 @@ connected account a developer is paid to, or which webhook events it has already
 
 from __future__ import annotations
 
-from gateway.payments.store import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
+from gateway.payments.schema import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from gateway.storage.carry import Carried, CarriedTable, Kind
 
 _UPDATED: tuple[str, Kind] = ("updated_at", "float")
