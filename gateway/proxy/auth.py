@@ -30,8 +30,9 @@ from gateway.proxy.limits import FailureThrottle, TooManyRequests
 
 _MAX_CACHE = 100_000
 # Look-ups of keys and tokens nobody holds, per client address: 30 at once, then one a second. A key
-# found in the cache is never refused for its address; past the allowance an unknown one is refused
-# (429, Retry-After) without asking the database, so random keys cannot turn into database load.
+# this process has seen valid (in the cache, fresh or stale) is never refused for its address; past the
+# allowance an unknown one is refused (429, Retry-After) without asking the database, so random keys
+# cannot turn into database load.
 AUTH_FAILURE_BURST = 30
 AUTH_FAILURES_PER_S = 1.0
 LAST_USED_FLUSH_S = 30.0  # how often the last uses gathered in memory are written (and so how stale they are)
@@ -122,8 +123,10 @@ class Authenticator:
 
     async def authenticate(self, secret: str | None, server: str, *, client: str | None = None) -> KeyRecord:
         """The key record for a secret valid on ``server``, or an AuthError saying what is wrong.
-        ``client``: the caller's address, throttled on keys and tokens nobody holds (a key found in
-        the cache is never refused for its address)."""
+        ``client``: the caller's address, throttled on keys and tokens nobody holds. A key this
+        process has seen valid is never refused for its address, even once its cache entry is stale:
+        behind a shared address (a NAT, a proxy not listed in ``trusted_proxies``) an attacker's
+        failures must not lock out the users already known."""
         if not secret:
             raise MissingKey(f"No API key was sent for server {server!r}")
         if self._tokens is not None and secret.startswith(ACCESS_TOKEN_PREFIX):
@@ -131,7 +134,8 @@ class Authenticator:
         digest = hash_secret(secret)
         record = self._cached(digest)  # a cache hit needs no await
         if record is None:
-            self._may_look_up(client)
+            if digest not in self._cache:  # a key seen before (its entry stale) is looked up again freely
+                self._may_look_up(client)
             record = await self._fetch(digest)
         if record is None:
             self._failed(client)
@@ -156,7 +160,8 @@ class Authenticator:
         if cached is not None and now - cached[1] < self._cache_s:
             view: TokenView | None = cached[0]
         else:
-            self._may_look_up(client)
+            if cached is None:  # a token seen before (its entry stale) is looked up again freely
+                self._may_look_up(client)
             view = await self._tokens.find_access_token(digest)
             if view is None:
                 self._failed(client)
