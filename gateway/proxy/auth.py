@@ -107,23 +107,26 @@ class Authenticator:
             self._cache[digest] = (record, now)
         return record
 
-    def _may_look_up(self, client: str | None) -> None:
+    def _may_look_up(self, client: Callable[[], str] | None) -> None:
         """TooManyRequests, before any look-up, for a client address out of failed look-ups."""
         if self.failures is None or client is None:
             return
-        wait = self.failures.retry_after(client)
+        wait = self.failures.retry_after(client())
         if wait is not None:
             raise TooManyRequests(
                 "Too many unknown keys or tokens from this address: it may try again later", retry_after_s=wait
             )
 
-    def _failed(self, client: str | None) -> None:
+    def _failed(self, client: Callable[[], str] | None) -> None:
         if self.failures is not None and client is not None:
-            self.failures.failed(client)
+            self.failures.failed(client())
 
-    async def authenticate(self, secret: str | None, server: str, *, client: str | None = None) -> KeyRecord:
+    async def authenticate(
+        self, secret: str | None, server: str, *, client: Callable[[], str] | None = None
+    ) -> KeyRecord:
         """The key record for a secret valid on ``server``, or an AuthError saying what is wrong.
-        ``client``: the caller's address, throttled on keys and tokens nobody holds. A key this
+        ``client``: gives the caller's address, throttled on keys and tokens nobody holds; asked only
+        when the cache cannot answer (a cache hit costs no address parsing). A key this
         process has seen valid is never refused for its address, even once its cache entry is stale:
         behind a shared address (a NAT, a proxy not listed in ``trusted_proxies``) an attacker's
         failures must not lock out the users already known."""
@@ -149,7 +152,7 @@ class Authenticator:
         self._last_used[record.id] = self._wall()
         return record
 
-    async def _authenticate_token(self, token: str, server: str, client: str | None) -> KeyRecord:
+    async def _authenticate_token(self, token: str, server: str, client: Callable[[], str] | None) -> KeyRecord:
         """The key record of an OAuth access token's grant. Unknown, expired or revoked tokens (and
         a revoked grant key) are InvalidToken (401, the client signs in again); a token of another
         server is WrongServer (403), as for keys."""

@@ -45,8 +45,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise InvalidToken(
                 "An OAuth access token is never accepted in the URL", hint="Send it as 'Authorization: Bearer …'"
             )
-        client = client_address(request.remote, headers.get("X-Forwarded-For"), rt.config.trusted_proxies)
-        key = await rt.auth.authenticate(route.path_key or key_from_headers(headers), server.name, client=client)
+        key = await rt.auth.authenticate(
+            route.path_key or key_from_headers(headers),
+            server.name,
+            client=lambda: client_address(request.remote, headers.get("X-Forwarded-For"), rt.config.trusted_proxies),
+        )
     except AuthError as exc:
         if rt.oauth is not None and exc.http_status == 401:
             exc.challenge = _challenge(request, route, exc)

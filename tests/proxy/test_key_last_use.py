@@ -180,11 +180,11 @@ async def test_unknown_access_tokens_count_against_their_address_like_unknown_ke
         auth = Authenticator(ledger, tokens=tokens, failures=FailureThrottle(burst=2, per_s=1.0, clock=lambda: 0.0))
         for n in range(2):
             with pytest.raises(InvalidToken):
-                await auth.authenticate(f"apat_unknown_{n}", "weather", client="203.0.113.9")
+                await auth.authenticate(f"apat_unknown_{n}", "weather", client=lambda: "203.0.113.9")
         with pytest.raises(TooManyRequests):
-            await auth.authenticate("apat_unknown_2", "weather", client="203.0.113.9")
+            await auth.authenticate("apat_unknown_2", "weather", client=lambda: "203.0.113.9")
         with pytest.raises(InvalidToken):  # another address still gets the real answer
-            await auth.authenticate("apat_unknown_3", "weather", client="198.51.100.1")
+            await auth.authenticate("apat_unknown_3", "weather", client=lambda: "198.51.100.1")
     finally:
         await tokens.close()
         await ledger.close()
