@@ -29,6 +29,11 @@ from gateway.proxy.upstream_client import UpstreamAnswer
 _READ_CHUNK = 1 << 16  # bytes per read of an answer being gathered whole
 
 
+def _max_answer_bytes(config: GatewayConfig) -> int:
+    """The most an upstream's answer may hold in memory at once: a JSON answer, or one SSE event."""
+    return config.max_body_bytes * 4
+
+
 def _forwarded_for(request: web.Request, config: GatewayConfig) -> ForwardedFor:
     peer = request.remote
     trusted = addresses.trusted(peer, config.trusted_proxies)
@@ -181,7 +186,7 @@ async def stream_raw(ctx: Context, upstream: UpstreamAnswer) -> web.StreamRespon
 
 async def _relay_json(ctx: Context, upstream: UpstreamAnswer, exchange: Exchange) -> web.StreamResponse:
     server = ctx.server
-    limit = ctx.rt.config.max_body_bytes * 4  # as one SSE event may be: a JSON answer is read whole
+    limit = _max_answer_bytes(ctx.rt.config)  # a JSON answer is read whole: bounded as one SSE event is
     raw = _arrived(upstream)
     if raw is not None and len(raw) > limit:
         raise UpstreamAnswerTooLarge(f"Server {server.name!r} answered with more than the limit of {limit} bytes")
@@ -239,7 +244,7 @@ async def relay_sse(
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(_client_headers(ctx, upstream))
     await response.prepare(ctx.request)
-    max_event = ctx.rt.config.max_body_bytes * 4
+    max_event = _max_answer_bytes(ctx.rt.config)
     parser = sse.Parser(max_event_bytes=max_event)
     try:
         for refusal in exchange.refusals:
